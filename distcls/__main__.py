@@ -1,0 +1,5 @@
+import sys
+
+from distcls.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""``distcls``: train, evaluate, label, demo.
+
+Every flag is generated from the job's pydantic settings class, so the YAML keys, the flags and the
+Python API cannot drift apart: ``--batch-size`` is ``batch_size`` in YAML and in ``TrainConfig``.
+Exit codes: 0 success, 2 bad usage or config (argparse's own convention), 1 a job that failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+import typing
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from distcls.config import DemoConfig, EvaluateConfig, LabelConfig, TrainConfig, load_config
+from distcls.errors import JobError, UsageError
+
+
+def _train(config: TrainConfig) -> dict[str, Any]:
+    from distcls.train import train
+
+    return train(config)
+
+
+def _evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    from distcls.evaluate import evaluate
+
+    return evaluate(config)
+
+
+def _label(config: LabelConfig) -> dict[str, Any]:
+    from distcls.label import label
+
+    return label(config)
+
+
+def _demo(config: DemoConfig) -> dict[str, Any]:
+    from distcls.demo import run_demo
+
+    return run_demo(config)
+
+
+COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any]], str]] = {
+    "train": (TrainConfig, _train, "Train a classifier on a labelled lake with Ray Train; writes <output>/model/."),
+    "evaluate": (EvaluateConfig, _evaluate, "Accuracy, per-class precision/recall/F1 and a confusion matrix."),
+    "label": (LabelConfig, _label, "Label every image of a lake (or manifest) into a Parquet dataset."),
+    "demo": (DemoConfig, _demo, "Make a lake, train, evaluate and label it, offline, in a few minutes."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distcls", description="Distributed batch image classification on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,label,demo}")
+    for name, (settings, _, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", metavar="FILE", help="YAML file of settings; flags override it.")
+        for field, info in settings.model_fields.items():
+            _add_flag(sub, field, info.annotation, info.description or "", info.get_default(call_default_factory=False))
+    return parser
+
+
+def _add_flag(parser: argparse.ArgumentParser, field: str, annotation: Any, help_text: str, default: Any) -> None:
+    flag = "--" + field.replace("_", "-")
+    base = _strip_optional(annotation)
+    shown = "" if default is None or callable(default) or repr(default) == "PydanticUndefined" else f" (default: {default})"
+    kwargs: dict[str, Any] = {"dest": field, "default": None, "help": help_text + shown}
+    if base is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif typing.get_origin(base) is list:
+        parser.add_argument(flag, nargs="+", metavar="VALUE", **kwargs)
+    else:
+        parser.add_argument(flag, metavar=field.upper(), **kwargs)
+
+
+def _strip_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings, run, _ = COMMANDS[args.command]
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        config = load_config(settings, args.config, overrides)
+        result = run(config)
+    except UsageError as exc:
+        print(f"distcls {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except JobError as exc:
+        print(f"distcls {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"distcls {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last line of defence: one line, the traceback only on request
+        if os.environ.get("DISTCLS_DEBUG"):
+            raise
+        print(f"distcls {args.command}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+              " (set DISTCLS_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Typed settings for every job: defaults -> YAML file -> CLI flags.
+
+Each job has one pydantic model. Storage settings are a shared base class so that the same
+``--endpoint-url`` flag and YAML key work for every job. Unknown fields are errors, and validation
+messages name the field and the bad value. Credentials are never fields: they come from the
+environment or the standard AWS chain, so no config dump can contain them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from distcls.errors import UsageError
+
+
+class StorageConfig(BaseModel):
+    """Where the object store is. Credentials come from the environment / AWS chain, never from here."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    endpoint_url: str | None = Field(
+        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL") or None,
+        description="S3-compatible endpoint (MinIO, moto, GCS interop); defaults to $AWS_ENDPOINT_URL.",
+    )
+    region: str | None = Field(
+        default_factory=lambda: os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+        description="S3 region; defaults to $AWS_REGION / $AWS_DEFAULT_REGION.",
+    )
+    anonymous: bool = Field(False, description="Access public buckets without credentials.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_has_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url must start with http:// or https://, got {value!r}")
+        return value
+
+    def storage(self) -> StorageConfig:
+        """The storage part alone, for code that only talks to the object store."""
+        return StorageConfig(endpoint_url=self.endpoint_url, region=self.region, anonymous=self.anonymous)
+
+
+class TrainConfig(StorageConfig):
+    """Settings of ``distcls train``."""
+
+    data: str = Field(..., description="ImageFolder lake (<root>/<class>/<file>) or manifest (.parquet/.csv with path,label).")
+    output: str = Field(..., description="Output URI: checkpoints, metrics.jsonl, curves.png and the model/ artifact.")
+    val_data: str | None = Field(None, description="Separate validation lake or manifest; default: hold out --val-fraction.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Stratified, seeded hold-out fraction when no --val-data.")
+    model: str = Field("resnet_small", description="Architecture name from the model registry (distcls models).")
+    init_weights: str | None = Field(None, description="URI of a state dict (safetensors or torch weights) to start from.")
+    epochs: int = Field(10, ge=1, description="Passes over the training set.")
+    batch_size: int = Field(256, ge=1, description="Global batch size, split evenly across workers.")
+    lr: float = Field(0.2, gt=0, description="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    image_size: int = Field(32, ge=8, le=1024, description="Side of the square model input in pixels.")
+    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
+    gpu: bool = Field(False, description="One GPU per worker, NCCL, mixed precision. Falls back to CPU is never silent: needs GPUs in the cluster.")
+    seed: int = Field(0, description="Seed for the split, initialisation and augmentation order.")
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed before the run fails (-1: unlimited).")
+    name: str = Field("distcls-train", description="Run name; rerunning with the same name and output resumes.")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from distcls.models import list_models
+
+        if value not in list_models():
+            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(list_models())}")
+        return value
+
+
+class EvaluateConfig(StorageConfig):
+    """Settings of ``distcls evaluate``."""
+
+    data: str = Field(..., description="Labelled lake or manifest to evaluate on.")
+    model: str = Field(..., description="Model artifact URI (the model/ folder written by train).")
+    report: str | None = Field(None, description="Folder for metrics.json and confusion.png.")
+    batch_size: int = Field(512, ge=1, description="Images per inference batch.")
+
+
+class LabelConfig(StorageConfig):
+    """Settings of ``distcls label``."""
+
+    input: str | None = Field(None, description="Lake URI to list recursively (omit when --manifest is given).")
+    manifest: str | None = Field(None, description="Parquet/CSV with a 'path' column (e.g. an S3 Inventory export).")
+    model: str = Field(..., description="Model artifact URI (the model/ folder written by train).")
+    output: str = Field(..., description="Output dataset URI (Parquet + _SUCCESS).")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"],
+        description="File extensions to label when listing (case-insensitive).",
+    )
+    allowed_roots: list[str] = Field(
+        default_factory=list, description="If set, manifest paths outside these URI prefixes become error rows."
+    )
+    top_k: int = Field(5, ge=1, description="Classes kept per image in topk_labels/topk_scores.")
+    batch_size: int = Field(256, ge=1, description="Images per inference batch.")
+    concurrency: int | None = Field(None, ge=1, description="Inference actors; default: one per GPU, or enough for the CPUs.")
+    gpu: bool = Field(False, description="Run inference actors on GPUs (one each).")
+    incremental: bool = Field(False, description="Write a run=<id>/ partition with only images not yet labelled by this model.")
+    resume: bool = Field(False, description="Continue an interrupted run on the same output.")
+    overwrite: bool = Field(False, description="Replace an existing non-empty output.")
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, description="Decompression-bomb limit: images declaring more pixels become error rows."
+    )
+    rows_per_file: int = Field(100_000, ge=1, description="Target rows per Parquet file.")
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lowercase(cls, value: list[str]) -> list[str]:
+        return [e.lower() if e.startswith(".") else "." + e.lower() for e in value]
+
+
+Settings = TypeVar("Settings", bound=BaseModel)
+
+
+def load_config(cls: type[Settings], path: str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``overrides`` (CLI flags).
+
+    Raises UsageError with one line per problem, naming the field, the bad value and the source.
+    """
+    values: dict[str, Any] = {}
+    if path:
+        values.update(_read_yaml(path))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        where = f" (config {path})" if path else ""
+        raise UsageError(f"invalid {cls.__name__}{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"config file {path} must hold a mapping of field: value, got {type(loaded).__name__}")
+    return loaded
+
+
+def _describe(error: dict[str, Any]) -> str:
+    field = ".".join(str(p) for p in error["loc"]) or "<root>"
+    if error["type"] == "extra_forbidden":
+        return f"unknown field {field!r}"
+    if error["type"] == "missing":
+        return f"field {field!r} is required"
+    return f"field {field!r}: {error['msg']} (got {error.get('input')!r})"
+
+
+def public_dict(config: BaseModel) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data, for model.json and _SUCCESS. Holds no secrets by construction."""
+    return config.model_dump(mode="json")
+
+
+
+
+class DemoConfig(StorageConfig):
+    """Settings of ``distcls demo``: the whole product on a small lake, end to end."""
+
+    data: str | None = Field(None, description="ImageFolder lake to use instead of the synthetic one (e.g. CIFAR-10).")
+    output: str = Field("demo-output", description="Folder for the lake, model, evaluation report and labels.")
+    per_class: int = Field(300, ge=10, description="Synthetic images per class (10 classes).")
+    unlabelled: int = Field(200, ge=1, description="Images in the unlabelled lake that gets labelled.")
+    epochs: int = Field(4, ge=1, description="Training epochs.")
+    workers: int = Field(2, ge=1, description="Ray Train workers.")
+    model: str = Field("resnet_small", description="Architecture name from the model registry.")

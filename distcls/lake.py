@@ -1,0 +1,122 @@
+"""Finding the images: listing a lake, reading a manifest, labelled ImageFolder layouts, splits.
+
+Listings are Arrow tables (``path``, ``size``, ``mtime``), never lists of Python objects: a million
+paths cost tens of MB, and the table is handed to Ray Data in slices without another copy.
+"""
+from __future__ import annotations
+
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from distcls import storage
+from distcls.config import StorageConfig
+from distcls.errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.int64())])
+
+
+def list_files(uri: str, storage_config: StorageConfig, extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS) -> pa.Table:
+    """Every file below ``uri`` whose extension is in ``extensions``, as URIs of the same kind as
+    ``uri``, sorted. ``mtime`` is nanoseconds since the epoch (0 when the store gives none).
+    Hidden names (``.x``, ``_x``) are skipped, as Hadoop-style tools do."""
+    info = storage.require_exists(uri, storage_config)
+    fs, root = storage.arrow_filesystem(uri, storage_config)
+    if info.type == pafs.FileType.File:
+        raise UsageError(f"{uri}: is a file; expected a folder/prefix of images (use --manifest for a list)")
+    suffixes = tuple(e.lower() for e in extensions)
+    paths: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    try:
+        for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            rel = entry.path[len(root):].lstrip("/")
+            if entry.type != pafs.FileType.File or _hidden(rel) or not entry.path.lower().endswith(suffixes):
+                continue
+            paths.append(storage.uri_for(uri, entry.path))
+            sizes.append(entry.size or 0)
+            mtimes.append(entry.mtime_ns or 0)
+    except OSError as exc:
+        raise UsageError(storage.describe_error(uri, exc)) from None
+    table = pa.table([paths, sizes, mtimes], schema=LISTING_SCHEMA)
+    return table.sort_by("path")
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def read_manifest(uri: str, storage_config: StorageConfig) -> pa.Table:
+    """A Parquet or CSV manifest with at least a ``path`` column. Relative paths are taken relative
+    to the manifest's folder. Columns other than path/label are dropped."""
+    fs, path = storage.arrow_filesystem(uri, storage_config)
+    storage.require_exists(uri, storage_config)
+    try:
+        if uri.lower().endswith(".csv"):
+            with fs.open_input_stream(path) as stream:
+                table = pacsv.read_csv(stream)
+        else:
+            table = pq.read_table(path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UsageError(f"{uri}: cannot read manifest ({str(exc).splitlines()[0][:160]})") from None
+    if "path" not in table.column_names:
+        raise UsageError(f"{uri}: manifest has no 'path' column (columns: {', '.join(table.column_names)})")
+    keep = [c for c in ("path", "label") if c in table.column_names]
+    table = table.select(keep).filter(pc.is_valid(table["path"]))
+    base = uri.rsplit("/", 1)[0]
+    paths = [p if "://" in p or p.startswith("/") else posixpath.join(base, p) for p in table["path"].to_pylist()]
+    return table.set_column(0, "path", pa.array(paths, pa.string()))
+
+
+def labelled_images(uri: str, storage_config: StorageConfig, classes: list[str] | None = None) -> tuple[pa.Table, list[str]]:
+    """(table of ``path``, ``label`` (int32 class index), class names) for an ImageFolder lake
+    (class = first folder below ``uri``) or a manifest with a ``label`` column of class names.
+
+    With ``classes`` given (evaluation, a separate validation lake), indices follow that order and
+    unknown class names are an error; otherwise classes are the sorted names found.
+    """
+    if uri.lower().endswith((".parquet", ".csv")):
+        table = read_manifest(uri, storage_config)
+        if "label" not in table.column_names:
+            raise UsageError(f"{uri}: a training manifest needs a 'label' column")
+        paths = table["path"]
+        names = pc.cast(table["label"], pa.string())
+    else:
+        listing = list_files(uri, storage_config)
+        root = uri.rstrip("/") + "/"
+        relative = pc.utf8_slice_codeunits(listing["path"], len(root))
+        nested = pc.match_substring(relative, "/")
+        paths = listing["path"].filter(nested)
+        names = pc.list_element(pc.split_pattern(relative.filter(nested), "/"), 0)
+    found = sorted(set(names.to_pylist()))
+    if not found:
+        raise UsageError(f"{uri}: no labelled images found (expected <root>/<class>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)})")
+    if classes is None:
+        if len(found) < 2:
+            raise UsageError(f"{uri}: only one class ({found[0]!r}) found; need at least 2 class folders")
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UsageError(f"{uri}: classes {unknown} are not among the model's classes {classes}")
+    index = pc.index_in(names, value_set=pa.array(classes))
+    return pa.table({"path": paths, "label": pc.cast(index, pa.int32())}), classes
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): ``fraction`` of each class, chosen by ``seed``, held out. Deterministic:
+    the same labels and seed give the same split on every machine."""
+    rng = np.random.default_rng(seed)
+    val: list[np.ndarray] = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        rng.shuffle(members)
+        val.append(members[: int(round(len(members) * fraction))])
+    val_idx = np.sort(np.concatenate(val)) if val else np.array([], dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx

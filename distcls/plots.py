@@ -1,0 +1,61 @@
+"""Pictures for people: training curves, confusion matrix, label-score histogram. Each returns PNG bytes."""
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def training_curves(history: Sequence[dict[str, Any]]) -> bytes:
+    """Loss (train and validation) and validation accuracy per epoch."""
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    loss_ax.legend()
+    acc_ax.plot(epochs, [100 * r["val_accuracy"] for r in history], marker="o", color="tab:green")
+    acc_ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy", ylim=(0, 100))
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+    return _png(figure)
+
+
+def confusion_matrix(matrix: np.ndarray, classes: Sequence[str]) -> bytes:
+    """Row-normalised confusion matrix (true class down, predicted across) with counts in the cells."""
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.6 * len(classes) + 2)
+    figure, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (counts; colour = row share)")
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                color="white" if rates[i, j] > 0.5 else "black")
+    return _png(figure)
+
+
+def label_summary(scores: np.ndarray, counts: dict[str, int]) -> bytes:
+    """Histogram of top-1 scores and images per predicted class, for a labeling run."""
+    figure, (hist_ax, bar_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    hist_ax.hist(scores, bins=20, range=(0, 1), color="tab:blue")
+    hist_ax.set(xlabel="top-1 score", ylabel="images", title="Confidence of predictions")
+    names = sorted(counts, key=counts.get, reverse=True)
+    bar_ax.bar(names, [counts[n] for n in names], color="tab:orange")
+    bar_ax.set(xlabel="predicted class", ylabel="images", title="Images per predicted class")
+    bar_ax.tick_params(axis="x", rotation=45)
+    return _png(figure)

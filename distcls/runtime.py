@@ -1,0 +1,33 @@
+"""Connecting to Ray: the cluster at $RAY_ADDRESS when set (``ray job submit`` sets it), else a
+local Ray started in-process with this machine's CPUs."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from distcls.errors import UsageError
+
+
+def ensure_ray() -> None:
+    """Connect once per process. Raises UsageError naming RAY_ADDRESS when that cluster is unreachable."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"Ray not reachable at RAY_ADDRESS={address}: {first}") from None
+
+
+def cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 0))
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))

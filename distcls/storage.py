@@ -1,0 +1,174 @@
+"""URIs to filesystems: one place that knows about local paths, file:// and s3:// (and gs:// via pyarrow).
+
+Ray Data and the labeling pipeline use pyarrow filesystems; fsspec is used where a Python file
+object is handier (torch.save / safetensors, small JSON files). Both are built from the same
+StorageConfig so the endpoint, region and anonymous flag apply everywhere. pyarrow does not read
+AWS_ENDPOINT_URL, which is why the endpoint is always passed on explicitly.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+from distcls.config import StorageConfig
+from distcls.errors import UsageError
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(scheme, path-as-the-filesystem-wants-it) for a URI or a plain local path."""
+    if "://" not in uri:
+        return "file", os.path.abspath(os.path.expanduser(uri))
+    # Split by hand, not with urlparse: object keys may hold '#' and '?', which a URL parser
+    # would take for a fragment or a query and cut off.
+    scheme, _, rest = uri.partition("://")
+    scheme = scheme.lower()
+    if scheme == "file":
+        return "file", os.path.abspath(rest)
+    if not rest.split("/", 1)[0]:
+        raise UsageError(f"URI {uri!r} has no bucket")
+    return scheme, rest.rstrip("/")
+
+
+def arrow_filesystem(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it for ``uri``."""
+    scheme, path = split_uri(uri)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), path
+    if scheme in ("s3", "s3a"):
+        kwargs: dict[str, Any] = {
+            "anonymous": storage.anonymous,
+            # Standard retries ride out short outages of the store (throttling, a restarted server).
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8),
+            "connect_timeout": 5,
+            "request_timeout": 60,
+        }
+        if storage.region:
+            kwargs["region"] = storage.region
+        if storage.endpoint_url:
+            endpoint = urlparse(storage.endpoint_url)
+            kwargs["endpoint_override"] = endpoint.netloc + endpoint.path.rstrip("/")
+            kwargs["scheme"] = endpoint.scheme
+            kwargs.setdefault("region", "us-east-1")
+        return pafs.S3FileSystem(**kwargs), path
+    try:
+        fs, fs_path = pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"unsupported URI {uri!r}: {exc}") from None
+    return fs, fs_path
+
+
+def fsspec_filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the path inside it for ``uri``."""
+    scheme, path = split_uri(uri)
+    if scheme == "file":
+        return fsspec.filesystem("file"), path
+    if scheme in ("s3", "s3a"):
+        client_kwargs = {"region_name": storage.region} if storage.region else {}
+        fs = fsspec.filesystem(
+            "s3",
+            anon=storage.anonymous,
+            endpoint_url=storage.endpoint_url,
+            client_kwargs=client_kwargs,
+            skip_instance_cache=True,
+        )
+        return fs, path
+    return fsspec.filesystem(scheme), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path parts to a URI or local path."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def uri_for(uri_like: str, fs_path: str) -> str:
+    """Turn a filesystem path found by listing back into a URI of the same kind as ``uri_like``."""
+    scheme, _ = split_uri(uri_like)
+    return fs_path if scheme == "file" else f"{scheme}://{fs_path}"
+
+
+def describe_error(uri: str, exc: BaseException) -> str:
+    """One line naming the URI and what went wrong, without the SDK's multi-line noise."""
+    text = str(exc)
+    lowered = text.lower()
+    if "no_such_bucket" in lowered or "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+        reason = "bucket does not exist"
+    elif any(k in lowered for k in ("access_denied", "accessdenied", "invalid_access_key", "invalidaccesskeyid",
+                                    "signature_does_not_match", "signaturedoesnotmatch", "forbidden",
+                                    "no credentials", "unable to locate credentials", "security token")):
+        reason = "access denied (check credentials)"
+    elif any(k in lowered for k in ("couldn't connect", "could not connect", "connection refused", "curlcode: 7",
+                                    "curlcode: 6", "could not resolve", "connect timeout", "timed out",
+                                    "connection reset", "name or service not known")):
+        reason = "endpoint unreachable"
+    elif isinstance(exc, FileNotFoundError) or "not found" in lowered or "no such file" in lowered:
+        reason = "not found"
+    else:
+        reason = text.splitlines()[0][:200] if text else type(exc).__name__
+    return f"{uri}: {reason}"
+
+
+def require_exists(uri: str, storage: StorageConfig) -> pafs.FileInfo:
+    """The FileInfo of ``uri``; UsageError naming the URI when it is missing or unreachable."""
+    fs, path = arrow_filesystem(uri, storage)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        raise UsageError(describe_error(uri, exc)) from None
+    if info.type == pafs.FileType.NotFound:
+        if is_remote(uri) and "/" in path:
+            _require_bucket(fs, uri, path)
+        raise UsageError(f"{uri}: not found")
+    return info
+
+
+def _require_bucket(fs: pafs.FileSystem, uri: str, path: str) -> None:
+    bucket = path.split("/", 1)[0]
+    try:
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise UsageError(f"{uri}: bucket {bucket!r} does not exist")
+    except OSError as exc:
+        raise UsageError(describe_error(uri, exc)) from None
+
+
+def read_bytes(uri: str, storage: StorageConfig) -> bytes:
+    fs, path = fsspec_filesystem(uri, storage)
+    try:
+        with fs.open(path, "rb") as handle:
+            return handle.read()
+    except (OSError, ValueError) as exc:
+        raise UsageError(describe_error(uri, exc)) from None
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
+    """Write a whole object; for local paths via a temp file + rename so readers never see half of it."""
+    fs, path = fsspec_filesystem(uri, storage)
+    try:
+        parent = path.rsplit("/", 1)[0]
+        if not is_remote(uri):
+            fs.makedirs(parent, exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with fs.open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        else:
+            with fs.open(path, "wb") as handle:
+                handle.write(data)
+    except OSError as exc:
+        raise UsageError(f"cannot write {describe_error(uri, exc)}") from None
+
+
+def read_json(uri: str, storage: StorageConfig) -> Any:
+    return json.loads(read_bytes(uri, storage))
+
+
+def write_json(uri: str, value: Any, storage: StorageConfig) -> None:
+    write_bytes(uri, json.dumps(value, indent=2, sort_keys=True).encode(), storage)

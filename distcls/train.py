@@ -1,0 +1,279 @@
+"""``distcls train``: data-parallel training with Ray Train, ending in a model artifact.
+
+The driver lists and splits the lake, builds two Ray Datasets that fetch and decode each image
+once (``images.read_batch``, the same function labeling uses), and hands them to a TorchTrainer.
+Each worker keeps its decoded uint8 shard in memory and augments per batch, so an epoch costs
+only the model's compute. Every epoch is reported with a checkpoint; Ray Train restarts failed
+workers from the latest one, and rerunning the same command on the same output resumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import ray.train.torch
+import safetensors.torch
+import torch
+from torch import nn
+
+from distcls import lake, storage
+from distcls.artifact import ModelInfo, load_state_dict, save_model
+from distcls.config import StorageConfig, TrainConfig, public_dict
+from distcls.errors import JobError, UsageError
+from distcls.images import augment, normalize, read_batch
+from distcls.models import create_model
+from distcls.runtime import cluster_gpus, ensure_ray
+
+STATE_FILE = "state.pt"
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; write ``<output>/model/``, ``metrics.jsonl`` and ``curves.png``.
+    Returns the final metrics and where the artifact is."""
+    train_rows, val_rows, classes = _split(config)
+    ensure_ray()
+    # One line per epoch is the progress report; Ray Data's bars from every worker would bury it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if config.gpu and cluster_gpus() < config.workers:
+        raise UsageError(f"--gpu needs {config.workers} GPUs, the Ray cluster has {cluster_gpus()}")
+    print(f"training {config.model} on {train_rows.num_rows} images ({val_rows.num_rows} held out), "
+          f"{len(classes)} classes, {config.workers} workers")
+    result = _trainer(config, classes, train_rows, val_rows).fit()
+    if result.error is not None:
+        raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
+    info = _save_artifact(config, classes, best_checkpoint, best_metrics)
+    _write_curves(config)
+    return {"model": storage.join(config.output, "model"), "model_id": info.model_id, **info.metrics}
+
+
+def _split(config: TrainConfig) -> tuple[pa.Table, pa.Table, list[str]]:
+    rows, classes = lake.labelled_images(config.data, config.storage())
+    if config.val_data:
+        val_rows, _ = lake.labelled_images(config.val_data, config.storage(), classes)
+        return rows, val_rows, classes
+    train_idx, val_idx = lake.stratified_split(rows["label"].to_numpy(), config.val_fraction, config.seed)
+    if len(val_idx) == 0:
+        raise UsageError(f"--val-fraction {config.val_fraction} holds out no images of {config.data}; raise it or give --val-data")
+    return rows.take(train_idx), rows.take(val_idx), classes
+
+
+def _dataset(rows: pa.Table, config: TrainConfig) -> ray.data.Dataset:
+    """Decoded images as a Ray Dataset: fixed-shape uint8 tensors + int labels (Arrow-native)."""
+    slices = [rows.slice(start, 1000) for start in range(0, rows.num_rows, 1000)]
+    # Decoded up front, before the workers take their CPUs: on a cluster with no CPUs beyond the
+    # training workers' (this 2-core machine with 2 workers), streaming decode would never be
+    # scheduled. uint8 images are small; what does not fit in the object store spills to disk.
+    return ray.data.from_arrow(slices).map_batches(
+        _decode_rows, fn_kwargs={"storage_config": config.storage(), "size": config.image_size},
+        batch_format="numpy", batch_size=1000).materialize()
+
+
+def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:
+    decoded = read_batch(batch["path"], storage_config, size)
+    ok = np.array([e is None for e in decoded["error"]], dtype=bool)
+    for path, error in zip(batch["path"][~ok], decoded["error"][~ok]):
+        print(f"skipping unreadable training image {path}: {error}")
+    return {"image": decoded["image"][ok], "label": batch["label"][ok].astype(np.int64)}
+
+
+def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_rows: pa.Table) -> ray.train.torch.TorchTrainer:
+    fs, path = storage.arrow_filesystem(config.output, config.storage())
+    loop_config = {"config": config.model_dump(), "classes": classes}
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        datasets={"train": _dataset(train_rows, config), "val": _dataset(val_rows, config)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers, use_gpu=config.gpu, resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=config.name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max")),
+    )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The per-worker loop: restore, then per epoch train, evaluate, report + checkpoint."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # the epoch line is the progress report
+    config = TrainConfig.model_validate(loop_config["config"])
+    classes: list[str] = loop_config["classes"]
+    torch.set_num_threads(config.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    train_x, train_y = _cache_shard("train")
+    val_x, val_y = _cache_shard("val")
+    state = _restore(ray.train.get_checkpoint()) or _fresh_state(config, classes, train_x)
+    model = create_model(config.model, num_classes=len(classes)).to(memory_format=torch.channels_last)
+    model.load_state_dict(state["model"])
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+                                weight_decay=config.weight_decay)
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    local_batch = max(1, config.batch_size // config.workers)
+    steps_per_epoch = _min_across_workers(len(train_x) // local_batch, device)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + ray.train.get_context().get_world_rank())
+    for epoch in range(state["epoch"], config.epochs):
+        started = time.time()
+        train_loss = train_epoch(model, optimizer, train_x, train_y, state, config, epoch, steps_per_epoch, local_batch, generator, device)
+        val_loss, val_accuracy = eval_epoch(model, val_x, val_y, state, device)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
+               "images_per_s": steps_per_epoch * local_batch * config.workers / (time.time() - started),
+               "elapsed_s": state["elapsed_s"] + time.time() - started}
+        state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row])
+        _report(row, model, optimizer, state, config)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                state: dict[str, Any], config: TrainConfig, epoch: int, steps: int, batch: int,
+                generator: torch.Generator, device: torch.device) -> float:
+    """One pass over ``steps`` random batches of this worker's shard; returns the mean loss (all workers)."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    order = torch.randperm(len(images), generator=generator)
+    total = torch.zeros(2, device=device)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * one_cycle((epoch * steps + step) / (config.epochs * steps))
+        idx = order[step * batch:(step + 1) * batch]
+        x = normalize(augment(images[idx], generator).to(device), state["mean"], state["std"])
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(model(x), labels[idx].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += torch.stack([loss.detach().float() * len(idx), torch.tensor(float(len(idx)), device=device)])
+    return _sum_across_workers(total)[0].item() / max(1.0, _sum_across_workers(total)[1].item())
+
+
+@torch.no_grad()
+def eval_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, state: dict[str, Any],
+               device: torch.device, batch: int = 1000) -> tuple[float, float]:
+    """(mean loss, accuracy) over every worker's validation shard."""
+    model.eval()
+    total = torch.zeros(3, device=device)
+    for start in range(0, len(images), batch):
+        x = normalize(images[start:start + batch].to(device), state["mean"], state["std"])
+        y = labels[start:start + batch].to(device)
+        logits = model(x).float()
+        total += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"),
+                              (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
+    loss_sum, correct, count = _sum_across_workers(total).tolist()
+    return loss_sum / max(1.0, count), correct / max(1.0, count)
+
+
+def one_cycle(progress: float, warmup: float = 0.2) -> float:
+    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` of training, then linear decay
+    to 0 (the triangular schedule of Smith's one-cycle policy, as airbench uses)."""
+    if progress < warmup:
+        return 0.1 + 0.9 * progress / warmup
+    return max(0.0, (1.0 - progress) / (1.0 - warmup))
+
+
+def _cache_shard(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode this worker's shard once and keep it as uint8 NHWC + int64 labels."""
+    images, labels = [], []
+    for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=2048, batch_format="numpy"):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    if not images:
+        return torch.zeros((0, 1, 1, 3), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def _fresh_state(config: TrainConfig, classes: list[str], train_x: torch.Tensor) -> dict[str, Any]:
+    torch.manual_seed(config.seed)  # identical initial weights on every worker before DDP's broadcast
+    model = create_model(config.model, num_classes=len(classes))
+    if config.init_weights:
+        model.load_state_dict(load_state_dict(config.init_weights, config.storage()))
+    sums = torch.stack([train_x.double().sum((0, 1, 2)), (train_x.double() ** 2).sum((0, 1, 2))])
+    count = float(train_x.shape[0] * train_x.shape[1] * train_x.shape[2])
+    totals = _sum_across_workers(torch.cat([sums.flatten(), torch.tensor([count], dtype=torch.float64)]))
+    mean = totals[:3] / totals[6]
+    std = (totals[3:6] / totals[6] - mean ** 2).clamp_min(1e-6).sqrt()
+    return {"model": model.state_dict(), "epoch": 0, "elapsed_s": 0.0, "history": [],
+            "mean": tuple((mean / 255).tolist()), "std": tuple((std / 255).tolist())}
+
+
+def _restore(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        state["model"] = safetensors.torch.load_file(str(Path(folder) / "model.safetensors"))
+    state["mean"], state["std"] = tuple(state["mean"]), tuple(state["std"])
+    print0(f"resuming from checkpoint after epoch {state['epoch']}")
+    return state
+
+
+def _report(row: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+            config: TrainConfig) -> None:
+    """Report the epoch; rank 0 attaches the checkpoint and rewrites metrics.jsonl."""
+    print0(f"epoch {row['epoch']:3d}/{config.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+           f"val_acc {row['val_accuracy']:.4f}  {row['images_per_s']:.0f} img/s  {row['elapsed_s']:.0f}s")
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(row)
+        return
+    lines = "".join(json.dumps(r) + "\n" for r in state["history"])
+    storage.write_bytes(storage.join(config.output, "metrics.jsonl"), lines.encode(), config.storage())
+    with tempfile.TemporaryDirectory() as folder:
+        plain = model.module if hasattr(model, "module") else model
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()},
+                                    str(Path(folder) / "model.safetensors"))
+        torch.save({k: v for k, v in state.items() if k != "model"} | {"optimizer": optimizer.state_dict()},
+                   Path(folder) / STATE_FILE)
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def print0(message: str) -> None:
+    """Print from rank 0 only, so a line per epoch means one line, not one per worker."""
+    if ray.train.get_context().get_world_rank() == 0:
+        print(message, flush=True)
+
+
+def _min_across_workers(value: int, device: torch.device) -> int:
+    """DDP hangs if workers take different numbers of steps; every worker takes the smallest."""
+    tensor = torch.tensor([value], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def _sum_across_workers(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.train.Checkpoint,
+                   metrics: dict[str, Any]) -> ModelInfo:
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        weights = safetensors.torch.load_file(str(Path(folder) / "model.safetensors"))
+    model = create_model(config.model, num_classes=len(classes))
+    model.load_state_dict(weights)
+    final = {k: metrics[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "elapsed_s")}
+    info = ModelInfo(arch=config.model, classes=classes, image_size=config.image_size, mean=state["mean"],
+                     std=state["std"], config=public_dict(config), metrics=final)
+    info = save_model(model, info, storage.join(config.output, "model"), config.storage())
+    print(f"model {info.model_id[:12]} (epoch {final['epoch']}, val_accuracy {final['val_accuracy']:.4f}) "
+          f"saved to {storage.join(config.output, 'model')}")
+    return info
+
+
+def _write_curves(config: TrainConfig) -> None:
+    from distcls.plots import training_curves
+
+    raw = storage.read_bytes(storage.join(config.output, "metrics.jsonl"), config.storage())
+    history = [json.loads(line) for line in raw.decode().splitlines()]
+    storage.write_bytes(storage.join(config.output, "curves.png"), training_curves(history), config.storage())

@@ -1,0 +1,176 @@
+"""Shared fixtures: a real S3 server on 127.0.0.1, a real local Ray (one node or several), and
+small image lakes (a deterministic CIFAR-10 subset, or synthetic images that need no data)."""
+from __future__ import annotations
+
+import os
+import socket
+import tarfile
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
+
+# Fake credentials for the moto server. Set before any boto/pyarrow client is made so that
+# nothing in the tests can reach a real AWS account.
+os.environ.update({
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-canary-7f3a9",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+})
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
+os.environ.pop("RAY_ADDRESS", None)
+# Ray's per-task worker processes inherit this: no usage reporting from tests.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """URL of a moto S3 server on 127.0.0.1 (the way s3fs tests itself); exported as AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint: str) -> str:
+    """A new empty bucket per test."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def upload_folder(s3_endpoint: str) -> Callable[[Path, str], str]:
+    """upload_folder(local_dir, "bucket/prefix") -> "s3://bucket/prefix", keeping relative paths."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+
+    def upload(local: Path, target: str) -> str:
+        bucket, _, prefix = target.partition("/")
+        for file in sorted(Path(local).rglob("*")):
+            if file.is_file():
+                key = "/".join(p for p in (prefix, file.relative_to(local).as_posix()) if p)
+                client.upload_file(str(file), bucket, key)
+        return f"s3://{target}"
+
+    return upload
+
+
+class _RayMode:
+    """One Ray per test process at a time: switching between a single node and a multi-node
+    cluster shuts the other down, so tests group by file to keep restarts rare."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+        self.cluster = None
+
+    def use(self, mode: str) -> None:
+        import ray
+
+        if self.mode == mode and ray.is_initialized():
+            return
+        self.shutdown()
+        if mode == "local":
+            ray.init(num_cpus=2, include_dashboard=False)
+        else:
+            from ray.cluster_utils import Cluster
+
+            # Three nodes of one CPU each: the head and two workers, all on this machine.
+            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+            for _ in range(2):
+                self.cluster.add_node(num_cpus=1)
+            self.cluster.wait_for_nodes()
+            ray.init(address=self.cluster.address)
+        self.mode = mode
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+        self.mode = None
+
+
+_RAY = _RayMode()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_teardown() -> Iterator[None]:
+    yield
+    _RAY.shutdown()
+
+
+@pytest.fixture()
+def ray_local() -> None:
+    """A local single-node Ray with 2 CPUs."""
+    _RAY.use("local")
+
+
+@pytest.fixture()
+def ray_cluster():
+    """Three Ray nodes (1 CPU each) on this machine; yields the ray.cluster_utils.Cluster."""
+    _RAY.use("cluster")
+    return _RAY.cluster
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """cifar_root(n) -> an ImageFolder lake with the first ``n`` images of every CIFAR-10 class,
+    unpacked once per size per session."""
+    if not CIFAR_TARBALL.exists():
+        pytest.skip(f"shared data not present: {CIFAR_TARBALL}")
+    cache: dict[int, Path] = {}
+
+    def build(per_class: int) -> Path:
+        if per_class not in cache:
+            target = tmp_path_factory.mktemp(f"cifar{per_class}")
+            with tarfile.open(CIFAR_TARBALL) as archive:
+                members = [m for m in archive.getmembers()
+                           if m.isfile() and m.name.endswith(".jpg") and int(Path(m.name).stem) < per_class]
+                archive.extractall(target, members=members, filter="data")
+            cache[per_class] = target / "train"
+        return cache[per_class]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def synthetic_lake(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """synthetic_lake(per_class, labelled=True, seed=0) -> a lake of drawn shapes (no shared data)."""
+    from distcls.synthetic import make_lake
+
+    cache: dict[tuple, Path] = {}
+
+    def build(per_class: int, labelled: bool = True, seed: int = 0) -> Path:
+        key = (per_class, labelled, seed)
+        if key not in cache:
+            root = tmp_path_factory.mktemp("synthetic")
+            make_lake(root, per_class, seed=seed, labelled=labelled)
+            cache[key] = root
+        return cache[key]
+
+    return build

@@ -53,11 +53,11 @@ class TrainConfig(StorageConfig):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Stratified, seeded hold-out fraction when no --val-data.")
     model: str = Field("resnet_small", description="Architecture name from the model registry (distcls models).")
     init_weights: str | None = Field(None, description="URI of a state dict (safetensors or torch weights) to start from.")
-    epochs: int = Field(10, ge=1, description="Passes over the training set.")
+    epochs: int = Field(16, ge=1, description="Passes over the training set.")
     batch_size: int = Field(256, ge=1, description="Global batch size, split evenly across workers.")
     lr: float = Field(0.2, gt=0, description="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    label_smoothing: float = Field(0.2, ge=0, lt=1, description="Cross-entropy label smoothing.")
     image_size: int = Field(32, ge=8, le=1024, description="Side of the square model input in pixels.")
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
@@ -177,3 +177,9 @@ class DemoConfig(StorageConfig):
     epochs: int = Field(4, ge=1, description="Training epochs.")
     workers: int = Field(2, ge=1, description="Ray Train workers.")
     model: str = Field("resnet_small", description="Architecture name from the model registry.")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        # Checked here too, so a typo fails before the demo draws its lakes and starts Ray.
+        return TrainConfig._known_model(value)

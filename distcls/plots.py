@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on cluster nodes and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -25,12 +26,13 @@ def training_curves(history: Sequence[dict[str, Any]]) -> bytes:
     figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
     loss_ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss (log scale)", title="Loss", yscale="log")
     loss_ax.legend()
     acc_ax.plot(epochs, [100 * r["val_accuracy"] for r in history], marker="o", color="tab:green")
     acc_ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy", ylim=(0, 100))
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _png(figure)
 
 

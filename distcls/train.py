@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import ray.train.torch
@@ -36,7 +38,8 @@ STATE_FILE = "state.pt"
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; write ``<output>/model/``, ``metrics.jsonl`` and ``curves.png``.
+    """Run (or resume) training; write ``<output>/model/``, ``metrics.jsonl``, ``curves.png`` and
+    (without --val-data) ``val.parquet``, the held-out split.
     Returns the final metrics and where the artifact is."""
     train_rows, val_rows, classes = _split(config)
     ensure_ray()
@@ -63,7 +66,18 @@ def _split(config: TrainConfig) -> tuple[pa.Table, pa.Table, list[str]]:
     train_idx, val_idx = lake.stratified_split(rows["label"].to_numpy(), config.val_fraction, config.seed)
     if len(val_idx) == 0:
         raise UsageError(f"--val-fraction {config.val_fraction} holds out no images of {config.data}; raise it or give --val-data")
-    return rows.take(train_idx), rows.take(val_idx), classes
+    val_rows = rows.take(val_idx)
+    _write_val_manifest(val_rows, classes, config)
+    return rows.take(train_idx), val_rows, classes
+
+
+def _write_val_manifest(val_rows: pa.Table, classes: list[str], config: TrainConfig) -> None:
+    """The held-out split as a manifest, so ``distcls evaluate --data <output>/val.parquet`` scores
+    the model on exactly the images it never trained on."""
+    names = pa.array(classes).take(val_rows["label"])
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"path": val_rows["path"], "label": names}), sink)
+    storage.write_bytes(storage.join(config.output, "val.parquet"), sink.getvalue().to_pybytes(), config.storage())
 
 
 def _dataset(rows: pa.Table, config: TrainConfig) -> ray.data.Dataset:
@@ -128,7 +142,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val_loss, val_accuracy = eval_epoch(model, val_x, val_y, state, device)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
                "images_per_s": steps_per_epoch * local_batch * config.workers / (time.time() - started),
-               "elapsed_s": state["elapsed_s"] + time.time() - started}
+               "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
         state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row])
         _report(row, model, optimizer, state, config)
 
@@ -200,7 +214,7 @@ def _fresh_state(config: TrainConfig, classes: list[str], train_x: torch.Tensor)
     totals = _sum_across_workers(torch.cat([sums.flatten(), torch.tensor([count], dtype=torch.float64)]))
     mean = totals[:3] / totals[6]
     std = (totals[3:6] / totals[6] - mean ** 2).clamp_min(1e-6).sqrt()
-    return {"model": model.state_dict(), "epoch": 0, "elapsed_s": 0.0, "history": [],
+    return {"model": model.state_dict(), "epoch": 0, "elapsed_s": 0.0, "history": [], "restores": 0,
             "mean": tuple((mean / 255).tolist()), "std": tuple((std / 255).tolist())}
 
 
@@ -211,6 +225,7 @@ def _restore(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         state["model"] = safetensors.torch.load_file(str(Path(folder) / "model.safetensors"))
     state["mean"], state["std"] = tuple(state["mean"]), tuple(state["std"])
+    state["restores"] = state.get("restores", 0) + 1
     print0(f"resuming from checkpoint after epoch {state['epoch']}")
     return state
 
@@ -235,9 +250,10 @@ def _report(row: dict[str, float], model: nn.Module, optimizer: torch.optim.Opti
 
 
 def print0(message: str) -> None:
-    """Print from rank 0 only, so a line per epoch means one line, not one per worker."""
+    """Print from rank 0 only, so a line per epoch means one line, not one per worker. Written to
+    the real stdout: Ray Train's patched print would also log it, and the driver would show it twice."""
     if ray.train.get_context().get_world_rank() == 0:
-        print(message, flush=True)
+        print(message, file=sys.__stdout__, flush=True)
 
 
 def _min_across_workers(value: int, device: torch.device) -> int:

@@ -1,0 +1,101 @@
+"""``distcls evaluate``: accuracy, per-class precision/recall/F1 and a confusion matrix of a model
+artifact on a labelled lake, computed with the same decode path and model loading as labeling."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from distcls import lake, storage
+from distcls.artifact import ModelInfo, load_model, predict_proba, read_info
+from distcls.config import EvaluateConfig, StorageConfig
+from distcls.images import read_batch
+from distcls.runtime import ensure_ray
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Predict every image of ``config.data`` and score it; prints a table, optionally writes a report.
+    Returns ``accuracy``, ``images``, ``macro_f1``, ``errors`` and per-class metrics."""
+    info = read_info(config.model, config.storage())
+    rows, classes = lake.labelled_images(config.data, config.storage(), info.classes)
+    ensure_ray()
+    slices = [rows.slice(start, 1000) for start in range(0, rows.num_rows, 1000)]
+    predicted = ray.data.from_arrow(slices).map_batches(
+        _Scorer, fn_constructor_kwargs={"model_uri": config.model, "storage_config": config.storage()},
+        batch_size=config.batch_size, concurrency=1, batch_format="numpy").to_arrow_refs()
+    table = pa.concat_tables(ray.get(predicted))
+    ok = table["error"].is_null().to_numpy(zero_copy_only=False)
+    truth = table["label"].to_numpy()[ok]
+    guess = table["predicted"].to_numpy()[ok]
+    matrix = confusion_matrix(truth, guess, len(classes))
+    metrics = scores(matrix, classes)
+    metrics["errors"] = int((~ok).sum())
+    print(format_table(metrics, classes, matrix))
+    if config.report:
+        _write_report(config.report, metrics, matrix, classes, info, config.storage())
+    return {"accuracy": metrics["accuracy"], "images": metrics["images"], "macro_f1": metrics["macro_f1"],
+            "errors": metrics["errors"], "model_id": info.model_id}
+
+
+class _Scorer:
+    """Loads the model once per actor; turns a batch of (path, label) into (label, predicted, error)."""
+
+    def __init__(self, model_uri: str, storage_config: StorageConfig) -> None:
+        self.model, self.info = load_model(model_uri, storage_config)
+        self.storage_config = storage_config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        decoded = read_batch(batch["path"], self.storage_config, self.info.image_size)
+        predicted = predict_proba(self.model, self.info, decoded["image"]).argmax(1).numpy().astype(np.int32)
+        return {"label": batch["label"], "predicted": predicted, "error": decoded["error"]}
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[i, j] = images of true class i predicted as class j."""
+    return np.bincount(truth * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def scores(matrix: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro F1 and per-class precision/recall/F1/support from a confusion matrix.
+    A class never predicted (or never present) gets precision (or recall) 0, as scikit-learn does."""
+    hits = np.diag(matrix).astype(float)
+    predicted = matrix.sum(axis=0)
+    actual = matrix.sum(axis=1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(hits), where=precision + recall > 0)
+    total = int(matrix.sum())
+    return {
+        "accuracy": float(hits.sum() / total) if total else 0.0,
+        "images": total,
+        "macro_f1": float(f1.mean()),
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for name, p, r, f, s in zip(classes, precision, recall, f1, actual)},
+    }
+
+
+def format_table(metrics: dict[str, Any], classes: list[str], matrix: np.ndarray) -> str:
+    width = max(8, *(len(c) for c in classes))
+    lines = [f"{'class':<{width}}  precision  recall     f1  support"]
+    for name in classes:
+        m = metrics["per_class"][name]
+        lines.append(f"{name:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
+    lines.append(f"{'accuracy':<{width}}  {metrics['accuracy']:.4f} on {metrics['images']} images"
+                 f" (macro F1 {metrics['macro_f1']:.4f}, unreadable {metrics.get('errors', 0)})")
+    lines.append("confusion matrix (rows: true, columns: predicted):")
+    lines.append(" " * (width + 2) + " ".join(f"{c[:5]:>5}" for c in classes))
+    for name, row in zip(classes, matrix):
+        lines.append(f"{name:<{width}}  " + " ".join(f"{v:5d}" for v in row))
+    return "\n".join(lines)
+
+
+def _write_report(folder: str, metrics: dict[str, Any], matrix: np.ndarray, classes: list[str], info: ModelInfo,
+                  storage_config: StorageConfig) -> None:
+    from distcls.plots import confusion_matrix as plot_confusion
+
+    report = {**metrics, "confusion_matrix": matrix.tolist(), "classes": classes, "model_id": info.model_id}
+    storage.write_json(storage.join(folder, "metrics.json"), report, storage_config)
+    storage.write_bytes(storage.join(folder, "confusion.png"), plot_confusion(matrix, classes), storage_config)
+    print(f"report written to {folder} (metrics.json, confusion.png)")

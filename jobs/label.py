@@ -1,0 +1,23 @@
+"""Label an image lake into a Parquet dataset: the `distcls label` command as a Ray job entrypoint.
+
+Locally (starts Ray in-process):
+    python jobs/label.py --config jobs/configs/nightly_label.yaml \
+        --input /data/lake --model runs/cifar10/model --output /data/labels
+
+On a Ray cluster (the image has distcls installed; --working-dir ships your checkout instead):
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/label.py --config jobs/configs/nightly_label.yaml \
+        --input s3://my-bucket/lake/ --model s3://my-bucket/runs/cifar10/model --output s3://my-bucket/labels/
+
+On KubeRay (one-off, and nightly):
+    kubectl apply -f k8s/rayjob-label.yaml
+    kubectl apply -f k8s/raycronjob-nightly-label.yaml   # or k8s/cronjob-nightly-label.yaml
+
+Every flag of `distcls label --help` works here and overrides the YAML file.
+"""
+import sys
+
+from distcls.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["label", *sys.argv[1:]]))

@@ -1,0 +1,168 @@
+"""Training end to end: multi-node Ray Train over S3, fault tolerance, resume, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from distcls import load_model
+from distcls.artifact import predict_proba
+from distcls.cli import main
+from distcls.config import TrainConfig
+from distcls.images import decode
+from distcls.train import one_cycle, train
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = {"epochs": 6, "batch_size": 64, "lr": 0.05, "workers": 2}
+LONGER = {**QUICK, "epochs": 10}  # leaves time to kill something mid-run
+
+
+def _history(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_cycle_warms_up_then_decays_to_zero() -> None:
+    values = [one_cycle(p / 100) for p in range(101)]
+    peak = int(np.argmax(values))
+    assert values[0] < values[peak] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(values[:peak], values[1:peak + 1]))
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:]))
+    assert values[-1] == 0.0
+
+
+@pytest.mark.slow
+def test_two_workers_on_three_nodes_over_s3(ray_cluster, synthetic_lake, upload_folder, s3_bucket, tmp_path) -> None:
+    lake = upload_folder(synthetic_lake(30), f"{s3_bucket}/lake")
+    output = f"s3://{s3_bucket}/runs/one"
+    result = train(TrainConfig(data=lake, output=output, **QUICK))
+
+    model, info = load_model(result["model"])
+    assert info.classes == sorted(info.classes) and len(info.classes) == 10
+    assert not model.training
+    # Loss fell and accuracy is far above chance (10%) on the held-out 10%.
+    assert result["val_accuracy"] >= 0.4
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    history = [json.loads(line) for line in fs.cat(f"{s3_bucket}/runs/one/metrics.jsonl").decode().splitlines()]
+    assert [row["epoch"] for row in history] == list(range(1, 7))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert fs.exists(f"{s3_bucket}/runs/one/curves.png")
+    # The artifact predicts held-out images through the same decode path: mostly right.
+    val = pq.read_table(fs.open(f"{s3_bucket}/runs/one/val.parquet")).to_pylist()
+    images = np.stack([decode(fs.cat(row["path"].removeprefix("s3://")), info.image_size)[0] for row in val])
+    predicted = predict_proba(model, info, images).argmax(1).tolist()
+    correct = sum(info.classes[p] == row["label"] for p, row in zip(predicted, val))
+    assert correct / len(val) == pytest.approx(result["val_accuracy"], abs=1e-6)
+
+
+def _wait_for_epochs(output: Path, count: int, timeout: float = 240) -> None:
+    """Rank 0 rewrites metrics.jsonl before each report; a second row means the first epoch's
+    checkpoint report (a barrier) has completed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (output / "metrics.jsonl").exists() and len(_history(output)) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"training did not reach epoch {count} within {timeout}s")
+
+
+def _kill_a_worker_after_first_checkpoint(output: Path, killed: list[int]) -> None:
+    """Kill a training worker of this test's own Ray (a descendant of this process) during epoch 4.
+    Rank 0 writes a third metrics row after two reports, so epoch 1's checkpoint is registered."""
+    _wait_for_epochs(output, 3)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                proc.kill()
+                killed.append(proc.pid)
+                return
+        except psutil.NoSuchProcess:
+            continue
+
+
+@pytest.mark.slow
+def test_killed_worker_is_replaced_and_training_resumes(ray_local, synthetic_lake, tmp_path) -> None:
+    output = tmp_path / "run"
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(output, killed))
+    killer.start()
+    result = train(TrainConfig(data=str(synthetic_lake(30)), output=str(output), max_failures=2, **LONGER))
+    killer.join()
+
+    assert killed, "no Ray Train worker process was found to kill"
+    history = _history(output)
+    assert [row["epoch"] for row in history] == list(range(1, 11))  # no epoch lost or repeated
+    assert history[-1]["restores"] >= 1  # the replacement workers started from a checkpoint
+    model, info = load_model(result["model"])
+    assert info.model_id == result["model_id"] and info.metrics["val_accuracy"] == max(r["val_accuracy"] for r in history)
+
+
+@pytest.mark.slow
+def test_rerunning_a_stopped_run_resumes(synthetic_lake, tmp_path) -> None:
+    """SIGKILL the whole `distcls train` process after its first epoch, then run the same command."""
+    output = tmp_path / "run"
+    argv = ["train", "--data", str(synthetic_lake(30)), "--output", str(output),
+            *[f"--{k.replace('_', '-')}={v}" for k, v in LONGER.items()]]
+    process = subprocess.Popen([sys.executable, "-m", "distcls", *argv], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_epochs(output, 3)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first = _history(output)
+    assert 3 <= len(first) < 10
+
+    assert main(argv) == 0
+    history = _history(output)
+    assert [row["epoch"] for row in history] == list(range(1, 11))
+    assert history[0] == first[0]  # the epoch finished before the kill was kept, not redone
+    assert history[-1]["restores"] >= 1
+
+
+@pytest.mark.parametrize("make_lake, message", [
+    (lambda root: root.mkdir(), "no labelled images"),
+    (lambda root: (root / "cat").mkdir(parents=True) or _write_jpegs(root / "cat", 3), "only one class"),
+])
+def test_bad_data_is_a_clear_usage_error(tmp_path, capsys, make_lake, message) -> None:
+    root = tmp_path / "lake"
+    make_lake(root)
+    assert main(["train", "--data", str(root), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and str(root) in err and len(err.splitlines()) == 1
+
+
+def test_missing_data_is_a_clear_usage_error(tmp_path, capsys) -> None:
+    missing = tmp_path / "nowhere"
+    assert main(["train", "--data", str(missing), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(missing) in err and "not found" in err
+
+
+def test_unreadable_images_are_skipped_not_fatal(tmp_path) -> None:
+    from distcls.train import _decode_rows
+    from distcls.config import StorageConfig
+
+    _write_jpegs(tmp_path, 2)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    paths = np.array(sorted(str(p) for p in tmp_path.glob("*.jpg")))
+    batch = _decode_rows({"path": paths, "label": np.array([0, 1, 2])}, StorageConfig(), 16)
+    assert batch["image"].shape == (2, 16, 16, 3)
+    assert batch["label"].tolist() == [1, 2]  # "broken.jpg" sorts first and is dropped
+
+
+def _write_jpegs(folder: Path, count: int) -> None:
+    from PIL import Image
+
+    for i in range(count):
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(folder / f"{i}.jpg")

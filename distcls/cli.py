@@ -53,10 +53,12 @@ COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any]], str]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distcls", description="Distributed batch image classification on Ray.")
+    # allow_abbrev=False: `--epoch 3` must be an error, not silently `--epochs 3`.
+    parser = argparse.ArgumentParser(prog="distcls", description="Distributed batch image classification on Ray.",
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,label,demo}")
     for name, (settings, _, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         sub.add_argument("--config", metavar="FILE", help="YAML file of settings; flags override it.")
         for field, info in settings.model_fields.items():
             _add_flag(sub, field, info.annotation, info.description or "", info.get_default(call_default_factory=False))

@@ -17,6 +17,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from distcls import storage
 from distcls.config import StorageConfig
+from distcls.errors import UsageError
 
 # Truncated files must fail, not come back half grey (Pillow's default, stated here because
 # another library in the same process may have flipped it).
@@ -40,6 +41,10 @@ def decode(data: bytes, size: int, max_pixels: int = 89_478_485) -> tuple[np.nda
     """
     if not data:
         raise ImageError("empty file")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow refuses anything above its own process-wide limit inside Image.open, before the
+        # check below runs, so a max_pixels above Pillow's default would otherwise have no effect.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -75,18 +80,18 @@ def read_batch(paths: np.ndarray | list[str], storage_config: StorageConfig, siz
     both of which release the GIL.
     """
     filesystems = {}
-    for uri in paths:
-        scheme = storage.split_uri(uri)[0]
-        if scheme not in filesystems:
-            filesystems[scheme] = storage.arrow_filesystem(uri, storage_config)[0]
 
     def one(uri: str) -> tuple[np.ndarray | None, int, int, str | None]:
         try:
             scheme, fs_path = storage.split_uri(uri)
+            if scheme not in filesystems:
+                # Made on first use, inside the row: a URI no filesystem can serve (https://, s3:///x)
+                # is that row's error. Two threads may both make one; either is fine.
+                filesystems[scheme] = storage.arrow_filesystem(uri, storage_config)[0]
             with filesystems[scheme].open_input_stream(fs_path) as stream:
                 data = stream.read()
             return (*decode(data, size, max_pixels), None)
-        except ImageError as exc:
+        except (ImageError, UsageError) as exc:
             return None, -1, -1, str(exc)
         except (OSError, ValueError) as exc:
             return None, -1, -1, storage.describe_error(uri, exc)

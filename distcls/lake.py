@@ -69,7 +69,8 @@ def read_manifest(uri: str, storage_config: StorageConfig) -> pa.Table:
         raise UsageError(f"{uri}: manifest has no 'path' column (columns: {', '.join(table.column_names)})")
     keep = [c for c in ("path", "label") if c in table.column_names]
     table = table.select(keep).filter(pc.is_valid(table["path"]))
-    base = uri.rsplit("/", 1)[0]
+    # From the resolved path, not the URI text: a bare "manifest.csv" has no "/" to split at.
+    base = storage.uri_for(uri, posixpath.dirname(path))
     paths = [p if "://" in p or p.startswith("/") else posixpath.join(base, p) for p in table["path"].to_pylist()]
     return table.set_column(0, "path", pa.array(paths, pa.string()))
 
@@ -89,7 +90,9 @@ def labelled_images(uri: str, storage_config: StorageConfig, classes: list[str] 
         names = pc.cast(table["label"], pa.string())
     else:
         listing = list_files(uri, storage_config)
-        root = uri.rstrip("/") + "/"
+        # The listing holds resolved paths ("lake" and "file:///x/lake" list as absolute paths),
+        # so the prefix to cut must be resolved the same way.
+        root = storage.uri_for(uri, storage.split_uri(uri)[1]).rstrip("/") + "/"
         relative = pc.utf8_slice_codeunits(listing["path"], len(root))
         nested = pc.match_substring(relative, "/")
         paths = listing["path"].filter(nested)

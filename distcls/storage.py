@@ -7,6 +7,7 @@ AWS_ENDPOINT_URL, which is why the endpoint is always passed on explicitly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -14,6 +15,9 @@ from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
+# s3fs turns the store's answers into OSError but lets botocore's own errors through, such as
+# EndpointConnectionError for an unreachable endpoint.
+from botocore.exceptions import BotoCoreError
 
 from distcls.config import StorageConfig
 from distcls.errors import UsageError
@@ -38,16 +42,26 @@ def split_uri(uri: str) -> tuple[str, str]:
     return scheme, rest.rstrip("/")
 
 
+# Standard retries ride out short outages of the store (throttling, a restarted server). The
+# existence check is a job's first contact with the store, so it retries little: with 8 attempts an
+# unreachable endpoint takes ~45 s of back-off to report, with 3 about a second.
+_ATTEMPTS = 8
+_CHECK_ATTEMPTS = 3
+
+
 def arrow_filesystem(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path inside it for ``uri``."""
+    return _arrow_filesystem(uri, storage, _ATTEMPTS)
+
+
+def _arrow_filesystem(uri: str, storage: StorageConfig, attempts: int) -> tuple[pafs.FileSystem, str]:
     scheme, path = split_uri(uri)
     if scheme == "file":
         return pafs.LocalFileSystem(), path
     if scheme in ("s3", "s3a"):
         kwargs: dict[str, Any] = {
             "anonymous": storage.anonymous,
-            # Standard retries ride out short outages of the store (throttling, a restarted server).
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8),
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
             "connect_timeout": 5,
             "request_timeout": 60,
         }
@@ -118,13 +132,13 @@ def describe_error(uri: str, exc: BaseException) -> str:
 
 def require_exists(uri: str, storage: StorageConfig) -> pafs.FileInfo:
     """The FileInfo of ``uri``; UsageError naming the URI when it is missing or unreachable."""
-    fs, path = arrow_filesystem(uri, storage)
+    fs, path = _arrow_filesystem(uri, storage, _CHECK_ATTEMPTS)
     try:
         info = fs.get_file_info(path)
     except OSError as exc:
         raise UsageError(describe_error(uri, exc)) from None
     if info.type == pafs.FileType.NotFound:
-        if is_remote(uri) and "/" in path:
+        if is_remote(uri):
             _require_bucket(fs, uri, path)
         raise UsageError(f"{uri}: not found")
     return info
@@ -144,7 +158,7 @@ def read_bytes(uri: str, storage: StorageConfig) -> bytes:
     try:
         with fs.open(path, "rb") as handle:
             return handle.read()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, BotoCoreError) as exc:
         raise UsageError(describe_error(uri, exc)) from None
 
 
@@ -156,13 +170,18 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
         if not is_remote(uri):
             fs.makedirs(parent, exist_ok=True)
             tmp = f"{path}.tmp-{os.getpid()}"
-            with fs.open(tmp, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
+            try:
+                with fs.open(tmp, "wb") as handle:
+                    handle.write(data)
+                os.replace(tmp, path)
+            except BaseException:  # a full disk or an interrupt must not leave the temp file behind
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         else:
             with fs.open(path, "wb") as handle:
                 handle.write(data)
-    except OSError as exc:
+    except (OSError, BotoCoreError) as exc:
         raise UsageError(f"cannot write {describe_error(uri, exc)}") from None
 
 

@@ -174,3 +174,21 @@ def synthetic_lake(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid (untrained, seeded) simple_cnn artifact over the synthetic classes, for jobs that
+    need some model but not a good one."""
+    import torch
+
+    from distcls.artifact import ModelInfo, save_model
+    from distcls.config import StorageConfig
+    from distcls.models import create_model
+    from distcls.synthetic import CLASSES
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_model")
+    info = ModelInfo(arch="simple_cnn", classes=list(CLASSES), image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    save_model(create_model("simple_cnn", num_classes=len(CLASSES)), info, str(folder), StorageConfig())
+    return folder

@@ -1,0 +1,145 @@
+"""The ``distcls`` command: flags generated from the settings classes, exit codes, one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distcls import cli
+from distcls.config import LabelConfig, TrainConfig
+from distcls.errors import JobError, UsageError
+
+SUBCOMMANDS = ("train", "evaluate", "label", "demo")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*args], capture_output=True, text=True, timeout=60)
+
+
+def test_console_script_help_lists_every_subcommand() -> None:
+    script = Path(sys.executable).parent / "distcls"
+    if not script.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    done = _run(str(script), "--help")
+    assert done.returncode == 0
+    assert all(name in done.stdout for name in SUBCOMMANDS)
+
+
+def test_python_dash_m_works_and_exit_code_2_reaches_the_shell() -> None:
+    done = _run(sys.executable, "-m", "distcls", "--help")
+    assert done.returncode == 0 and all(name in done.stdout for name in SUBCOMMANDS)
+
+    done = _run(sys.executable, "-m", "distcls", "train", "--data", "lake", "--output", "out", "--epochs", "0")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "distcls train: error: invalid TrainConfig: field 'epochs': Input should be greater than or equal to 1 (got '0')"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help_shows_config_and_every_field(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    settings = cli.COMMANDS[command][0]
+    assert "--config FILE" in out
+    assert all("--" + field.replace("_", "-") in out for field in settings.model_fields)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--data", "d", "--output", "o", "--learning-rate", "3"], "unrecognized arguments: --learning-rate 3"),
+    (["label", "--model", "m", "--output", "o", "--gpu=yes"], "ignored explicit argument 'yes'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required"),
+])
+def test_argparse_usage_errors_exit_2(argv: list[str], expected: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--output", "o"], "field 'data' is required"),
+    (["train", "--data", "d", "--output", "o", "--batch-size", "lots"], "field 'batch_size'"),
+    (["train", "--data", "d", "--output", "o", "--model", "resnet9000"], "unknown model 'resnet9000'"),
+    (["demo", "--model", "resnet9000"], "unknown model 'resnet9000'"),
+    (["evaluate", "--data", "d", "--model", "m", "--endpoint-url", "minio:9000"], "field 'endpoint_url'"),
+    (["label", "--model", "m", "--output", "o", "--top-k", "0"], "field 'top_k'"),
+])
+def test_bad_values_exit_2_with_one_line_naming_the_field(argv: list[str], expected: str,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"distcls {argv[0]}: error: ") and expected in lines[0]
+
+
+@pytest.fixture()
+def captured_config(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Replace every job with one that records the config it was given."""
+    seen: dict[str, Any] = {}
+
+    def fake(config: Any) -> dict[str, Any]:
+        seen["config"] = config
+        return {"ok": True, "path": Path("/x")}
+
+    for name, (settings, _, help_text) in list(cli.COMMANDS.items()):
+        monkeypatch.setitem(cli.COMMANDS, name, (settings, fake, help_text))
+    return seen
+
+
+def test_flags_map_to_typed_fields(captured_config: dict, capsys: pytest.CaptureFixture) -> None:
+    argv = ["label", "--input", "s3://b/lake", "--model", "s3://b/model", "--output", "out", "--extensions", "JPG",
+            "png", "--gpu", "--no-overwrite", "--top-k", "3", "--endpoint-url", "http://127.0.0.1:9000"]
+    assert cli.main(argv) == 0
+    config = captured_config["config"]
+    assert isinstance(config, LabelConfig)
+    assert config.extensions == [".jpg", ".png"] and config.gpu is True and config.overwrite is False
+    assert config.top_k == 3 and config.endpoint_url == "http://127.0.0.1:9000"
+    assert json.loads(capsys.readouterr().out) == {"ok": True, "path": "/x"}  # the job's result, as JSON
+
+
+def test_flags_override_the_config_file(tmp_path: Path, captured_config: dict) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("data: s3://b/lake\noutput: runs/a\nepochs: 3\nlr: 0.05\ngpu: true\n")
+    assert cli.main(["train", "--config", str(path), "--epochs", "9", "--no-gpu"]) == 0
+    config = captured_config["config"]
+    assert isinstance(config, TrainConfig)
+    assert (config.data, config.epochs, config.lr, config.gpu) == ("s3://b/lake", 9, 0.05, False)
+
+
+def test_unknown_key_in_config_file_exits_2(tmp_path: Path, captured_config: dict, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("data: d\noutput: o\nlearning_rate: 0.1\n")
+    assert cli.main(["train", "--config", str(path)]) == 2
+    assert "config" not in captured_config
+    assert "unknown field 'learning_rate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, code, text", [
+    (UsageError("s3://b/lake: not found"), 2, "distcls evaluate: error: s3://b/lake: not found"),
+    (JobError("2 of 2 workers died"), 1, "distcls evaluate: failed: 2 of 2 workers died"),
+    (RuntimeError("boom\nsecond line"), 1, "distcls evaluate: failed: RuntimeError: boom (set DISTCLS_DEBUG=1 for the traceback)"),
+])
+def test_job_failures_map_to_exit_codes(error: Exception, code: int, text: str, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    def failing(config: Any) -> dict[str, Any]:
+        raise error
+
+    monkeypatch.delenv("DISTCLS_DEBUG", raising=False)
+    settings, _, help_text = cli.COMMANDS["evaluate"]
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", (settings, failing, help_text))
+    assert cli.main(["evaluate", "--data", "d", "--model", "m"]) == code
+    assert capsys.readouterr().err.splitlines() == [text]
+
+    if code == 1 and not isinstance(error, JobError):
+        monkeypatch.setenv("DISTCLS_DEBUG", "1")
+        with pytest.raises(RuntimeError):
+            cli.main(["evaluate", "--data", "d", "--model", "m"])

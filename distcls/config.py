@@ -174,7 +174,7 @@ class DemoConfig(StorageConfig):
     output: str = Field("demo-output", description="Folder for the lake, model, evaluation report and labels.")
     per_class: int = Field(300, ge=10, description="Synthetic images per class (10 classes).")
     unlabelled: int = Field(200, ge=1, description="Images in the unlabelled lake that gets labelled.")
-    epochs: int = Field(4, ge=1, description="Training epochs.")
+    epochs: int = Field(12, ge=1, description="Training epochs.")
     workers: int = Field(2, ge=1, description="Ray Train workers.")
     model: str = Field("resnet_small", description="Architecture name from the model registry.")
 

@@ -41,7 +41,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _banner("3/3 label an unlabelled lake (broken files included)")
     to_label = {"manifest": str(out / "train" / "val.parquet")} if config.data else {"input": str(out / "unlabelled")}
     summary = label(LabelConfig(model=trained["model"], output=str(out / "labels"), overwrite=True, **to_label, **storage))
-    rows = pd.read_parquet(out / "labels")
+    rows = pd.read_parquet(out / "labels", dtype_backend="pyarrow")
     _show(rows, out)
     return {"accuracy": scores["accuracy"], "labelled": int(rows["error"].isna().sum()),
             "errors": int(rows["error"].notna().sum()), "seconds": round(time.time() - started, 1),

@@ -1,0 +1,207 @@
+"""Labeling inputs: odd files, manifests, allowed roots, refusals, and the pure row/batch functions
+(tested without Ray)."""
+from __future__ import annotations
+
+import importlib
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distcls.artifact import read_info
+from distcls.config import LabelConfig, StorageConfig
+from distcls.errors import UsageError
+from distcls.label import OUTPUT_SCHEMA, label
+from distcls.lake import list_files
+from oddfiles import odd_files, tiny_model
+
+# By name: the package re-exports a label() function under the same name as this module.
+label_module = importlib.import_module("distcls.label")
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_model(tmp_path_factory.getbasetemp() / "label-model")
+
+
+def _listing(root: Path) -> pa.Table:
+    listing = list_files(str(root), StorageConfig())
+    return label_module._input_table(listing["path"], listing["size"], listing["mtime"],
+                                     pa.nulls(listing.num_rows, pa.string()))
+
+
+def _s3_table(output: str) -> pa.Table:
+    from distcls.storage import arrow_filesystem
+
+    fs, path = arrow_filesystem(output, StorageConfig())
+    return pq.read_table(path, filesystem=fs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure functions, no Ray
+
+
+def test_read_and_decode_gives_one_row_per_odd_file(tmp_path: Path) -> None:
+    expected = odd_files(tmp_path)
+    decoded = label_module._read_and_decode(_listing(tmp_path), StorageConfig(), size=32, max_pixels=89_478_485)
+    rows = {Path(r["path"]).name: r for r in decoded.drop_columns(["image"]).to_pylist()}
+    assert sorted(rows) == sorted(expected)
+    assert decoded["image"].combine_chunks().to_numpy().shape == (len(expected), 32, 32, 3)
+    for name, want in expected.items():
+        row = rows[name]
+        if want.error:
+            assert want.error in row["error"], name
+            assert row["width"] is None and row["height"] is None
+        else:
+            assert row["error"] is None, (name, row["error"])
+            assert (row["width"], row["height"]) == want.size, name
+
+
+def test_read_and_decode_never_reads_rows_with_a_preset_error(tmp_path: Path) -> None:
+    table = label_module._input_table(pa.array([str(tmp_path / "does-not-matter.jpg")]), pa.nulls(1, pa.int64()),
+                                      pa.nulls(1, pa.int64()), pa.array(["outside allowed roots"]))
+    decoded = label_module._read_and_decode(table, StorageConfig(), size=8, max_pixels=100)
+    assert decoded["error"].to_pylist() == ["outside allowed roots"]
+    assert not decoded["image"].combine_chunks().to_numpy().any()
+
+
+def test_output_table_nulls_failed_rows_and_sorts_topk(model_uri: str) -> None:
+    info = read_info(model_uri, StorageConfig())
+    batch = pa.table({
+        "path": ["a", "b", "c"], "size": pa.array([1, 2, None], pa.int64()),
+        "mtime": pa.array([0, 0, None], pa.timestamp("us", tz="UTC")),
+        "width": pa.array([5, None, 7], pa.int32()), "height": pa.array([6, None, 8], pa.int32()),
+        "error": [None, "empty file", None],
+    })
+    probs = np.random.default_rng(0).dirichlet(np.ones(10), size=2).astype(np.float32)
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    table = label_module._output_table(batch, np.array([True, False, True]), probs, info, 3, "run-x", when)
+    assert table.schema == OUTPUT_SCHEMA
+    rows = table.to_pylist()
+    assert [r["label_id"] for r in rows] == [int(probs[0].argmax()), None, int(probs[1].argmax())]
+    assert rows[0]["label"] == info.classes[rows[0]["label_id"]]
+    assert rows[1]["label"] is None and rows[1]["topk_labels"] is None and rows[1]["score"] is None
+    assert rows[1]["error"] == "empty file" and rows[1]["size"] == 2
+    for row, p in zip([rows[0], rows[2]], probs):
+        assert row["topk_scores"] == sorted(row["topk_scores"], reverse=True) and len(row["topk_labels"]) == 3
+        assert row["score"] == pytest.approx(p.max()) and row["topk_scores"][0] == row["score"]
+    assert {r["run_id"] for r in rows} == {"run-x"} and {r["labeled_at"] for r in rows} == {when}
+
+
+def test_pending_skips_staged_paths_and_same_keys_only() -> None:
+    inputs = label_module._input_table(pa.array(["a", "b", "c", "d"]), pa.array([1, 2, 3, None], pa.int64()),
+                                       pa.array([1000, 2000, 3000, None], pa.int64()), pa.nulls(4, pa.string()))
+    labelled = label_module._input_table(pa.array(["b", "c", "d"]), pa.array([2, 99, None], pa.int64()),
+                                         pa.array([2000, 3000, None], pa.int64()), pa.nulls(3, pa.string()))
+    todo = label_module._pending(inputs, pa.array(["a"]), labelled)
+    # a: staged; b: same key; c: size changed; d: a manifest path (no size/mtime) labelled before
+    assert todo["path"].to_pylist() == ["c"]
+
+
+def test_inside_allowed_roots() -> None:
+    inside = label_module._inside
+    assert inside("s3://b/lake/x.jpg", "s3://b/lake") and inside("s3://b/lake/x.jpg", "s3://b/lake/")
+    assert not inside("s3://b/lakeside/x.jpg", "s3://b/lake")
+    assert not inside("s3://b/lake/../private/x.jpg", "s3://b/lake")
+    assert not inside("gs://b/lake/x.jpg", "s3://b/lake")
+    assert inside("/data/lake/a.png", "file:///data/lake") and not inside("/data/lake/../x.png", "/data/lake")
+
+
+def test_slices_spread_small_lakes_and_cap_big_ones() -> None:
+    small = pa.table({"path": [str(i) for i in range(60)]})
+    assert [s.num_rows for s in label_module._slices(small, cpus=3)] == [5] * 12
+    big = pa.table({"path": pa.array(np.arange(100_000).astype(str))})
+    assert max(s.num_rows for s in label_module._slices(big, cpus=2)) == 2000
+
+
+def test_run_ids_sort_by_time_and_differ() -> None:
+    first, second = label_module._new_run_id(), label_module._new_run_id()
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", first) and first != second
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals: all before any Ray work
+
+
+@pytest.mark.parametrize("sources", [{}, {"input": "a", "manifest": "b.csv"}])
+def test_exactly_one_of_input_or_manifest(tmp_path: Path, sources: dict) -> None:
+    with pytest.raises(UsageError, match="exactly one of --input"):
+        label(LabelConfig(model="m", output=str(tmp_path / "out"), **sources))
+
+
+def test_refuses_output_inside_input(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="inside the input"):
+        label(LabelConfig(input=str(tmp_path), model="m", output=str(tmp_path / "labels")))
+
+
+def test_refuses_a_missing_model_before_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(label_module.runtime, "ensure_ray", lambda: pytest.fail("Ray started"))
+    with pytest.raises(UsageError, match="not a distcls model artifact"):
+        label(LabelConfig(input=str(tmp_path), model=str(tmp_path / "nope"), output=str(tmp_path.parent / "o")))
+
+
+def test_refuses_non_empty_output_without_overwrite(tmp_path: Path, synthetic_lake, model_uri: str) -> None:
+    output = tmp_path / "labels"
+    output.mkdir()
+    (output / "part-0.parquet").write_bytes(b"old")
+    with pytest.raises(UsageError, match=f"output {re.escape(str(output))} already holds a dataset.*--overwrite"):
+        label(LabelConfig(input=str(synthetic_lake(1, labelled=False)), model=model_uri, output=str(output)))
+    with pytest.raises(UsageError, match="not incremental"):
+        label(LabelConfig(input=str(synthetic_lake(1, labelled=False)), model=model_uri, output=str(output),
+                          incremental=True))
+
+
+def test_refuses_gpu_without_gpus(ray_local, tmp_path: Path, synthetic_lake, model_uri: str) -> None:
+    with pytest.raises(UsageError, match="no GPUs"):
+        label(LabelConfig(input=str(synthetic_lake(1, labelled=False)), model=model_uri,
+                          output=str(tmp_path / "out"), gpu=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Through Ray, on the S3 server
+
+
+def test_odd_files_each_make_one_row_in_one_run(ray_local, s3_bucket: str, upload_folder, tmp_path: Path,
+                                                model_uri: str) -> None:
+    expected = odd_files(tmp_path)
+    lake = upload_folder(tmp_path, f"{s3_bucket}/odd")
+    summary = label(LabelConfig(input=lake, model=model_uri, output=f"s3://{s3_bucket}/labels", batch_size=8))
+    rows = {r["path"]: r for r in _s3_table(summary["output"]).to_pylist()}
+    assert sorted(rows) == sorted(f"{lake}/{name}" for name in expected)
+    for name, want in expected.items():
+        row = rows[f"{lake}/{name}"]
+        if want.error:
+            assert want.error in row["error"] and row["label"] is None, name
+        else:
+            assert row["error"] is None, (name, row["error"])
+            assert (row["width"], row["height"]) == want.size, name
+            assert row["label"] == row["topk_labels"][0] and len(row["topk_scores"]) == 5
+    errors = sum(1 for e in expected.values() if e.error)
+    assert (summary["images"], summary["errors"]) == (len(expected), errors)
+    assert summary["labelled"] == len(expected) - errors
+
+
+def test_manifest_with_missing_object_and_allowed_roots(ray_local, s3_bucket: str, upload_folder, synthetic_lake,
+                                                       model_uri: str, tmp_path: Path) -> None:
+    lake = upload_folder(synthetic_lake(1, labelled=False), f"{s3_bucket}/lake")
+    upload_folder(synthetic_lake(1, labelled=False), f"{s3_bucket}/private")
+    paths = [f"{lake}/img-000000.jpg", f"{lake}/img-000001.jpg", "img-000002.jpg", f"{lake}/img-000000.jpg",
+             f"{lake}/missing.jpg", f"s3://{s3_bucket}/private/img-000003.jpg",
+             f"{lake}/../private/img-000004.jpg"]
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"path": paths, "inventory_size": list(range(len(paths)))}), manifest)
+    upload_folder(tmp_path, f"{s3_bucket}/lake")
+    summary = label(LabelConfig(manifest=f"{lake}/manifest.parquet", model=model_uri, output=f"s3://{s3_bucket}/out",
+                                allowed_roots=[lake]))
+    rows = {r["path"]: r for r in _s3_table(summary["output"]).to_pylist()}
+    assert len(rows) == summary["images"] == 6  # one row per distinct path
+    assert [rows[f"{lake}/img-00000{i}.jpg"]["error"] for i in range(3)] == [None] * 3
+    assert rows[f"{lake}/missing.jpg"]["error"] == f"{lake}/missing.jpg: not found"
+    assert rows[f"s3://{s3_bucket}/private/img-000003.jpg"]["error"] == "outside allowed roots"
+    assert rows[f"{lake}/../private/img-000004.jpg"]["error"] == "outside allowed roots"
+    assert rows[f"{lake}/missing.jpg"]["size"] is None and summary["errors"] == 3
+

@@ -132,6 +132,7 @@ def describe_error(uri: str, exc: BaseException) -> str:
 
 def require_exists(uri: str, storage: StorageConfig) -> pafs.FileInfo:
     """The FileInfo of ``uri``; UsageError naming the URI when it is missing or unreachable."""
+    _require_credentials(uri, storage)
     fs, path = _arrow_filesystem(uri, storage, _CHECK_ATTEMPTS)
     try:
         info = fs.get_file_info(path)
@@ -142,6 +143,19 @@ def require_exists(uri: str, storage: StorageConfig) -> pafs.FileInfo:
             _require_bucket(fs, uri, path)
         raise UsageError(f"{uri}: not found")
     return info
+
+
+def _require_credentials(uri: str, storage: StorageConfig) -> None:
+    """Without credentials the AWS SDK silently sends unsigned requests, and stores answer with
+    anything from 403 to 500; say what is actually wrong instead. botocore resolves the same
+    chain as pyarrow's SDK: environment, profile files, web identity (IRSA), instance role."""
+    if split_uri(uri)[0] not in ("s3", "s3a") or storage.anonymous:
+        return
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise UsageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                         "a profile, or an instance role; --anonymous for public buckets)")
 
 
 def _require_bucket(fs: pafs.FileSystem, uri: str, path: str) -> None:

@@ -2,9 +2,11 @@
 small image lakes (a deterministic CIFAR-10 subset, or synthetic images that need no data)."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tarfile
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -192,3 +194,28 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     info = ModelInfo(arch="simple_cnn", classes=list(CLASSES), image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
     save_model(create_model("simple_cnn", num_classes=len(CLASSES)), info, str(folder), StorageConfig())
     return folder
+
+
+@pytest.fixture()
+def s3_auth(s3_endpoint: str) -> Iterator[dict[str, str]]:
+    """Make the moto server check signatures against its IAM users (it accepts any keys by
+    default), yielding one user's working keys; the server is shared, so auth is switched off after."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=s3_endpoint)
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+
+    def set_free_requests(count: str) -> None:
+        request = urllib.request.Request(f"{s3_endpoint}/moto-api/reset-auth", data=count.encode(),
+                                         headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request).close()
+
+    set_free_requests("0")
+    try:
+        yield {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    finally:
+        set_free_requests("inf")

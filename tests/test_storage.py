@@ -5,7 +5,6 @@ import json
 import os
 import socket
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -130,29 +129,6 @@ def test_require_exists_on_s3(s3_bucket: str) -> None:
 def test_read_bytes_of_a_missing_object_names_the_uri(s3_bucket: str) -> None:
     uri = f"s3://{s3_bucket}/nothing.json"
     assert _usage_error(storage.read_bytes, uri, StorageConfig()) == f"{uri}: not found"
-
-
-@pytest.fixture()
-def s3_auth(s3_endpoint: str) -> Iterator[dict[str, str]]:
-    """Make the moto server check signatures against its IAM users (it accepts any keys by
-    default), yielding one user's working keys; the server is shared, so auth is switched off after."""
-    iam = boto3.client("iam", endpoint_url=s3_endpoint)
-    user = f"user-{uuid.uuid4().hex[:8]}"
-    iam.create_user(UserName=user)
-    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-    key = iam.create_access_key(UserName=user)["AccessKey"]
-
-    def set_free_requests(count: str) -> None:
-        request = urllib.request.Request(f"{s3_endpoint}/moto-api/reset-auth", data=count.encode(),
-                                         headers={"Content-Type": "text/plain"})
-        urllib.request.urlopen(request).close()
-
-    set_free_requests("0")
-    try:
-        yield {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
-    finally:
-        set_free_requests("inf")
 
 
 def test_bad_credentials_are_access_denied(s3_bucket: str, s3_auth: dict[str, str],

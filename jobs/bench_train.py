@@ -1,7 +1,8 @@
 """Training benchmarks on this machine: Ray Train vs a plain loop, and time-to-accuracy.
 
     python jobs/bench_train.py throughput [--images 10000] [--epochs 3]
-    python jobs/bench_train.py accuracy  [--config jobs/configs/cifar10_train.yaml]
+    python jobs/bench_train.py accuracy  [--config jobs/configs/cifar10_train.yaml] [distcls train flags]
+    python jobs/bench_train.py accuracy  --model simple_cnn --epochs 10 --lr 0.05
 
 `throughput`: images/s of `distcls train` (Ray Train, 2 workers x 1 thread, DDP over gloo) against
 a plain single-process loop with 2 torch threads, on the same model, decoded data, global batch
@@ -105,14 +106,14 @@ def accuracy(args: argparse.Namespace) -> None:
         out = Path(tmp) / "run"
         started = time.time()
         subprocess.run([sys.executable, "-m", "distcls", "train", "--config", args.config, "--data", str(lake),
-                        "--output", str(out)], check=True)
+                        "--output", str(out), *args.extra], check=True)
         train_s = time.time() - started
         result = subprocess.run([sys.executable, "-m", "distcls", "evaluate", "--data", str(out / "val.parquet"),
                                  "--model", str(out / "model")], check=True, capture_output=True, text=True)
         scores = json.loads(result.stdout.strip().splitlines()[-1])
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     print(f"machine: {machine()}")
-    print(f"command: distcls train --config {args.config} --data <cifar10 train lake> --output <tmp>")
+    print(f"command: distcls train --config {args.config} --data <cifar10 train lake> --output <tmp> {' '.join(args.extra)}")
     for row in history:
         print(f"  epoch {row['epoch']:2d}  val_acc {row['val_accuracy']:.4f}  {row['images_per_s']:.0f} img/s  {row['elapsed_s']:.0f}s")
     print(f"wall time of distcls train: {train_s:.0f} s ({train_s / 60:.1f} min, target <= 15 min)")
@@ -130,7 +131,8 @@ def main() -> None:
     t.add_argument("--trials", type=int, default=2)
     a = sub.add_parser("accuracy")
     a.add_argument("--config", default=str(REPO / "jobs/configs/cifar10_train.yaml"))
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    args.extra = extra  # accuracy: further `distcls train` flags, e.g. --model simple_cnn --lr 0.02
     {"throughput": throughput, "accuracy": accuracy}[args.bench](args)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import tarfile
+import tempfile
 import urllib.request
 import uuid
 from pathlib import Path
@@ -29,6 +31,13 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("RAY_ADDRESS", None)
 # Ray's per-task worker processes inherit this: no usage reporting from tests.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Token authentication stays on in tests, as in production, with one token for this test session
+# shared by every Ray it starts (local, multi-node, `ray start --head`). Set before Ray is
+# imported: Ray reads the mode once per process.
+_TOKEN = Path(tempfile.mkdtemp(prefix="distcls-ray-token-")) / "auth_token"
+_TOKEN.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 
 
 def free_port() -> int:

@@ -3,9 +3,11 @@ the cluster from an uploaded working dir, reads a lake from the test S3 server, 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,16 +19,21 @@ from conftest import REPO, free_port
 
 
 @pytest.fixture()
-def ray_head(tmp_path):
+def ray_head():
     """A Ray head of its own (not this test process's Ray), stopped by killing its process group
-    so that no other Ray on the machine is touched (`ray stop` would stop them all)."""
+    so that no other Ray on the machine is touched (`ray stop` would stop them all). It inherits
+    the session's token authentication settings from conftest."""
     gcs_port, dashboard_port = free_port(), free_port()
+    # Short and outside pytest's deep tmp path: Ray's unix sockets live under it (107-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
     head = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=2",
          f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
          "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
-         f"--temp-dir={tmp_path / 'ray'}"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         f"--temp-dir={temp_dir}"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # `python` in a job's entrypoint is the head's: this environment's interpreter, as in the image.
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         yield address, _client(address)
@@ -36,6 +43,7 @@ def ray_head(tmp_path):
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _client(address: str, timeout: float = 90):
@@ -49,6 +57,18 @@ def _client(address: str, timeout: float = 90):
             if time.time() > deadline:
                 raise
             time.sleep(1)
+
+
+def _submit(client, timeout: float = 120, **job) -> str:
+    """The head's job agent starts a little after its HTTP server; until then submission says so."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def _wait(client, job_id: str, timeout: float = 300) -> str:
@@ -70,7 +90,8 @@ def test_label_job_submitted_to_a_ray_head(ray_head, tiny_model, synthetic_lake,
     lake = upload_folder(synthetic_lake(3, labelled=False), f"{s3_bucket}/lake")
     model = upload_folder(Path(tiny_model), f"{s3_bucket}/model")
     output = f"s3://{s3_bucket}/labels"
-    job_id = client.submit_job(
+    job_id = _submit(
+        client,
         entrypoint=f"python jobs/label.py --config jobs/configs/nightly_label.yaml "
                    f"--input {lake} --model {model} --output {output}",
         runtime_env={
@@ -90,7 +111,7 @@ def test_label_job_submitted_to_a_ray_head(ray_head, tiny_model, synthetic_lake,
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
-    rows = pd.read_parquet(output, filesystem=fs)
+    rows = pd.read_parquet(f"{s3_bucket}/labels", filesystem=fs)
     listed = {f"s3://{p}" for p in fs.find(f"{s3_bucket}/lake")}
     assert sorted(rows["path"]) == sorted(listed)  # every image once
     assert rows["error"].isna().all()

@@ -1,0 +1,61 @@
+"""Finding images: ImageFolder labels, training manifests, and the stratified split."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distcls.config import StorageConfig
+from distcls.errors import UsageError
+from distcls.lake import labelled_images, list_files, stratified_split
+
+
+def _touch(root, names):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+def test_imagefolder_classes_are_the_first_folder_and_sorted(tmp_path) -> None:
+    _touch(tmp_path, ["dog/1.jpg", "cat/a/2.PNG", "cat/3.jpeg", "dog/notes.txt", "_tmp/x.jpg", ".hidden/y.jpg", "loose.jpg"])
+    table, classes = labelled_images(str(tmp_path), StorageConfig())
+    assert classes == ["cat", "dog"]
+    got = {p.removeprefix(str(tmp_path) + "/"): classes[i] for p, i in zip(table["path"].to_pylist(), table["label"].to_pylist())}
+    assert got == {"cat/a/2.PNG": "cat", "cat/3.jpeg": "cat", "dog/1.jpg": "dog"}
+
+
+def test_training_manifest_with_relative_paths(tmp_path) -> None:
+    _touch(tmp_path, ["imgs/a.jpg", "imgs/b.jpg", "imgs/c.jpg"])
+    (tmp_path / "train.csv").write_text("path,label,extra\nimgs/a.jpg,cat,1\nimgs/b.jpg,dog,2\nimgs/c.jpg,cat,3\n")
+    table, classes = labelled_images(str(tmp_path / "train.csv"), StorageConfig())
+    assert classes == ["cat", "dog"]
+    assert table["path"].to_pylist() == [str(tmp_path / "imgs" / n) for n in ("a.jpg", "b.jpg", "c.jpg")]
+    assert table["label"].to_pylist() == [0, 1, 0]
+
+    pq.write_table(pa.table({"path": [str(tmp_path / "imgs/a.jpg")], "label": ["zebra"]}), tmp_path / "val.parquet")
+    with pytest.raises(UsageError, match="zebra"):
+        labelled_images(str(tmp_path / "val.parquet"), StorageConfig(), classes)
+
+
+def test_manifest_without_label_column_is_refused_for_training(tmp_path) -> None:
+    (tmp_path / "m.csv").write_text("path\na.jpg\n")
+    with pytest.raises(UsageError, match="'label' column"):
+        labelled_images(str(tmp_path / "m.csv"), StorageConfig())
+
+
+def test_listing_is_sorted_with_sizes(tmp_path) -> None:
+    _touch(tmp_path, ["b.jpg", "a.png", "c.gif"])
+    table = list_files(str(tmp_path), StorageConfig(), [".jpg", ".png"])
+    assert [p.rsplit("/", 1)[1] for p in table["path"].to_pylist()] == ["a.png", "b.jpg"]
+    assert table["size"].to_pylist() == [1, 1]
+
+
+def test_stratified_split_is_deterministic_and_per_class() -> None:
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    train, val = stratified_split(labels, 0.1, seed=3)
+    again_train, again_val = stratified_split(labels, 0.1, seed=3)
+    assert np.array_equal(val, again_val) and np.array_equal(train, again_train)
+    assert sorted(np.bincount(labels[val]).tolist()) == [2, 3, 5]
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 100
+    assert not np.array_equal(val, stratified_split(labels, 0.1, seed=4)[1])

@@ -38,8 +38,12 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _banner("2/3 evaluate on the held-out split")
     scores = evaluate(EvaluateConfig(data=str(out / "train" / "val.parquet"), model=trained["model"],
                                      report=str(out / "evaluation"), **storage))
-    _banner("3/3 label an unlabelled lake (broken files included)")
-    to_label = {"manifest": str(out / "train" / "val.parquet")} if config.data else {"input": str(out / "unlabelled")}
+    if config.data:
+        _banner("3/3 label the held-out images (val.parquet as a manifest)")
+        to_label = {"manifest": str(out / "train" / "val.parquet")}
+    else:
+        _banner("3/3 label an unlabelled lake (broken files included)")
+        to_label = {"input": str(out / "unlabelled")}
     summary = label(LabelConfig(model=trained["model"], output=str(out / "labels"), overwrite=True, **to_label, **storage))
     rows = pd.read_parquet(out / "labels", dtype_backend="pyarrow")
     _show(rows, out)
@@ -67,8 +71,10 @@ def _show(rows: pd.DataFrame, out: Path) -> None:
     (out / "labels_summary.png").write_bytes(label_summary(ok["score"].to_numpy(np.float32), ok["label"].value_counts().to_dict()))
     with pd.option_context("display.width", 160, "display.max_columns", 8, "display.max_colwidth", 40):
         print(rows[["path", "label", "score", "width", "height", "error"]].head(8).to_string(index=False))
-        print("\nrows with an error:")
-        print(rows.loc[rows["error"].notna(), ["path", "error"]].to_string(index=False))
+        failed = rows.loc[rows["error"].notna(), ["path", "error"]]
+        print("\nrows with an error:", "none" if failed.empty else "")
+        if not failed.empty:
+            print(failed.to_string(index=False))
     _banner("outputs")
     for name, what in [("lake", "labelled input lake"), ("unlabelled", "lake that was labelled"),
                        ("train/model", "model artifact (model.safetensors + model.json)"),

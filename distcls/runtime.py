@@ -1,5 +1,6 @@
-"""Connecting to Ray: the cluster at $RAY_ADDRESS when set (``ray job submit`` sets it), else a
-local Ray started in-process with this machine's CPUs."""
+"""Connecting to Ray: the cluster at $RAY_ADDRESS when set (``ray job submit`` sets it; ``auto``
+joins a ``ray start`` cluster on this machine), else a local Ray started in-process with this
+machine's CPUs."""
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,8 @@ def ensure_ray() -> None:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            # "local", not Ray's default: a Ray someone left running here must not be joined silently.
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"Ray not reachable at RAY_ADDRESS={address}: {first}") from None

@@ -104,7 +104,8 @@ class _RayMode:
             return
         self.shutdown()
         if mode == "local":
-            ray.init(num_cpus=2, include_dashboard=False)
+            # "local": never join a Ray left running on this machine (ray_current_cluster).
+            ray.init(address="local", num_cpus=2, include_dashboard=False)
         else:
             from ray.cluster_utils import Cluster
 
@@ -139,6 +140,12 @@ def _ray_teardown() -> Iterator[None]:
 def ray_local() -> None:
     """A local single-node Ray with 2 CPUs."""
     _RAY.use("local")
+
+
+@pytest.fixture()
+def no_ray() -> None:
+    """This process's Ray stopped: for tests that start a Ray of their own (two on 2 cores compete)."""
+    _RAY.shutdown()
 
 
 @pytest.fixture()

@@ -1,9 +1,10 @@
 """``distcls label``: every image of a lake (or manifest) -> one Parquet row, with Ray Data, streaming.
 
-Pipeline: the listing (an Arrow table) goes to Ray in slices -> ``_read_and_decode`` in CPU tasks
-(threads overlap object-store GETs and Pillow, both release the GIL) -> ``_Predictor`` actors that
-load the model once -> ``write_parquet`` into ``<output>/_staging/<run_id>/``. A file that cannot be
-read or decoded becomes a row with ``error`` set: one bad file never fails the run.
+Pipeline: the listing (an Arrow table) goes to Ray in slices -> ``_Predictor`` actors (one per CPU)
+that load the model once and run ``_read_and_decode`` on each batch themselves (threads overlap
+object-store GETs and Pillow, both release the GIL), then the model -> ``write_parquet`` into
+``<output>/_staging/<run_id>/``. With --gpu, decoding runs in CPU tasks ahead of the GPU actors.
+A file that cannot be read or decoded becomes a row with ``error`` set: one bad file never fails the run.
 
 Output columns: path, label, label_id, score, topk_labels, topk_scores, width, height (as displayed),
 error, size, mtime (of the input file, the key of ``--incremental``), model_id, run_id, labeled_at.
@@ -35,7 +36,9 @@ incremental runs in one testable place.
 """
 from __future__ import annotations
 
+import os
 import posixpath
+import re
 import secrets
 import sys
 import time
@@ -101,6 +104,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
     info = artifact.read_info(config.model, storage_config)
     inputs = _inputs(config, storage_config)
     dest = _Dest.of(config.output, storage_config)
+    _require_writable(dest)
     finished = _roll_forward(dest)
     if finished and not config.incremental and not config.overwrite:
         _say(f"finished the interrupted commit of run {finished['run_id']} to {config.output}")
@@ -150,6 +154,8 @@ def _inside(uri: str, parent: str) -> bool:
     parent_scheme, parent_path = storage.split_uri(parent)
     if storage.is_remote(uri) and any(part in (".", "..") for part in path.split("/")):
         return False
+    if scheme == parent_scheme == "file":  # a symlink below the root may lead anywhere: compare targets
+        path, parent_path = os.path.realpath(path), os.path.realpath(parent_path)
     return scheme == parent_scheme and (path == parent_path or path.startswith(parent_path.rstrip("/") + "/"))
 
 
@@ -162,14 +168,21 @@ def _inputs(config: LabelConfig, storage_config: StorageConfig) -> pa.Table:
         table = _input_table(listing["path"], listing["size"], listing["mtime"], no_errors)
     else:
         paths = pc.unique(lake.read_manifest(config.manifest, storage_config)["path"])
-        outside = [bool(config.allowed_roots) and not any(_inside(p, r) for r in config.allowed_roots)
-                   for p in paths.to_pylist()]
-        errors = pa.array(["outside allowed roots" if o else None for o in outside], pa.string())
+        errors = _outside_errors(paths, config.allowed_roots)
         table = _input_table(paths, pa.nulls(len(paths), pa.int64()), pa.nulls(len(paths), pa.int64()), errors)
     if table.num_rows == 0:
         raise UsageError(f"{config.input or config.manifest}: no images to label "
                          f"(extensions {', '.join(config.extensions)})")
     return table
+
+
+def _outside_errors(paths: pa.Array, allowed_roots: list[str]) -> pa.Array:
+    """"outside allowed roots" for each path outside them, else null. Without roots, no Python
+    string per path: a million-row manifest stays in Arrow."""
+    if not allowed_roots:
+        return pa.nulls(len(paths), pa.string())
+    outside = [not any(_inside(p, r) for r in allowed_roots) for p in paths.to_pylist()]
+    return pa.array(["outside allowed roots" if o else None for o in outside], pa.string())
 
 
 def _input_table(paths: pa.Array, sizes: pa.Array, mtime_ns: pa.Array, errors: pa.Array) -> pa.Table:
@@ -180,7 +193,8 @@ def _input_table(paths: pa.Array, sizes: pa.Array, mtime_ns: pa.Array, errors: p
 
 def _pending(inputs: pa.Table, staged_paths: pa.Array, labelled: pa.Table | None) -> pa.Table:
     """Inputs minus paths already staged (resume) minus keys already committed (incremental)."""
-    todo = inputs.filter(pc.invert(pc.is_in(inputs["path"], value_set=staged_paths)))
+    # Nothing staged is the usual case: no filtered copy of a listing of millions of paths.
+    todo = inputs.filter(pc.invert(pc.is_in(inputs["path"], value_set=staged_paths))) if len(staged_paths) else inputs
     if labelled is None or labelled.num_rows == 0:
         return todo
     keys = _keys(todo).append_column("_row", pa.array(np.arange(todo.num_rows)))
@@ -199,25 +213,40 @@ def _keys(table: pa.Table) -> pa.Table:
 
 
 def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: str, dest: _Dest) -> None:
-    """Decode in CPU tasks, predict in actors, write Parquet into the run's staging folder."""
+    """Read, decode and predict, then write Parquet into the run's staging folder.
+
+    On CPUs every inference actor reads and decodes its own batches (one actor per CPU, one torch
+    thread each): both stages then use every core whichever is the slower one, and decoded pixels
+    never cross the object store. With --gpu, CPU tasks decode and the GPU actors only run the model.
+    """
     ray.data.DataContext.get_current().enable_progress_bars = True
     storage_config = config.storage()
     decode_args = {"storage_config": storage_config, "size": info.image_size, "max_pixels": config.max_image_pixels}
     predictor_args = {"model_uri": config.model, "storage_config": storage_config, "run_id": run_id,
-                      "top_k": config.top_k, "gpu": config.gpu}
+                      "top_k": config.top_k, "gpu": config.gpu, "decode_args": None if config.gpu else decode_args}
     cpus = runtime.cluster_cpus()
+    memory = _DECODE_BASE_MEMORY + 4 * config.batch_size * 3 * info.image_size**2
     dataset = ray.data.from_arrow(_slices(todo, cpus))
-    # Reserving the decode workers' memory is honest accounting, and its different remote args
-    # also keep Ray from fusing decoding into the actors, where it would run one batch at a time.
-    dataset = dataset.map_batches(
-        _read_and_decode, batch_format="pyarrow", batch_size=config.batch_size, fn_kwargs=decode_args,
-        num_cpus=1, memory=_DECODE_BASE_MEMORY + 4 * config.batch_size * 3 * info.image_size**2)
+    if config.gpu:
+        dataset = dataset.map_batches(
+            _read_and_decode, batch_format="pyarrow", batch_size=config.batch_size, fn_kwargs=decode_args,
+            num_cpus=1, memory=memory)
     dataset = dataset.map_batches(
         _Predictor, batch_format="pyarrow", batch_size=config.batch_size, fn_constructor_kwargs=predictor_args,
         compute=ray.data.ActorPoolStrategy(size=_concurrency(config)), num_gpus=1 if config.gpu else 0,
-        # On a one-CPU cluster an actor holding the CPU would starve the decode tasks: it shares it.
-        num_cpus=1 if cpus >= 2 else 0)
-    dataset.write_parquet(dest.path(STAGING, run_id), filesystem=dest.fs, min_rows_per_file=config.rows_per_file)
+        # A GPU actor on a one-CPU cluster would starve the decode tasks if it held the CPU.
+        num_cpus=1 if cpus >= 2 or not config.gpu else 0, memory=None if config.gpu else memory)
+    try:
+        # The actors may hold every CPU; writing small output rows needs none reserved.
+        dataset.write_parquet(dest.path(STAGING, run_id), filesystem=dest.fs, min_rows_per_file=config.rows_per_file,
+                              ray_remote_args={"num_cpus": 0})
+    except ray.exceptions.RayTaskError as exc:
+        # A task's JobError (images.read_batch: the store unreachable after retries) reaches the
+        # driver only as text inside Ray Data's UserCodeException; say it in one line.
+        reason = re.search(r"distcls\.errors\.JobError: (.+)", str(exc))
+        if reason is None:
+            raise
+        raise JobError(f"{reason.group(1)}; nothing was committed") from None
 
 
 def _slices(table: pa.Table, cpus: int) -> list[pa.Table]:
@@ -228,13 +257,13 @@ def _slices(table: pa.Table, cpus: int) -> list[pa.Table]:
 
 
 def _concurrency(config: LabelConfig) -> int:
-    """Inference actors: as configured, else one per GPU, else half the CPUs (the decode tasks
-    need the other half)."""
+    """Inference actors: as configured, else one per GPU, else one per CPU (each decodes its own
+    batches)."""
     if config.concurrency:
         return config.concurrency
     if config.gpu:
         return max(1, runtime.cluster_gpus())
-    return max(1, runtime.cluster_cpus() // 2)
+    return max(1, runtime.cluster_cpus())
 
 
 def _read_and_decode(batch: pa.Table, storage_config: StorageConfig, size: int, max_pixels: int) -> pa.Table:
@@ -261,18 +290,23 @@ def _read_and_decode(batch: pa.Table, storage_config: StorageConfig, size: int, 
 
 
 class _Predictor:
-    """An inference actor: loads the model once, turns decoded batches into output rows."""
+    """An inference actor: loads the model once, turns batches into output rows. Input batches are
+    decoded ones (``_read_and_decode``'s columns), or with ``decode_args`` input rows it decodes itself."""
 
-    def __init__(self, model_uri: str, storage_config: StorageConfig, run_id: str, top_k: int, gpu: bool) -> None:
-        # One thread per reserved CPU: the decode tasks share the node's cores.
+    def __init__(self, model_uri: str, storage_config: StorageConfig, run_id: str, top_k: int, gpu: bool,
+                 decode_args: dict[str, Any] | None = None) -> None:
+        # One thread per reserved CPU: the other actors or the decode tasks have the other cores.
         torch.set_num_threads(1)
         self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
         model, self.info = artifact.load_model(model_uri, storage_config)
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.run_id = run_id
         self.top_k = top_k
+        self.decode_args = decode_args
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.decode_args is not None:
+            batch = _read_and_decode(batch, **self.decode_args)
         ok = pc.is_null(batch["error"]).to_numpy(zero_copy_only=False)
         probs = np.zeros((0, len(self.info.classes)), dtype=np.float32)
         if ok.any():
@@ -364,6 +398,15 @@ class _Dest:
             self.fs.delete_dir(info.path)
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(info.path)
+
+
+def _require_writable(dest: _Dest) -> None:
+    """UsageError before any Ray work when the output cannot be written (a missing bucket, no
+    permission, a path below a regular file): a probe object in the staging folder, then deleted."""
+    storage.write_bytes(dest.uri_of(STAGING, "_write_check"), b"", dest.storage)
+    dest.delete(STAGING, "_write_check")
+    if not dest.entries(STAGING):  # a local folder made only for the probe
+        dest.delete(STAGING)
 
 
 def _committed(dest: _Dest) -> list[str]:

@@ -41,6 +41,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; write ``<output>/model/``, ``metrics.jsonl``, ``curves.png`` and
     (without --val-data) ``val.parquet``, the held-out split.
     Returns the final metrics and where the artifact is."""
+    if config.init_weights:
+        # Checked on the driver first: a refused or unreadable file is a usage error before
+        # anything is written, not a worker failure that Ray Train retries --max-failures times.
+        load_state_dict(config.init_weights, config.storage())
     train_rows, val_rows, classes = _split(config)
     ensure_ray()
     # One line per epoch is the progress report; Ray Data's bars from every worker would bury it.

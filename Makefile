@@ -18,7 +18,7 @@ demo: setup
 	$(BIN)/distcls demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m 'not slow'

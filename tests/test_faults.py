@@ -232,7 +232,7 @@ def test_a_store_that_stays_down_fails_the_run_with_nothing_committed(ray_cluste
     read is retried for ~45 s, then the run fails with one clear line and exit code 1."""
     output = tmp_path / "out"
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("path\n" + "".join(f"s3://bucket/img-{i}.jpg\n" for i in range(20)))
+    manifest.write_text("path\n" + "".join(f"s3://bucket/img-{i}.jpg\n" for i in range(10)))  # one batch
     port = _free_port()
     code = main(["label", "--manifest", str(manifest), "--model", model_uri, "--output", str(output),
                  "--endpoint-url", f"http://127.0.0.1:{port}", "--batch-size", "10"])

@@ -233,14 +233,18 @@ def run_timed(command: list[str]) -> dict:
     waited = wait_quiet()
     started = time.time()
     # RAY_ADDRESS=local: a Ray of our own, even when a cluster started by someone else runs here.
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                             env={**os.environ, "RAY_ADDRESS": "local"})
-    sampler = ProcessSampler(child.pid)
-    while child.poll() is None:
-        sampler.sample()
-        time.sleep(0.5)
-    stdout, stderr = child.communicate()
-    wall = time.time() - started
+    # Output to files, not pipes: a long run's progress lines would fill a pipe read only at the
+    # end, and the child would block writing them.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=REPO,
+                                 env={**os.environ, "RAY_ADDRESS": "local"})
+        sampler = ProcessSampler(child.pid)
+        while child.poll() is None:
+            sampler.sample()
+            time.sleep(0.5)
+        wall = time.time() - started
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if child.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
     return {"wall_s": wall, "waited_s": waited, "other_cpu_s": sampler.other_cpu_s,

@@ -10,7 +10,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-import torchvision
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -91,16 +90,22 @@ def resnet_small(num_classes: int) -> nn.Module:
 @register
 def resnet18(num_classes: int) -> nn.Module:
     """torchvision ResNet-18, for images of 128 px and up."""
+    import torchvision  # here: importing it costs ~2.5 s (it pulls in torch._dynamo) in every process
+
     return torchvision.models.resnet18(weights=None, num_classes=num_classes)
 
 
 @register
 def resnet50(num_classes: int) -> nn.Module:
     """torchvision ResNet-50, for images of 160 px and up."""
+    import torchvision  # here: importing it costs ~2.5 s (it pulls in torch._dynamo) in every process
+
     return torchvision.models.resnet50(weights=None, num_classes=num_classes)
 
 
 @register
 def mobilenet_v3_small(num_classes: int) -> nn.Module:
     """torchvision MobileNetV3-Small: cheap inference on CPUs for larger images."""
+    import torchvision  # here: importing it costs ~2.5 s (it pulls in torch._dynamo) in every process
+
     return torchvision.models.mobilenet_v3_small(weights=None, num_classes=num_classes)

@@ -31,6 +31,11 @@ class StorageConfig(BaseModel):
         description="S3 region; defaults to $AWS_REGION / $AWS_DEFAULT_REGION.",
     )
     anonymous: bool = Field(False, description="Access public buckets without credentials.")
+    max_attempts: int = Field(
+        default_factory=lambda: os.environ.get("AWS_MAX_ATTEMPTS") or 8, ge=1, validate_default=True,
+        description="Attempts per object-store request, with back-off (8: an unreachable store fails a read "
+                    "after ~45 s); defaults to $AWS_MAX_ATTEMPTS.",
+    )
 
     @field_validator("endpoint_url")
     @classmethod
@@ -41,7 +46,8 @@ class StorageConfig(BaseModel):
 
     def storage(self) -> StorageConfig:
         """The storage part alone, for code that only talks to the object store."""
-        return StorageConfig(endpoint_url=self.endpoint_url, region=self.region, anonymous=self.anonymous)
+        return StorageConfig(endpoint_url=self.endpoint_url, region=self.region, anonymous=self.anonymous,
+                             max_attempts=self.max_attempts)
 
 
 class TrainConfig(StorageConfig):

@@ -42,16 +42,15 @@ def split_uri(uri: str) -> tuple[str, str]:
     return scheme, rest.rstrip("/")
 
 
-# Standard retries ride out short outages of the store (throttling, a restarted server). The
-# existence check is a job's first contact with the store, so it retries little: with 8 attempts an
-# unreachable endpoint takes ~45 s of back-off to report, with 3 about a second.
-_ATTEMPTS = 8
+# Standard retries (StorageConfig.max_attempts) ride out short outages of the store (throttling, a
+# restarted server). The existence check is a job's first contact with the store, so it retries
+# little: 3 attempts report an unreachable endpoint in about a second.
 _CHECK_ATTEMPTS = 3
 
 
 def arrow_filesystem(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path inside it for ``uri``."""
-    return _arrow_filesystem(uri, storage, _ATTEMPTS)
+    return _arrow_filesystem(uri, storage, storage.max_attempts)
 
 
 def _arrow_filesystem(uri: str, storage: StorageConfig, attempts: int) -> tuple[pafs.FileSystem, str]:
@@ -133,7 +132,7 @@ def describe_error(uri: str, exc: BaseException) -> str:
 def require_exists(uri: str, storage: StorageConfig) -> pafs.FileInfo:
     """The FileInfo of ``uri``; UsageError naming the URI when it is missing or unreachable."""
     _require_credentials(uri, storage)
-    fs, path = _arrow_filesystem(uri, storage, _CHECK_ATTEMPTS)
+    fs, path = _arrow_filesystem(uri, storage, min(_CHECK_ATTEMPTS, storage.max_attempts))
     try:
         info = fs.get_file_info(path)
     except OSError as exc:

@@ -116,6 +116,17 @@ def test_storage_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPa
     assert StorageConfig().endpoint_url is None
 
 
+def test_max_attempts_comes_from_aws_max_attempts_and_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert StorageConfig().max_attempts == 8
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    assert load_config(LabelConfig, None, {"model": "m", "output": "o"}).storage().max_attempts == 3
+    assert load_config(LabelConfig, None, {"model": "m", "output": "o", "max_attempts": "5"}).max_attempts == 5
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "lots")
+    message = _error(LabelConfig, None, {"model": "m", "output": "o"})
+    assert "max_attempts" in message and "lots" in message
+    assert "max_attempts" in _error(LabelConfig, None, {"model": "m", "output": "o", "max_attempts": "0"})
+
+
 def test_public_dict_holds_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-canary-1b2c")
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == CANARY

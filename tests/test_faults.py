@@ -213,14 +213,13 @@ def test_an_object_store_outage_is_ridden_out_or_fails_cleanly(ray_cluster, tmp_
         server.stop()
 
 
-def test_a_store_that_stays_down_fails_the_batch_not_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_store_that_stays_down_fails_the_batch_not_the_rows() -> None:
     """After the SDK's retries an unreachable endpoint is the store's fault, not the file's: it
     fails the decode batch (and so the run, uncommitted) instead of becoming error rows that
     --incremental would never label again. A missing object is still a row error."""
-    monkeypatch.setattr(storage, "_ATTEMPTS", 1)  # no back-off in this test
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        dead = StorageConfig(endpoint_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
+        dead = StorageConfig(endpoint_url=f"http://127.0.0.1:{sock.getsockname()[1]}", max_attempts=1)
         with pytest.raises(JobError, match=r"^s3://bucket/a\.jpg: endpoint unreachable \(after retries\)"):
             read_batch(["s3://bucket/a.jpg"], dead, 32)
 
@@ -229,13 +228,14 @@ def test_a_store_that_stays_down_fails_the_batch_not_the_rows(monkeypatch: pytes
 def test_a_store_that_stays_down_fails_the_run_with_nothing_committed(ray_cluster, tmp_path: Path,
                                                                       model_uri: str, capsys) -> None:
     """End to end: a local manifest of S3 paths behind an endpoint where nothing listens. Each
-    read is retried for ~45 s, then the run fails with one clear line and exit code 1."""
+    read is retried (--max-attempts 3: about a second of back-off, not the default's ~45 s), then
+    the run fails with one clear line and exit code 1."""
     output = tmp_path / "out"
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("path\n" + "".join(f"s3://bucket/img-{i}.jpg\n" for i in range(10)))  # one batch
     port = _free_port()
     code = main(["label", "--manifest", str(manifest), "--model", model_uri, "--output", str(output),
-                 "--endpoint-url", f"http://127.0.0.1:{port}", "--batch-size", "10"])
+                 "--endpoint-url", f"http://127.0.0.1:{port}", "--batch-size", "10", "--max-attempts", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert err[-1].startswith("distcls label: failed: s3://bucket/img-") and "endpoint unreachable" in err[-1]

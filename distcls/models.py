@@ -90,22 +90,24 @@ def resnet_small(num_classes: int) -> nn.Module:
 @register
 def resnet18(num_classes: int) -> nn.Module:
     """torchvision ResNet-18, for images of 128 px and up."""
-    import torchvision  # here: importing it costs ~2.5 s (it pulls in torch._dynamo) in every process
-
-    return torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    return _torchvision("resnet18", num_classes)
 
 
 @register
 def resnet50(num_classes: int) -> nn.Module:
     """torchvision ResNet-50, for images of 160 px and up."""
-    import torchvision  # here: importing it costs ~2.5 s (it pulls in torch._dynamo) in every process
-
-    return torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    return _torchvision("resnet50", num_classes)
 
 
 @register
 def mobilenet_v3_small(num_classes: int) -> nn.Module:
     """torchvision MobileNetV3-Small: cheap inference on CPUs for larger images."""
-    import torchvision  # here: importing it costs ~2.5 s (it pulls in torch._dynamo) in every process
+    return _torchvision("mobilenet_v3_small", num_classes)
 
-    return torchvision.models.mobilenet_v3_small(weights=None, num_classes=num_classes)
+
+def _torchvision(name: str, num_classes: int) -> nn.Module:
+    # Imported here, not at the top: torchvision pulls in torch._dynamo, ~2.5 s in every process that
+    # loads any model (label driver, inference actors, training workers).
+    import torchvision
+
+    return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)

@@ -1,5 +1,3 @@
-import sys
+from distcls.cli import run
 
-from distcls.cli import main
-
-sys.exit(main())
+run()

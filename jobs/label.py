@@ -17,7 +17,7 @@ Every flag of `distcls label --help` works here and overrides the YAML file.
 """
 import sys
 
-from distcls.cli import main
+from distcls.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["label", *sys.argv[1:]]))
+    run(["label", *sys.argv[1:]])

@@ -15,7 +15,7 @@ Every flag of `distcls train --help` works here and overrides the YAML file.
 """
 import sys
 
-from distcls.cli import main
+from distcls.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

@@ -200,13 +200,16 @@ class ProcessSampler:
             pid, cpu, memory = proc.info["pid"], proc.info["cpu_times"], proc.info["memory_info"]
             if cpu is None or memory is None:
                 continue
+            used = cpu.user + cpu.system
             if pid in tree:
+                # Recorded for the tree too: Ray workers still exiting after the root has gone
+                # leave the tree, and only what they use after that is someone else's load.
+                self._cpu[pid] = used
                 tree_rss += memory.rss
                 tree_private += memory.rss - memory.shared
                 if pid == self.root.pid:
                     self.peak_root_rss = max(self.peak_root_rss, memory.rss)
             elif pid != os.getpid():
-                used = cpu.user + cpu.system
                 # A process first seen after the first sample started during the run: count all of it.
                 self.other_cpu_s += used - self._cpu.get(pid, used if self._first else 0.0)
                 self._cpu[pid] = used

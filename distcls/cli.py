@@ -112,10 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def run(argv: list[str] | None = None) -> typing.NoReturn:
     """The ``distcls`` command: ``main``, the exit handlers (Ray's shutdown among them), then exit
     without the interpreter's teardown, which with torch and Ray loaded spends ~2 s in native code
@@ -125,3 +121,7 @@ def run(argv: list[str] | None = None) -> typing.NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -3,7 +3,8 @@
 Pipeline: the listing (an Arrow table) goes to Ray in slices -> ``_Predictor`` actors (one per CPU)
 that load the model once and run ``_read_and_decode`` on each batch themselves (threads overlap
 object-store GETs and Pillow, both release the GIL), then the model; the driver streams the
-output rows into Parquet files of ``rows_per_file`` rows in ``<output>/_staging/<run_id>/``. With --gpu, decoding runs in CPU tasks ahead of the GPU actors.
+output rows into Parquet files of ``rows_per_file`` rows in ``<output>/_staging/<run_id>/``.
+With --gpu, decoding runs in CPU tasks ahead of the GPU actors.
 A file that cannot be read or decoded becomes a row with ``error`` set: one bad file never fails the run.
 
 Output columns: path, label, label_id, score, topk_labels, topk_scores, width, height (as displayed),
@@ -254,8 +255,9 @@ def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: 
 def _write_staged(batches: Iterable[pa.Table], dest: _Dest, run_id: str, rows_per_file: int) -> None:
     """Stream output rows into Parquet files of ``rows_per_file`` rows (the last one fewer) in the
     run's staging folder. The driver writes them: an output row is ~200 bytes, far less than its
-    image, whereas Ray Data's write task waited seconds at the end of a run for a fresh worker process.
-    A file cut off by a kill is unreadable, so ``--resume`` relabels its rows."""
+    image, whereas Ray Data's write task waited seconds at the end of a run for a fresh worker
+    process. At most ``rows_per_file`` rows are held. A file cut off by a kill is unreadable, so
+    ``--resume`` relabels its rows."""
     prefix = secrets.token_hex(4)  # a resumed run keeps the files of the one before: no name may repeat
     written = 0
 

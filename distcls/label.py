@@ -37,13 +37,14 @@ incremental runs in one testable place.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import posixpath
 import re
 import secrets
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -88,6 +89,9 @@ INPUT_SCHEMA = pa.schema([
     ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC")), ("error", pa.string()),
 ])
 _MAX_SLICE_ROWS = 2000
+# Rows per Parquet row group of the output: large enough for readers to skip by statistics, small
+# enough that the driver, which writes them, holds a few MB.
+_ROW_GROUP_ROWS = 16_384
 _DECODE_THREADS = 8
 # A decode worker holds Python, numpy, Pillow and torch (Ray measured ~450 MiB) plus its batches.
 _DECODE_BASE_MEMORY = 2**30
@@ -254,29 +258,41 @@ def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: 
 
 def _write_staged(batches: Iterable[pa.Table], dest: _Dest, run_id: str, rows_per_file: int) -> None:
     """Stream output rows into Parquet files of ``rows_per_file`` rows (the last one fewer) in the
-    run's staging folder. The driver writes them: an output row is ~200 bytes, far less than its
-    image, whereas Ray Data's write task waited seconds at the end of a run for a fresh worker
-    process. At most ``rows_per_file`` rows are held. A file cut off by a kill is unreadable, so
-    ``--resume`` relabels its rows."""
+    run's staging folder. The driver writes them: an output row is a few hundred bytes, far less
+    than its image, whereas Ray Data's write task waited seconds at the end of a run for a fresh
+    worker process. The driver holds one row group at a time, whatever ``rows_per_file`` is. A
+    file cut off by a kill is unreadable, so ``--resume`` relabels its rows."""
     prefix = secrets.token_hex(4)  # a resumed run keeps the files of the one before: no name may repeat
-    written = 0
+    names = (dest.path(STAGING, run_id, f"{prefix}-{i:05d}.parquet") for i in itertools.count())
+    writer, room = None, 0
+    try:
+        for group in _regroup(batches, _ROW_GROUP_ROWS):
+            while group.num_rows:
+                if writer is None:
+                    writer, room = pq.ParquetWriter(next(names), group.schema, filesystem=dest.fs), rows_per_file
+                writer.write_table(group.slice(0, room))
+                room, group = room - min(room, group.num_rows), group.slice(room)
+                if room == 0:
+                    writer.close()
+                    writer = None
+    finally:
+        if writer is not None:
+            writer.close()
 
-    def write(table: pa.Table) -> None:
-        nonlocal written
-        pq.write_table(table, dest.path(STAGING, run_id, f"{prefix}-{written:05d}.parquet"), filesystem=dest.fs)
-        written += 1
 
+def _regroup(batches: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``batches`` as tables of ``rows`` rows each (the last one fewer)."""
     chunks: list[pa.Table] = []
     buffered = 0
     for batch in batches:
         chunks.append(batch)
         buffered += batch.num_rows
-        while buffered >= rows_per_file:
+        while buffered >= rows:
             table = pa.concat_tables(chunks)
-            write(table.slice(0, rows_per_file))
-            chunks, buffered = [table.slice(rows_per_file)], buffered - rows_per_file
+            yield table.slice(0, rows)
+            chunks, buffered = [table.slice(rows)], buffered - rows
     if buffered:
-        write(pa.concat_tables(chunks))
+        yield pa.concat_tables(chunks)
 
 
 def _slices(table: pa.Table, cpus: int) -> list[pa.Table]:

@@ -196,15 +196,18 @@ def test_staged_rows_lost_or_doubled_are_never_committed(tmp_path: Path) -> None
         label_module._staged_counts(dest, "run", expected=3)
 
 
-def test_output_rows_are_written_in_files_of_rows_per_file_rows_in_order(tmp_path: Path) -> None:
-    """Batches of any size in, files of exactly rows_per_file rows out (the last one fewer); a
-    second write into the same run (a resumed run) adds files without replacing any."""
+def test_output_rows_are_written_in_files_of_rows_per_file_rows_in_order(tmp_path: Path, monkeypatch) -> None:
+    """Batches of any size in, files of exactly rows_per_file rows out (the last one fewer), in row
+    groups of at most _ROW_GROUP_ROWS; a second write into the same run (a resumed run) adds files
+    without replacing any."""
+    monkeypatch.setattr(label_module, "_ROW_GROUP_ROWS", 3)
     dest = label_module._Dest.of(str(tmp_path), StorageConfig())
     (tmp_path / label_module.STAGING / "run").mkdir(parents=True)
     batches = [pa.table({"path": [f"p{i}" for i in range(start, start + n)]}) for start, n in [(0, 3), (3, 10), (13, 1)]]
     label_module._write_staged(iter(batches), dest, "run", rows_per_file=4)
     first = sorted((tmp_path / label_module.STAGING / "run").iterdir())
     assert [pq.read_metadata(f).num_rows for f in first] == [4, 4, 4, 2]
+    assert max(pq.read_metadata(f).row_group(i).num_rows for f in first for i in range(pq.read_metadata(f).num_row_groups)) == 3
     assert pq.read_table(first).column("path").to_pylist() == [f"p{i}" for i in range(14)]
     label_module._write_staged(iter(batches[:1]), dest, "run", rows_per_file=4)
     second = sorted((tmp_path / label_module.STAGING / "run").iterdir())

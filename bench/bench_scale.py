@@ -1,8 +1,8 @@
 """Labeling at scale on this machine: memory and time from 20,000 to 200,000 images, and a manifest
 of 1,000,000 rows.
 
-    python jobs/bench_scale.py                                   # 20k and 200k lakes, 1M-row manifest
-    python jobs/bench_scale.py --sizes 20000 200000 --manifest-rows 300000   # a shorter manifest run
+    python bench/bench_scale.py                                   # 20k and 200k lakes, 1M-row manifest
+    python bench/bench_scale.py --sizes 20000 200000 --manifest-rows 300000   # a shorter manifest run
 
 Local only: it measures this machine, so it is not meant for `ray job submit`.
 
@@ -68,7 +68,7 @@ def label_run(inputs: list[str], model: str, output: Path) -> dict:
 def report(args: argparse.Namespace, runs: dict[str, dict]) -> None:
     print(f"machine: {platform.node()}, os.cpu_count()={os.cpu_count()}, {platform.platform()}, "
           f"python {platform.python_version()}")
-    print(f"command: python jobs/bench_scale.py {' '.join(sys.argv[1:])}")
+    print(f"command: python bench/bench_scale.py {' '.join(sys.argv[1:])}")
     print("input: hard links to the 50,000 CIFAR-10 train JPEGs (32x32) on local disk; model resnet_small, "
           "seeded random weights; one run each")
     print(f"{'run':28s}{'images':>9s}{'errors':>7s}{'wall s':>8s}{'label() s':>10s}{'pipeline img/s':>15s}"

@@ -1,8 +1,8 @@
 """Labeling benchmark on this machine: `distcls label` vs a plain loop vs Ray Data's documented recipe.
 
-    python jobs/bench_label.py                        # 5,000 CIFAR-10 images upscaled to 640x480 JPEG q90
-    python jobs/bench_label.py --small                # the same 5,000 as the original 32x32 JPEGs
-    python jobs/bench_label.py --images 5000 --trials 3 --size 640x480
+    python bench/bench_label.py                        # 5,000 CIFAR-10 images upscaled to 640x480 JPEG q90
+    python bench/bench_label.py --small                # the same 5,000 as the original 32x32 JPEGs
+    python bench/bench_label.py --images 5000 --trials 3 --size 640x480
 
 Local only: it times this machine, so it is not meant for `ray job submit`.
 
@@ -312,7 +312,7 @@ def report(args: argparse.Namespace, lake_text: str, times: dict[str, list[dict]
     n = args.images
     print(f"machine: {platform.node()}, os.cpu_count()={os.cpu_count()}, {platform.platform()}, "
           f"python {platform.python_version()}, torch {torch.__version__}")
-    print(f"command: python jobs/bench_label.py {' '.join(sys.argv[1:])}")
+    print(f"command: python bench/bench_label.py {' '.join(sys.argv[1:])}")
     print(f"input: {lake_text}")
     print(f"model: resnet_small, 32x32 input, seeded random weights saved with artifact.save_model (inference "
           f"cost does not depend on weights); batch {BATCH}; {args.trials} alternating trials, medians")

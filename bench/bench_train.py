@@ -1,8 +1,8 @@
 """Training benchmarks on this machine: Ray Train vs a plain loop, and time-to-accuracy.
 
-    python jobs/bench_train.py throughput [--images 10000] [--epochs 3]
-    python jobs/bench_train.py accuracy  [--config jobs/configs/cifar10_train.yaml] [distcls train flags]
-    python jobs/bench_train.py accuracy  --model simple_cnn --epochs 10 --lr 0.05
+    python bench/bench_train.py throughput [--images 10000] [--epochs 3]
+    python bench/bench_train.py accuracy  [--config jobs/configs/cifar10_train.yaml] [distcls train flags]
+    python bench/bench_train.py accuracy  --model simple_cnn --epochs 10 --lr 0.05
 
 `throughput`: images/s of `distcls train` (Ray Train, 2 workers x 1 thread, DDP over gloo) against
 a plain single-process loop with 2 torch threads, on the same model, decoded data, global batch

@@ -9,9 +9,11 @@ On a Ray cluster (the image has distcls installed; --working-dir ships your chec
         python jobs/label.py --config jobs/configs/nightly_label.yaml \
         --input s3://my-bucket/lake/ --model s3://my-bucket/runs/cifar10/model --output s3://my-bucket/labels/
 
-On KubeRay (one-off, and nightly):
-    kubectl apply -f k8s/rayjob-label.yaml
-    kubectl apply -f k8s/raycronjob-nightly-label.yaml   # or k8s/cronjob-nightly-label.yaml
+On KubeRay (the nightly run, k8s/base/cronjob-nightly-label.yaml; run it now with):
+    kubectl -n distcls create job --from=cronjob/distcls-nightly-label label-now-$(date +%s)
+
+No actor counts to set: the inference pool grows with what the cluster can add (see --help for
+--min-actors/--max-actors/--cpus-per-actor/--gpus-per-actor/--memory-per-actor).
 
 Every flag of `distcls label --help` works here and overrides the YAML file.
 """

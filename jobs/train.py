@@ -6,10 +6,11 @@ Locally (starts Ray in-process):
 On a Ray cluster (the image has distcls installed; --working-dir ships your checkout instead):
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/train.py --config jobs/configs/cifar10_train.yaml \
-        --data s3://my-bucket/cifar10/train --output s3://my-bucket/runs/cifar10 --workers 4
+        --data s3://my-bucket/cifar10/train --output s3://my-bucket/runs/cifar10 \
+        --workers 4 --cpus-per-worker 8   # one 8-CPU worker node each
 
-On KubeRay:
-    kubectl apply -f k8s/rayjob-train.yaml
+On KubeRay (k8s/base/cronjob-train.yaml is the template):
+    kubectl -n distcls create job --from=cronjob/distcls-train train-$(date +%s)
 
 Every flag of `distcls train --help` works here and overrides the YAML file.
 """

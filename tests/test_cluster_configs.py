@@ -12,6 +12,7 @@ deliberately broken config, so a check that cannot fail cannot pass unnoticed.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import re
 import shlex
 import socket
@@ -22,6 +23,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -37,6 +40,11 @@ TOKEN_PATH_IN_CONTAINER = "/home/ray/.ray/auth_token"  # Ray's default path for 
 SETUP_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
 START_KEYS = ("head_start_ray_commands", "worker_start_ray_commands")
 RUNTIME_FETCH = re.compile(r"pip3? install|conda install|git clone|github\.com|curl |wget ")
+CONSTRAINTS = "cluster/constraints.txt"
+# The GPU image's torch build and the oldest NVIDIA driver that runs it (CUDA 13.0: >= 580).
+GPU_TORCH_INDEX = "https://download.pytorch.org/whl/cu130"
+MIN_DRIVER = 580
+CODE_PATHS = ("distcls/", "jobs/", "README.md")
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +196,70 @@ def dockerfile_problems(text: str) -> list[str]:
             problems.append(f"{instruction} installs or fetches at run time: {arguments}")
         if instruction in ("RUN", "ADD") and re.search(r"git clone|github\.com|https?://\S+\.(git|zip|tar\.gz)", arguments):
             problems.append(f"{instruction} fetches code from a repository: {arguments[:60]}")
+    return problems + layer_problems(instructions)
+
+
+def _copy_sources(arguments: str) -> list[str]:
+    return [a for a in arguments.split() if not a.startswith("--")][:-1]
+
+
+def layer_problems(instructions: list[tuple[str, str]]) -> list[str]:
+    """Dependencies are installed, pinned by the lock, before any code is copied: editing code or
+    the README must not invalidate the torch and dependency layers. Only torch's own dependencies
+    bring CUDA libraries (no nvidia-*/cuda-* package named here)."""
+    problems = []
+    copies = [(i, _copy_sources(a)) for i, (kind, a) in enumerate(instructions) if kind == "COPY"]
+    lock = [i for i, sources in copies if sources == [CONSTRAINTS]]
+    code = [i for i, sources in copies if any(s.rstrip("/") in {p.rstrip("/") for p in CODE_PATHS} for s in sources)]
+    if not lock:
+        problems.append(f"{CONSTRAINTS} is not copied alone")
+    first_code = min(code, default=len(instructions))
+    installs = [(i, a) for i, (kind, a) in enumerate(instructions) if kind == "RUN" and "pip install" in a]
+    if lock and installs and installs[0][0] < lock[0]:
+        problems.append("pip installs before the lock file is copied")
+    for i, run in installs:
+        if i < first_code and not re.search(r"(--constraint|-c)\s+\S*constraints\.txt", run):
+            problems.append(f"dependency install without the lock: {run[:60]}")
+        if i > first_code and not re.search(r"pip install\b.*--no-deps", run):
+            problems.append(f"installs dependencies after the code is copied (every edit reinstalls them): {run[:60]}")
+        for token in shlex.split(run.replace("\\n", " ")):
+            if re.match(r"^(nvidia|cuda)[-_]", token):
+                problems.append(f"installs a CUDA package by hand: {token}")
+    torch_runs = [i for i, run in installs if re.search(r"\btorch==", run)]
+    if not torch_runs or torch_runs[0] > first_code:
+        problems.append("torch is not installed before the code is copied")
     return problems
+
+
+def constraints_problems(constraints: str, pyproject: dict[str, Any], dockerfile_args: dict[str, str]) -> list[str]:
+    """The lock pins every dependency of pyproject.toml (and boto3) at a version its specifier
+    allows, agrees with the Dockerfile's torch/torchvision/Ray pins, and leaves distcls out."""
+    problems, pins = [], {}
+    for line in constraints.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line.strip())
+        if not match:
+            problems.append(f"not a name==version pin: {line}")
+            continue
+        pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+    if "distcls" in pins:
+        problems.append("the lock pins distcls itself")
+    for text in [*pyproject["project"]["dependencies"], "boto3"]:
+        requirement = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        if name not in pins:
+            problems.append(f"{requirement.name} is not pinned")
+        elif not requirement.specifier.contains(Version(pins[name]), prereleases=True):
+            problems.append(f"{requirement.name}=={pins[name]} does not satisfy pyproject's {requirement.specifier}")
+    for name, arg in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION"), ("ray", "RAY_VERSION")):
+        if pins.get(name) != dockerfile_args.get(arg):
+            problems.append(f"lock pins {name}=={pins.get(name)}, the Dockerfile's {arg} is {dockerfile_args.get(arg)}")
+    return problems
+
+
+def dockerfile_args(text: str) -> dict[str, str]:
+    return dict(a.split("=", 1) for i, a in dockerfile_instructions(text) if i == "ARG" and "=" in a)
 
 
 # --------------------------------------------------------------------------- tests: launcher configs
@@ -347,3 +418,86 @@ def test_dockerignore_lets_every_copied_path_through():
         if instruction == "COPY":
             sources = [a for a in arguments.split() if not a.startswith("--")][:-1]
             assert {s.rstrip("/") for s in sources} <= allowed, sources
+
+
+_CODE_FIRST = "COPY --chown=1000:100 pyproject.toml README.md ./\nCOPY --chown=1000:100 distcls/ ./distcls/\n"
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    # The order shipped before: code (and README) copied, then one pip install of everything.
+    (lambda t: t.replace("COPY --chown=1000:100 cluster/constraints.txt /home/ray/constraints.txt\n",
+                         "COPY --chown=1000:100 cluster/constraints.txt /home/ray/constraints.txt\n" + _CODE_FIRST),
+     "after the code is copied"),
+    (lambda t: t.replace("--constraint /home/ray/constraints.txt --index-url", "--index-url"), "without the lock"),
+    (lambda t: t.replace("COPY --chown=1000:100 cluster/constraints.txt /home/ray/constraints.txt",
+                         "COPY --chown=1000:100 cluster/constraints.txt pyproject.toml /home/ray/"), "copied alone"),
+    (lambda t: t.replace('"torchvision==${TORCHVISION_VERSION}"\n',
+                         '"torchvision==${TORCHVISION_VERSION}" nvidia-cudnn-cu13\n', 1), "CUDA package"),
+], ids=["code-first", "torch-unpinned-deps", "lock-not-alone", "second-cuda"])
+def test_dockerfile_layer_check_catches_breakage(breakage, expected):
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert layer_problems(dockerfile_instructions(text)) == []
+    broken = breakage(text)
+    assert broken != text
+    assert any(expected in p for p in dockerfile_problems(broken)), dockerfile_problems(broken)
+
+
+def test_lock_agrees_with_pyproject_and_the_dockerfile():
+    args = dockerfile_args((CLUSTER / "Dockerfile").read_text())
+    assert constraints_problems((REPO / CONSTRAINTS).read_text(), PYPROJECT, args) == []
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (lambda t: t.replace("torch==2.14.1", "torch==2.13.0"), "TORCH_VERSION"),
+    (lambda t: re.sub(r"(?m)^pydantic==.*$", "pydantic==1.10.0", t), "does not satisfy"),
+    (lambda t: re.sub(r"(?m)^s3fs==.*\n", "", t), "s3fs is not pinned"),
+    (lambda t: t + "distcls==0.1.0\n", "distcls itself"),
+    (lambda t: t + "-e /work/main\n", "not a name==version"),
+], ids=["torch", "pydantic-range", "missing", "self", "editable"])
+def test_lock_check_catches_drift(breakage, expected):
+    text = breakage((REPO / CONSTRAINTS).read_text())
+    problems = constraints_problems(text, PYPROJECT, dockerfile_args((CLUSTER / "Dockerfile").read_text()))
+    assert any(expected in p for p in problems), problems
+
+
+def test_gpu_image_the_ami_and_the_docs_agree_on_cuda_and_driver():
+    """One CUDA build everywhere (torch's cu130 wheels on the CPU base, no CUDA base image), and an
+    AMI family whose driver runs it, named with the way to look its id up per region."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    readme = (REPO / "README.md").read_text()
+    aws_text = (CLUSTER / "aws.yaml").read_text()
+    for name, text in [("Dockerfile", dockerfile), ("README.md", readme)]:
+        assert f"TORCH_INDEX_URL={GPU_TORCH_INDEX}" in text, name
+        assert not re.search(r"BASE_IMAGE=\S*-(gpu|cu\d+)", text), f"{name}: a CUDA base image ships CUDA twice"
+        assert re.search(rf"driver >= {MIN_DRIVER}", text), name
+    assert re.search(rf"driver >= {MIN_DRIVER}", aws_text) and "torch 2.14.1+cu130" in aws_text
+    assert "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)" in aws_text
+    assert "aws ssm get-parameter" in aws_text
+    assert "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id" in aws_text
+    types = prepared(raw("aws.yaml"))["available_node_types"]
+    for name, node_type in types.items():
+        assert re.fullmatch(r"ami-[0-9a-f]{8,17}", node_type["node_config"]["ImageId"]), name
+
+
+def _dockerignored(rules: list[str], path: str) -> bool:
+    """Docker's rule: the last matching pattern decides; a pattern also matches what is under it."""
+    ignored = False
+    for rule in rules:
+        negate = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/")
+        candidates = [path] + [path.rsplit("/", n)[0] for n in range(1, path.count("/") + 1)]
+        if any(fnmatch.fnmatchcase(c, pattern) or fnmatch.fnmatchcase(c, pattern.replace("**/", "")) for c in candidates):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_ships_code_and_lock_but_no_benchmarks():
+    rules = [line.strip() for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    shipped = ["pyproject.toml", "README.md", CONSTRAINTS, "distcls/label.py", "jobs/label.py",
+               "jobs/configs/nightly_label.yaml"]
+    left_out = ["jobs/bench_label.py", "jobs/bench_scale.py", "bench/bench_label.py", "cluster/aws.yaml",
+                ".venv/bin/python", "tests/test_k8s.py", "distcls/__pycache__/label.cpython-311.pyc"]
+    assert [p for p in shipped if _dockerignored(rules, p)] == []
+    assert [p for p in left_out if not _dockerignored(rules, p)] == []
+    assert (REPO / "jobs" / "bench_label.py").exists() or (REPO / "bench").is_dir()  # the paths are real

@@ -17,12 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distcls.errors import UsageError
 
 
-# 256 MiB: an uncompressed 8-bit RGB image at the default max_image_pixels is 89,478,485 x 3 bytes
-# (= 256 MiB), so every image the pixel limit admits fits, compressed or not, while one actor's
+# 256 MiB: the pixels of an 8-bit RGB image at the default max_image_pixels (89,478,485 x 3 bytes,
+# one byte under 256 MiB), so any compressed image the pixel limit admits fits, while one actor's
 # 8 decode threads hold at most 2 GiB of file bytes at once.
 MAX_FILE_BYTES = 256 * 2**20
 _MAX_FILE_BYTES_HELP = ("Files larger than this many bytes (or not regular files) become error rows without "
-                        "being read; the default, 256 MiB, holds an uncompressed RGB image at the pixel limit.")
+                        "being read; the default, 256 MiB, is an RGB image's pixels at the default max_image_pixels.")
 
 
 class StorageConfig(BaseModel):

@@ -16,7 +16,7 @@ import struct
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -101,7 +101,8 @@ def decode(data: bytes, size: int, max_pixels: int = 89_478_485) -> tuple[np.nda
 
 def read_batch(paths: Sequence[str] | np.ndarray, storage_config: StorageConfig, size: int,
                max_pixels: int = 89_478_485, threads: int = 8, sizes: Sequence[int | None] | None = None,
-               max_file_bytes: int = MAX_FILE_BYTES) -> dict[str, np.ndarray]:
+               max_file_bytes: int = MAX_FILE_BYTES,
+               before_read: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     """Fetch and decode many files: the CPU stage of training, evaluation and labeling alike.
 
     Returns ``image`` (N x size x size x 3 uint8; zeros where failed), ``width``/``height``
@@ -112,11 +113,14 @@ def read_batch(paths: Sequence[str] | np.ndarray, storage_config: StorageConfig,
     or the HEAD that opening an object makes), and anything but a regular file is never read.
     Passing faults are retried per file; a store that stays unreachable raises JobError, since
     that is no file's fault. Threads overlap object-store latency and decoding, both of which
-    release the GIL.
+    release the GIL. ``before_read(uri)``, if given, is called in the reading thread before each
+    file is read (crashes.py notes which file is in flight).
     """
     filesystems: dict[str, pafs.FileSystem] = {}
 
     def one(uri: str, known_size: int | None) -> tuple[np.ndarray | None, int, int, str | None, str | None]:
+        if before_read is not None:
+            before_read(uri)
         try:
             data = _fetch(uri, known_size, max_file_bytes, storage_config, filesystems)
             return (*decode(data, size, max_pixels), None, None)

@@ -57,9 +57,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
+from ray.actor import ActorHandle
 from ray.data.extensions import ArrowTensorArray
 
-from distcls import artifact, images, lake, runtime, storage
+from distcls import artifact, crashes, images, lake, runtime, storage
 from distcls.artifact import ModelInfo
 from distcls.config import MAX_FILE_BYTES, LabelConfig, StorageConfig, public_dict
 from distcls.errors import JobError, UsageError
@@ -228,8 +229,9 @@ def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: 
     """
     ray.data.DataContext.get_current().enable_progress_bars = True
     storage_config = config.storage()
+    registry = crashes.start_registry()
     decode_args = {"storage_config": storage_config, "size": info.image_size, "max_pixels": config.max_image_pixels,
-                   "max_file_bytes": config.max_file_bytes}
+                   "max_file_bytes": config.max_file_bytes, "crash_registry": registry}
     predictor_args = {"model_uri": config.model, "storage_config": storage_config, "run_id": run_id,
                       "top_k": config.top_k, "gpu": config.gpu, "decode_args": None if config.gpu else decode_args}
     cpus = runtime.cluster_cpus()
@@ -256,6 +258,8 @@ def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: 
         if reason is None:
             raise
         raise JobError(f"{reason.group(1)}; nothing was committed") from None
+    finally:
+        ray.kill(registry)
 
 
 def _write_staged(batches: Iterable[pa.Table], dest: _Dest, run_id: str, rows_per_file: int) -> None:
@@ -315,10 +319,11 @@ def _concurrency(config: LabelConfig) -> int:
 
 
 def _read_and_decode(batch: pa.Table, storage_config: StorageConfig, size: int, max_pixels: int,
-                     max_file_bytes: int = MAX_FILE_BYTES) -> pa.Table:
+                     max_file_bytes: int = MAX_FILE_BYTES, crash_registry: ActorHandle | None = None) -> pa.Table:
     """Input rows -> path, size, mtime, width, height, error, error_kind, image (fixed-shape uint8
     tensor). Rows with a preset error are refused, never read; any failure to read or decode is
-    that row's error. The listed size (null for manifests) spares reading files known to be too large."""
+    that row's error. The listed size (null for manifests) spares reading files known to be too large.
+    With a ``crash_registry`` (crashes.py), a file that killed this batch's worker is not read again."""
     n = batch.num_rows
     errors = batch["error"].to_pylist()
     kinds = [None if error is None else "refused" for error in errors]
@@ -328,8 +333,11 @@ def _read_and_decode(batch: pa.Table, storage_config: StorageConfig, size: int, 
     height = np.full(n, -1, dtype=np.int32)
     if wanted:
         paths = batch["path"].take(wanted).to_pylist()
-        got = images.read_batch(paths, storage_config, size, max_pixels, threads=_DECODE_THREADS,
-                                sizes=batch["size"].take(wanted).to_pylist(), max_file_bytes=max_file_bytes)
+        sizes = batch["size"].take(wanted).to_pylist()
+        read_args = {"storage_config": storage_config, "size": size, "max_pixels": max_pixels,
+                     "max_file_bytes": max_file_bytes}
+        got = images.read_batch(paths, threads=_DECODE_THREADS, sizes=sizes, **read_args) if crash_registry is None \
+            else crashes.read_batch(crash_registry, paths, sizes, threads=_DECODE_THREADS, **read_args)
         pixels[wanted], width[wanted], height[wanted] = got["image"], got["width"], got["height"]
         for i, error, kind in zip(wanted, got["error"], got["error_kind"]):
             errors[i], kinds[i] = error, kind

@@ -4,7 +4,9 @@ retried and never recorded as final, and nothing is read that is not a regular f
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -202,3 +204,55 @@ def test_an_object_store_folder_named_like_an_image_is_not_a_file(s3_bucket: str
     uris = [f"s3://{s3_bucket}/lake/{k}" for k in ("x.jpg", "x.jpg/inner.png", "big.png", "missing.jpg")]
     got = read_batch(uris, StorageConfig(), 24, max_file_bytes=len(GOOD) + 100)
     assert list(got["error_kind"]) == ["not_file", None, "too_large", "not_found"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A file that kills its decoder
+
+
+def _decoder_that_dies_on_poison() -> None:
+    """worker_process_setup_hook: in every Ray worker, decoding bytes that start with POISON kills
+    the process, as a segfaulting decoder would."""
+    import os
+
+    from distcls import images
+
+    real = images.decode
+
+    def decode(data: bytes, *args, **kwargs):
+        if data.startswith(b"POISON"):
+            os._exit(1)
+        return real(data, *args, **kwargs)
+
+    images.decode = decode
+
+
+@pytest.mark.timeout(600, method="thread")  # without the guard, Ray retries the batch forever
+def test_a_file_that_kills_its_decoder_becomes_an_error_row_not_an_endless_retry(
+        no_ray, tmp_path: Path, synthetic_lake, tiny_model: Path) -> None:
+    """Its batch is retried once as is, once carefully (a file at a time, noting each), and the
+    third attempt gives the file that was in flight its row instead of reading it again."""
+    import ray
+    import ray.cloudpickle
+    from ray._private import state
+
+    lake = tmp_path / "lake"
+    shutil.copytree(synthetic_lake(1, labelled=False), lake)
+    poison = lake / "img-000003-poison.jpg"
+    poison.write_bytes(b"POISON" + GOOD)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 runtime_env={"worker_process_setup_hook": _decoder_that_dies_on_poison})
+        code = main(["label", "--input", str(lake), "--model", str(tiny_model), "--output", str(tmp_path / "out"),
+                     "--batch-size", "4", "--concurrency", "1"])
+        restarts = sum(a["NumRestarts"] for a in state.actors().values() if "_Predictor" in a["ActorClassName"])
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert code == 0
+    rows = {r["path"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert sorted(rows) == sorted(str(p) for p in lake.glob("*.jpg"))
+    assert (rows[str(poison)]["error"], rows[str(poison)]["error_kind"]) == (f"{poison}: crashed the decoder", "corrupt")
+    assert all(r["label"] is not None for p, r in rows.items() if p != str(poison))
+    assert restarts == 2

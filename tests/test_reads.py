@@ -227,6 +227,7 @@ def _decoder_that_dies_on_poison() -> None:
     images.decode = decode
 
 
+@pytest.mark.slow  # a Ray of its own (the crash is injected at worker start) and two actor restarts: 1-2 min here
 @pytest.mark.timeout(600, method="thread")  # without the guard, Ray retries the batch forever
 def test_a_file_that_kills_its_decoder_becomes_an_error_row_not_an_endless_retry(
         no_ray, tmp_path: Path, synthetic_lake, tiny_model: Path) -> None:

@@ -17,6 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distcls.errors import UsageError
 
 
+# 256 MiB: the pixels of an 8-bit RGB image at the default max_image_pixels (89,478,485 x 3 bytes,
+# one byte under 256 MiB), so any compressed image the pixel limit admits fits, while one actor's
+# 8 decode threads hold at most 2 GiB of file bytes at once.
+MAX_FILE_BYTES = 256 * 2**20
+_MAX_FILE_BYTES_HELP = ("Files larger than this many bytes (or not regular files) become error rows without "
+                        "being read; the default, 256 MiB, is an RGB image's pixels at the default max_image_pixels.")
+
+
 class StorageConfig(BaseModel):
     """Where the object store is. Credentials come from the environment / AWS chain, never from here."""
 
@@ -89,6 +97,7 @@ class EvaluateConfig(StorageConfig):
     model: str = Field(..., description="Model artifact URI (the model/ folder written by train).")
     report: str | None = Field(None, description="Folder for metrics.json and confusion.png.")
     batch_size: int = Field(512, ge=1, description="Images per inference batch.")
+    max_file_bytes: int = Field(MAX_FILE_BYTES, ge=1, description=_MAX_FILE_BYTES_HELP)
 
 
 class LabelConfig(StorageConfig):
@@ -116,6 +125,7 @@ class LabelConfig(StorageConfig):
         89_478_485, ge=1, description="Decompression-bomb limit: images declaring more pixels become error rows."
     )
     rows_per_file: int = Field(100_000, ge=1, description="Target rows per Parquet file.")
+    max_file_bytes: int = Field(MAX_FILE_BYTES, ge=1, description=_MAX_FILE_BYTES_HELP)
 
     @field_validator("extensions")
     @classmethod

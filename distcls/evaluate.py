@@ -23,7 +23,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     ensure_ray()
     slices = [rows.slice(start, 1000) for start in range(0, rows.num_rows, 1000)]
     predicted = ray.data.from_arrow(slices).map_batches(
-        _Scorer, fn_constructor_kwargs={"model_uri": config.model, "storage_config": config.storage()},
+        _Scorer, fn_constructor_kwargs={"model_uri": config.model, "storage_config": config.storage(),
+                                        "max_file_bytes": config.max_file_bytes},
         batch_size=config.batch_size, concurrency=1, batch_format="numpy").to_arrow_refs()
     table = pa.concat_tables(ray.get(predicted))
     ok = table["error"].is_null().to_numpy(zero_copy_only=False)
@@ -42,12 +43,14 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 class _Scorer:
     """Loads the model once per actor; turns a batch of (path, label) into (label, predicted, error)."""
 
-    def __init__(self, model_uri: str, storage_config: StorageConfig) -> None:
+    def __init__(self, model_uri: str, storage_config: StorageConfig, max_file_bytes: int) -> None:
         self.model, self.info = load_model(model_uri, storage_config)
         self.storage_config = storage_config
+        self.max_file_bytes = max_file_bytes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        decoded = read_batch(batch["path"], self.storage_config, self.info.image_size)
+        decoded = read_batch(batch["path"], self.storage_config, self.info.image_size,
+                             max_file_bytes=self.max_file_bytes)
         predicted = predict_proba(self.model, self.info, decoded["image"]).argmax(1).numpy().astype(np.int32)
         return {"label": batch["label"], "predicted": predicted, "error": decoded["error"]}
 

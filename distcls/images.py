@@ -1,22 +1,30 @@
 """Image bytes -> model input. The one preprocessing path shared by training, evaluation and labeling.
 
 ``decode`` turns any bytes into (uint8 HxWx3 array of side ``size``, original width, original height),
-or raises ImageError with a short reason. Batches stay uint8 until ``normalize`` runs on the
-device, which keeps Ray object-store traffic 4x smaller than float32.
+or raises ImageError with a short reason. ``read_batch`` fetches and decodes many files, each read
+bounded in size and classified when it fails (``ERROR_KINDS``). Batches stay uint8 until
+``normalize`` runs on the device, which keeps Ray object-store traffic 4x smaller than float32.
 """
 from __future__ import annotations
 
+import errno
 import io
+import os
+import random
+import stat
 import struct
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from distcls import storage
-from distcls.config import StorageConfig
+from distcls.config import MAX_FILE_BYTES, StorageConfig
 from distcls.errors import JobError, UsageError
 
 # Truncated files must fail, not come back half grey (Pillow's default, stated here because
@@ -30,9 +38,25 @@ _ROTATING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and h
 _FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 _EXIF_ORIENTATION_TAG = 0x0112
 
+# Why a file has no prediction (the ``error_kind`` column). The content kinds are final for a file
+# version; ``not_found`` and ``transient`` say nothing about the file and are worth reading again.
+ERROR_KINDS = ("corrupt", "too_large", "not_file", "not_found", "refused", "transient")
+FINAL_ERROR_KINDS = ("corrupt", "too_large", "not_file", "refused")
+# Reads of one file that failed for a passing reason, after the SDK's own retries (which cover
+# throttling and 5xx but not a 403 from credentials being refreshed, nor a response that stalls past
+# the request timeout): 3 attempts, 1 s then 2 s apart (jittered, so that threads do not retry in step).
+_READ_ATTEMPTS = 3
+_READ_BACKOFF_S = 1.0
+_UNREACHABLE = ": endpoint unreachable"
+
 
 class ImageError(ValueError):
-    """A file that cannot be turned into a model input; the message is the row's ``error``."""
+    """A file that cannot be turned into a model input: the message is the row's ``error`` and
+    ``kind`` its ``error_kind`` (one of ERROR_KINDS)."""
+
+    def __init__(self, reason: str, kind: str = "corrupt") -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 def decode(data: bytes, size: int, max_pixels: int = 89_478_485) -> tuple[np.ndarray, int, int]:
@@ -55,7 +79,7 @@ def decode(data: bytes, size: int, max_pixels: int = 89_478_485) -> tuple[np.nda
             image = Image.open(io.BytesIO(data), formats=_FORMATS)
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError(f"too many pixels: {width}x{height} exceeds limit {max_pixels}")
+            raise ImageError(f"too many pixels: {width}x{height} exceeds limit {max_pixels}", "too_large")
         if image.getexif().get(_EXIF_ORIENTATION_TAG) in _ROTATING_ORIENTATIONS:
             width, height = height, width
         if image.format == "JPEG":
@@ -68,48 +92,46 @@ def decode(data: bytes, size: int, max_pixels: int = 89_478_485) -> tuple[np.nda
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"too many pixels: {exc}") from None
+        raise ImageError(f"too many pixels: {exc}", "too_large") from None
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
         raise ImageError(f"corrupt image: {str(exc)[:120] or type(exc).__name__}") from None
 
 
-def read_batch(paths: np.ndarray | list[str], storage_config: StorageConfig, size: int,
-               max_pixels: int = 89_478_485, threads: int = 8) -> dict[str, np.ndarray]:
+def read_batch(paths: Sequence[str] | np.ndarray, storage_config: StorageConfig, size: int,
+               max_pixels: int = 89_478_485, threads: int = 8, sizes: Sequence[int | None] | None = None,
+               max_file_bytes: int = MAX_FILE_BYTES,
+               before_read: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     """Fetch and decode many files: the CPU stage of training, evaluation and labeling alike.
 
     Returns ``image`` (N x size x size x 3 uint8; zeros where failed), ``width``/``height``
-    (int32, -1 where unknown) and ``error`` (None, or a short reason naming no secrets). One bad
-    or missing file fails its own row only. Threads overlap object-store latency and decoding,
-    both of which release the GIL.
+    (int32, -1 where unknown), ``error`` (None, or a short reason naming no secrets) and
+    ``error_kind`` (None, or one of ERROR_KINDS). One bad or missing file fails its own row only.
+    ``sizes`` (bytes, None where unknown) are what a listing said: a file known to exceed
+    ``max_file_bytes`` is not even opened; every other one is measured before it is read (stat,
+    or the HEAD that opening an object makes), and anything but a regular file is never read.
+    Passing faults are retried per file; a store that stays unreachable raises JobError, since
+    that is no file's fault. Threads overlap object-store latency and decoding, both of which
+    release the GIL. ``before_read(uri)``, if given, is called in the reading thread before each
+    file is read (crashes.py notes which file is in flight).
     """
-    filesystems = {}
+    filesystems: dict[str, pafs.FileSystem] = {}
 
-    def one(uri: str) -> tuple[np.ndarray | None, int, int, str | None]:
+    def one(uri: str, known_size: int | None) -> tuple[np.ndarray | None, int, int, str | None, str | None]:
+        if before_read is not None:
+            before_read(uri)
         try:
-            scheme, fs_path = storage.split_uri(uri)
-            if scheme not in filesystems:
-                # Made on first use, inside the row: a URI no filesystem can serve (https://, s3:///x)
-                # is that row's error. Two threads may both make one; either is fine.
-                filesystems[scheme] = storage.arrow_filesystem(uri, storage_config)[0]
-            with filesystems[scheme].open_input_stream(fs_path) as stream:
-                data = stream.read()
-            return (*decode(data, size, max_pixels), None)
-        except (ImageError, UsageError) as exc:
-            return None, -1, -1, str(exc)
-        except (OSError, ValueError) as exc:
-            reason = storage.describe_error(uri, exc)
-            if reason.endswith(": endpoint unreachable"):
-                # The store is down (after the SDK's retries), not this file: fail the batch, so
-                # the run fails uncommitted instead of committing rows that --incremental never redoes.
-                raise JobError(f"{reason} (after retries)") from None
-            return None, -1, -1, reason
+            data = _fetch(uri, known_size, max_file_bytes, storage_config, filesystems)
+            return (*decode(data, size, max_pixels), None, None)
+        except ImageError as exc:
+            return None, -1, -1, str(exc), exc.kind
 
+    known = [None] * len(paths) if sizes is None else list(sizes)
     with ThreadPoolExecutor(max_workers=min(threads, max(1, len(paths)))) as pool:
-        results = list(pool.map(one, list(paths)))
+        results = list(pool.map(one, list(paths), known))
     images = np.zeros((len(results), size, size, 3), dtype=np.uint8)
-    for i, (array, _, _, _) in enumerate(results):
+    for i, (array, *_) in enumerate(results):
         if array is not None:
             images[i] = array
     return {
@@ -117,7 +139,129 @@ def read_batch(paths: np.ndarray | list[str], storage_config: StorageConfig, siz
         "width": np.array([r[1] for r in results], dtype=np.int32),
         "height": np.array([r[2] for r in results], dtype=np.int32),
         "error": np.array([r[3] for r in results], dtype=object),
+        "error_kind": np.array([r[4] for r in results], dtype=object),
     }
+
+
+def _fetch(uri: str, known_size: int | None, limit: int, storage_config: StorageConfig,
+           filesystems: dict[str, pafs.FileSystem]) -> bytes:
+    """The bytes of ``uri``, retrying passing faults; ImageError (with its kind) when there are none
+    to decode, JobError when the store stays unreachable."""
+    if known_size is not None and known_size > limit:
+        raise ImageError(_too_large(uri, known_size, limit), "too_large")
+    try:
+        scheme, fs_path = storage.split_uri(uri)
+        if scheme not in filesystems:
+            # Made on first use, inside the row: a URI no filesystem can serve (https://, s3:///x)
+            # is that row's error. Two threads may both make one; either is fine.
+            filesystems[scheme] = storage.arrow_filesystem(uri, storage_config)[0]
+    except UsageError as exc:
+        raise ImageError(str(exc), "refused") from None
+    read = _read_local if scheme == "file" else _read_remote
+    attempt = 1
+    while True:
+        try:
+            return read(uri, filesystems[scheme], fs_path, limit)
+        except ImageError as exc:
+            if str(exc).endswith(_UNREACHABLE):
+                # The store is down (after the SDK's retries, ~45 s by default), not this file: fail
+                # the batch, so that the run fails uncommitted instead of committing a lake of error rows.
+                raise JobError(f"{exc} (after retries)") from None
+            if exc.kind != "transient" or attempt == _READ_ATTEMPTS:
+                raise
+        time.sleep(_READ_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+        attempt += 1
+
+
+def _read_local(uri: str, fs: pafs.FileSystem, path: str, limit: int) -> bytes:
+    """A local file, read only when it is a regular file of at most ``limit`` bytes. The path is
+    stat'ed before it is opened (opening a FIFO blocks, opening a device may do anything), then the
+    open descriptor is checked again, since the path may have been replaced in between."""
+    try:
+        _require_regular(uri, os.stat(path), limit)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb", buffering=0) as handle:
+            measured = os.fstat(fd)
+            _require_regular(uri, measured, limit)
+            return _read_at_most(handle.read, measured.st_size, uri, limit)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageError(f"{uri}: not found", "not_found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{uri}: not a regular file (a folder)", "not_file") from None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink loop; a socket
+            raise ImageError(f"{uri}: not a regular file ({exc.strerror})", "not_file") from None
+        # Permission denied, EIO, a stale NFS handle: nothing known about the file itself.
+        raise ImageError(storage.describe_error(uri, exc), "transient") from None
+
+
+def _require_regular(uri: str, measured: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(measured.st_mode):
+        raise ImageError(f"{uri}: not a regular file ({_file_type(measured.st_mode)})", "not_file")
+    if measured.st_size > limit:
+        raise ImageError(_too_large(uri, measured.st_size, limit), "too_large")
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def _read_remote(uri: str, fs: pafs.FileSystem, path: str, limit: int) -> bytes:
+    """An object, read only when it is at most ``limit`` bytes: opening it makes a HEAD request
+    (pyarrow's S3 input file), which gives its size before any byte of it is fetched."""
+    try:
+        with fs.open_input_file(path) as handle:
+            length = handle.size()
+            if length > limit:
+                raise ImageError(_too_large(uri, length, limit), "too_large")
+            return _read_at_most(handle.read, length, uri, limit)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        # A prefix with objects below it ("x.jpg/...") does not open either; tell it from a missing one.
+        kind = _info_type(fs, path)
+        if kind == pafs.FileType.Directory:
+            raise ImageError(f"{uri}: not a regular file (a folder)", "not_file") from None
+        raise ImageError(f"{uri}: not found", "not_found") from None
+    except ValueError as exc:  # a path the filesystem cannot serve, such as a bucket without a key
+        raise ImageError(storage.describe_error(uri, exc), "refused") from None
+    except OSError as exc:
+        reason = storage.describe_error(uri, exc)
+        kind = "not_found" if reason.endswith((": not found", ": bucket does not exist")) else "transient"
+        raise ImageError(reason, kind) from None
+
+
+def _info_type(fs: pafs.FileSystem, path: str) -> pafs.FileType:
+    try:
+        return fs.get_file_info(path).type
+    except OSError:
+        return pafs.FileType.NotFound
+
+
+def _read_at_most(read, expected: int, uri: str, limit: int) -> bytes:
+    """``read(n)`` until the end of the file, never more than ``limit`` + 1 bytes in all: a file
+    may have grown since it was measured. ``expected`` (its measured size) sizes the first read,
+    so that a file of usual size takes one read and one buffer."""
+    chunks: list[bytes] = []
+    total, want = 0, expected + 1
+    while total <= limit:
+        chunk = read(min(want, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        want = 2**20
+    if total > limit:
+        raise ImageError(_too_large(uri, f"more than {limit}", limit), "too_large")
+    return b"".join(chunks)
+
+
+def _too_large(uri: str, size: int | str, limit: int) -> str:
+    return f"{uri}: too large: {size} bytes, above --max-file-bytes {limit}"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

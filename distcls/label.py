@@ -8,7 +8,7 @@ With --gpu, decoding runs in CPU tasks ahead of the GPU actors.
 A file that cannot be read or decoded becomes a row with ``error`` set: one bad file never fails the run.
 
 Output columns: path, label, label_id, score, topk_labels, topk_scores, width, height (as displayed),
-error, size, mtime (of the input file, the key of ``--incremental``), model_id, run_id, labeled_at.
+error, error_kind, size, mtime (of the input file, the key of ``--incremental``), model_id, run_id, labeled_at.
 
 Commit protocol (the same on local disks and S3, which has no atomic rename):
 
@@ -57,11 +57,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
+from ray.actor import ActorHandle
 from ray.data.extensions import ArrowTensorArray
 
-from distcls import artifact, images, lake, runtime, storage
+from distcls import artifact, crashes, images, lake, runtime, storage
 from distcls.artifact import ModelInfo
-from distcls.config import LabelConfig, StorageConfig, public_dict
+from distcls.config import MAX_FILE_BYTES, LabelConfig, StorageConfig, public_dict
 from distcls.errors import JobError, UsageError
 
 SUCCESS = "_SUCCESS"
@@ -78,6 +79,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("error", pa.string()),
+    ("error_kind", pa.string()),  # images.ERROR_KINDS; not_found and transient rows are not final
     ("size", pa.int64()),
     ("mtime", pa.timestamp("us", tz="UTC")),
     ("model_id", pa.string()),
@@ -227,7 +229,9 @@ def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: 
     """
     ray.data.DataContext.get_current().enable_progress_bars = True
     storage_config = config.storage()
-    decode_args = {"storage_config": storage_config, "size": info.image_size, "max_pixels": config.max_image_pixels}
+    registry = crashes.start_registry()
+    decode_args = {"storage_config": storage_config, "size": info.image_size, "max_pixels": config.max_image_pixels,
+                   "max_file_bytes": config.max_file_bytes, "crash_registry": registry}
     predictor_args = {"model_uri": config.model, "storage_config": storage_config, "run_id": run_id,
                       "top_k": config.top_k, "gpu": config.gpu, "decode_args": None if config.gpu else decode_args}
     cpus = runtime.cluster_cpus()
@@ -254,6 +258,8 @@ def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: 
         if reason is None:
             raise
         raise JobError(f"{reason.group(1)}; nothing was committed") from None
+    finally:
+        ray.kill(registry)
 
 
 def _write_staged(batches: Iterable[pa.Table], dest: _Dest, run_id: str, rows_per_file: int) -> None:
@@ -312,25 +318,33 @@ def _concurrency(config: LabelConfig) -> int:
     return max(1, runtime.cluster_cpus())
 
 
-def _read_and_decode(batch: pa.Table, storage_config: StorageConfig, size: int, max_pixels: int) -> pa.Table:
-    """Input rows -> path, size, mtime, width, height, error, image (fixed-shape uint8 tensor).
-    Rows with a preset error are not read; any failure to read or decode is that row's error."""
+def _read_and_decode(batch: pa.Table, storage_config: StorageConfig, size: int, max_pixels: int,
+                     max_file_bytes: int = MAX_FILE_BYTES, crash_registry: ActorHandle | None = None) -> pa.Table:
+    """Input rows -> path, size, mtime, width, height, error, error_kind, image (fixed-shape uint8
+    tensor). Rows with a preset error are refused, never read; any failure to read or decode is
+    that row's error. The listed size (null for manifests) spares reading files known to be too large.
+    With a ``crash_registry`` (crashes.py), a file that killed this batch's worker is not read again."""
     n = batch.num_rows
     errors = batch["error"].to_pylist()
+    kinds = [None if error is None else "refused" for error in errors]
     wanted = [i for i, error in enumerate(errors) if error is None]
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
     if wanted:
         paths = batch["path"].take(wanted).to_pylist()
-        got = images.read_batch(paths, storage_config, size, max_pixels, threads=_DECODE_THREADS)
+        sizes = batch["size"].take(wanted).to_pylist()
+        read_args = {"storage_config": storage_config, "size": size, "max_pixels": max_pixels,
+                     "max_file_bytes": max_file_bytes}
+        got = images.read_batch(paths, threads=_DECODE_THREADS, sizes=sizes, **read_args) if crash_registry is None \
+            else crashes.read_batch(crash_registry, paths, sizes, threads=_DECODE_THREADS, **read_args)
         pixels[wanted], width[wanted], height[wanted] = got["image"], got["width"], got["height"]
-        for i, error in zip(wanted, got["error"]):
-            errors[i] = error
+        for i, error, kind in zip(wanted, got["error"], got["error_kind"]):
+            errors[i], kinds[i] = error, kind
     return pa.table({
         "path": batch["path"], "size": batch["size"], "mtime": batch["mtime"],
         "width": pa.array(width, mask=width < 0), "height": pa.array(height, mask=height < 0),
-        "error": pa.array(errors, pa.string()),
+        "error": pa.array(errors, pa.string()), "error_kind": pa.array(kinds, pa.string()),
         "image": ArrowTensorArray.from_numpy(pixels),
     })
 
@@ -376,7 +390,7 @@ def _output_table(batch: pa.Table, ok: np.ndarray, probs: np.ndarray, info: Mode
         "score": _scatter(np.take_along_axis(probs, top[:, :1], axis=1)[:, 0], ok),
         **_topk_lists(top, probs, ok, classes),
         "width": batch["width"], "height": batch["height"], "error": batch["error"],
-        "size": batch["size"], "mtime": batch["mtime"],
+        "error_kind": batch["error_kind"], "size": batch["size"], "mtime": batch["mtime"],
         "model_id": pa.repeat(pa.scalar(info.model_id, pa.string()), n),
         "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
         "labeled_at": pa.repeat(pa.scalar(labeled_at, pa.timestamp("us", tz="UTC")), n),

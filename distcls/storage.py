@@ -116,12 +116,21 @@ def describe_error(uri: str, exc: BaseException) -> str:
         reason = "bucket does not exist"
     elif any(k in lowered for k in ("access_denied", "accessdenied", "invalid_access_key", "invalidaccesskeyid",
                                     "signature_does_not_match", "signaturedoesnotmatch", "forbidden",
-                                    "no credentials", "unable to locate credentials", "security token")):
+                                    "no credentials", "unable to locate credentials", "security token",
+                                    "expiredtoken", "token has expired", "http status 403")):
         reason = "access denied (check credentials)"
     elif any(k in lowered for k in ("couldn't connect", "could not connect", "connection refused", "curlcode: 7",
                                     "curlcode: 6", "could not resolve", "connect timeout", "timed out",
-                                    "connection reset", "name or service not known")):
+                                    "name or service not known")):
         reason = "endpoint unreachable"
+    # The store answered, then failed this request: worth another try, and no verdict on the object.
+    elif "operation too slow" in lowered or "timeout was reached" in lowered:
+        reason = "timed out (the store stopped sending)"
+    elif "connection reset" in lowered or "curlcode: 56" in lowered or "curlcode: 52" in lowered:
+        reason = "connection reset"
+    elif any(k in lowered for k in ("slow_down", "slowdown", "throttl", "service_unavailable", "internal_failure",
+                                    "internalerror", "http status 5")):
+        reason = "store busy or failing (throttled or HTTP 5xx)"
     elif isinstance(exc, FileNotFoundError) or "not found" in lowered or "no such file" in lowered:
         reason = "not found"
     else:

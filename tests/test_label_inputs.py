@@ -55,6 +55,7 @@ def test_read_and_decode_gives_one_row_per_odd_file(tmp_path: Path) -> None:
         row = rows[name]
         if want.error:
             assert want.error in row["error"], name
+            assert row["error_kind"] == ("too_large" if want.error == "too many pixels" else "corrupt"), name
             assert row["width"] is None and row["height"] is None
         else:
             assert row["error"] is None, (name, row["error"])
@@ -66,6 +67,7 @@ def test_read_and_decode_never_reads_rows_with_a_preset_error(tmp_path: Path) ->
                                       pa.nulls(1, pa.int64()), pa.array(["outside allowed roots"]))
     decoded = label_module._read_and_decode(table, StorageConfig(), size=8, max_pixels=100)
     assert decoded["error"].to_pylist() == ["outside allowed roots"]
+    assert decoded["error_kind"].to_pylist() == ["refused"]
     assert not decoded["image"].combine_chunks().to_numpy().any()
 
 
@@ -75,7 +77,7 @@ def test_output_table_nulls_failed_rows_and_sorts_topk(model_uri: str) -> None:
         "path": ["a", "b", "c"], "size": pa.array([1, 2, None], pa.int64()),
         "mtime": pa.array([0, 0, None], pa.timestamp("us", tz="UTC")),
         "width": pa.array([5, None, 7], pa.int32()), "height": pa.array([6, None, 8], pa.int32()),
-        "error": [None, "empty file", None],
+        "error": [None, "empty file", None], "error_kind": [None, "corrupt", None],
     })
     probs = np.random.default_rng(0).dirichlet(np.ones(10), size=2).astype(np.float32)
     when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -85,7 +87,7 @@ def test_output_table_nulls_failed_rows_and_sorts_topk(model_uri: str) -> None:
     assert [r["label_id"] for r in rows] == [int(probs[0].argmax()), None, int(probs[1].argmax())]
     assert rows[0]["label"] == info.classes[rows[0]["label_id"]]
     assert rows[1]["label"] is None and rows[1]["topk_labels"] is None and rows[1]["score"] is None
-    assert rows[1]["error"] == "empty file" and rows[1]["size"] == 2
+    assert rows[1]["error"] == "empty file" and rows[1]["error_kind"] == "corrupt" and rows[1]["size"] == 2
     for row, p in zip([rows[0], rows[2]], probs):
         assert row["topk_scores"] == sorted(row["topk_scores"], reverse=True) and len(row["topk_labels"]) == 3
         assert row["score"] == pytest.approx(p.max()) and row["topk_scores"][0] == row["score"]

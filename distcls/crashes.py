@@ -1,0 +1,102 @@
+"""Files that kill the process decoding them (a decoder that segfaults, an allocation the OS kills
+the worker for) become error rows instead of being retried forever.
+
+Ray Data retries without bound: map_batches gives its actors ``max_restarts=-1`` and
+``max_task_retries=-1`` and its tasks ``max_retries=-1`` (Ray 2.60:
+``ActorPoolMapOperator._apply_default_remote_args``, ``ray/data/_internal/remote_fn.py``), so a
+batch holding such a file kills a fresh actor again and again. Here one small actor per run (the
+registry) remembers, per batch, whether its last attempt finished decoding. A batch started again
+without having finished is decoded carefully: one file at a time, each noted in the registry
+before it is read. When a careful attempt dies too, the next one finds the file that was in flight
+and gives it the row ``crashed the decoder`` (kind ``corrupt``) without reading it. A batch thus
+costs at most two attempts more than it holds such files, and a batch that never crashes costs
+two calls to the registry.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import ray
+from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from distcls import images
+from distcls.errors import JobError
+
+# Careful attempts that died with no file in flight (between files: not a file's fault) before the
+# batch is given up on, failing the run instead of being retried forever.
+_BLIND_DEATHS = 2
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class CrashRegistry:
+    """Per batch (a digest of its paths): whether an attempt is open, the file a careful attempt
+    is reading, and the files that were being read when an attempt died."""
+
+    def __init__(self) -> None:
+        self._batches: dict[str, dict[str, Any]] = {}
+
+    def begin(self, key: str) -> dict[str, Any]:
+        """Start an attempt: ``careful`` when the last attempt died, ``crashed`` the files not to read."""
+        batch = self._batches.setdefault(key, {"open": False, "careful": False, "in_flight": None,
+                                               "crashed": [], "blind": 0})
+        died = batch["open"]
+        if died and batch["in_flight"] is not None:
+            batch["crashed"].append(batch["in_flight"])
+        elif died and batch["careful"]:
+            batch["blind"] += 1
+        batch.update(open=True, careful=died, in_flight=None)
+        return {"careful": died, "crashed": list(batch["crashed"]), "give_up": batch["blind"] >= _BLIND_DEATHS}
+
+    def note(self, key: str, path: str) -> None:
+        self._batches[key]["in_flight"] = path
+
+    def done(self, key: str) -> None:
+        batch = self._batches[key]
+        if batch["crashed"]:  # a later rerun of this batch (its task failed after it) must skip them too
+            batch.update(open=False, in_flight=None)
+        else:
+            del self._batches[key]
+
+
+def start_registry() -> ActorHandle:
+    """A registry for one run, on the driver's node: a worker node may go away mid-run, taking
+    what it holds with it, while the run cannot outlive the driver's node anyway."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return CrashRegistry.options(scheduling_strategy=here).remote()
+
+
+def read_batch(registry: ActorHandle, paths: list[str], sizes: list[int | None], threads: int,
+               **read_args: Any) -> dict[str, np.ndarray]:
+    """``images.read_batch`` of ``paths``, as an attempt recorded in ``registry``: the same columns,
+    with files that killed an earlier attempt as ``corrupt`` rows that were not read again."""
+    key = hashlib.blake2b("\n".join(paths).encode(), digest_size=16).hexdigest()
+    plan = ray.get(registry.begin.remote(key))
+    if plan["give_up"]:
+        raise JobError(f"a batch of {len(paths)} images from {paths[0]} keeps killing its worker outside any "
+                       "one file's read; nothing was committed")
+    crashed = set(plan["crashed"])
+    keep = [i for i, path in enumerate(paths) if path not in crashed]
+    note = (lambda path: ray.get(registry.note.remote(key, path))) if plan["careful"] else None
+    got = images.read_batch([paths[i] for i in keep], sizes=[sizes[i] for i in keep],
+                            threads=1 if plan["careful"] else threads, before_read=note, **read_args)
+    ray.get(registry.done.remote(key))
+    if not crashed:
+        return got
+    return _with_crashed_rows(got, keep, paths)
+
+
+def _with_crashed_rows(got: dict[str, np.ndarray], keep: list[int], paths: list[str]) -> dict[str, np.ndarray]:
+    """``got`` (rows ``keep`` of ``paths``) widened to every path, the others as crashed rows."""
+    n = len(paths)
+    full = {
+        "image": np.zeros((n, *got["image"].shape[1:]), dtype=np.uint8),
+        "width": np.full(n, -1, dtype=np.int32), "height": np.full(n, -1, dtype=np.int32),
+        "error": np.array([f"{path}: crashed the decoder" for path in paths], dtype=object),
+        "error_kind": np.array(["corrupt"] * n, dtype=object),
+    }
+    for name, column in full.items():
+        column[keep] = got[name]
+    return full

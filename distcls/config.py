@@ -50,6 +50,10 @@ class StorageConfig(BaseModel):
                              max_attempts=self.max_attempts)
 
 
+# Model input sides that training accepts and a model artifact may declare (artifact.ModelInfo).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+
+
 class TrainConfig(StorageConfig):
     """Settings of ``distcls train``."""
 
@@ -64,7 +68,7 @@ class TrainConfig(StorageConfig):
     lr: float = Field(0.2, gt=0, description="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
     label_smoothing: float = Field(0.2, ge=0, lt=1, description="Cross-entropy label smoothing.")
-    image_size: int = Field(32, ge=8, le=1024, description="Side of the square model input in pixels.")
+    image_size: int = Field(32, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Side of the square model input in pixels.")
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
     gpu: bool = Field(False, description="One GPU per worker, NCCL, mixed precision. Falls back to CPU is never silent: needs GPUs in the cluster.")

@@ -8,6 +8,7 @@ environment or the standard AWS chain, so no config dump can contain them.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,13 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distcls.errors import UsageError
 
 
+# scheme://user@ or scheme://user:password@, where the password may hold '/' (AWS secret keys do),
+# so that s3://bucket/name@x.jpg is a key but s3://KEY:SE/CRET@bucket/x is credentials.
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/@]*@|[^/@:]*:[^@]*@)")
+
+
 class StorageConfig(BaseModel):
     """Where the object store is. Credentials come from the environment / AWS chain, never from here."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     endpoint_url: str | None = Field(
-        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL") or None,
+        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL") or None, validate_default=True,
         description="S3-compatible endpoint (MinIO, moto, GCS interop); defaults to $AWS_ENDPOINT_URL.",
     )
     region: str | None = Field(
@@ -40,8 +46,24 @@ class StorageConfig(BaseModel):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint_has_scheme(cls, value: str | None) -> str | None:
+        # The value is never part of the message: it may hold a secret (see _describe).
+        source = " ($AWS_ENDPOINT_URL)" if value and value == os.environ.get("AWS_ENDPOINT_URL") else ""
+        if value and "@" in value:  # any '@': a secret key may hold '/', which would end the authority early
+            raise ValueError(f"endpoint_url{source} must not hold credentials (user:password@host); "
+                             "give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
         if value and not value.startswith(("http://", "https://")):
-            raise ValueError(f"endpoint_url must start with http:// or https://, got {value!r}")
+            raise ValueError(f"endpoint_url{source} must start with http:// or https://")
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _no_credentials_in_uris(cls, value: Any) -> Any:
+        """Credentials are never fields, so none may ride in a URI (``s3://KEY:SECRET@bucket``) into
+        the resolved config that model.json and _SUCCESS keep."""
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and _USERINFO.match(text):
+                raise ValueError("a URI must not hold credentials (user:password@); give them as "
+                                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
         return value
 
     def storage(self) -> StorageConfig:
@@ -167,7 +189,16 @@ def _describe(error: dict[str, Any]) -> str:
         return f"unknown field {field!r}"
     if error["type"] == "missing":
         return f"field {field!r} is required"
-    return f"field {field!r}: {error['msg']} (got {error.get('input')!r})"
+    return f"field {field!r}: {error['msg']} {_shown(error.get('input'))}"
+
+
+def _shown(value: Any) -> str:
+    """The bad value for the message, unless it may hold a credential: a URL's user:password@
+    cannot be cut out reliably (a secret key may hold '/'), so a value with '@' is not shown."""
+    text = repr(value)
+    if "@" in text:
+        return "(value not shown: it may hold credentials)"
+    return f"(got {text if len(text) <= 200 else text[:197] + '...'})"
 
 
 def public_dict(config: BaseModel) -> dict[str, Any]:

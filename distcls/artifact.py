@@ -2,31 +2,44 @@
 
 The JSON rebuilds the model (arch, classes in index order) and says how to feed it (image_size,
 mean, std), so inference never imports training code or re-types preprocessing. Weights are
-safetensors: loading them cannot execute code, unlike a pickle. ``model_id`` is the sha256 of the
-weights file and is checked on load, so a labeling run records exactly which weights it used.
+safetensors: loading them cannot execute code, unlike a pickle.
+
+``model_id`` is the sha256 of everything that decides a prediction: the weights' sha256 (also kept
+as ``weights_sha256``) and the fields inference reads (``IDENTITY_FIELDS``). Every load checks
+it, so a labeling run records exactly which model it used, and a reordered class list or a changed
+mean is refused instead of relabelling under a trusted id. It is a checksum, not a signature:
+whoever can write the artifact can make a consistent new one, but it then has another id.
+Format 1 (id over the weights alone) is refused: its model.json cannot be verified; ``resave``
+upgrades an artifact whose model.json you have checked.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
 from distcls import storage
-from distcls.config import StorageConfig
+from distcls.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, StorageConfig
 from distcls.errors import UsageError
 from distcls.images import normalize
-from distcls.models import create_model
+from distcls.models import create_model, list_models
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The model.json fields that change what a model predicts: model_id covers them with the weights.
+IDENTITY_FIELDS = ("arch", "classes", "image_size", "mean", "std")
+
+_Mean = Annotated[float, Field(ge=0, le=1)]  # of pixels scaled to [0, 1]
+_Std = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # divided by: 0 or inf make every input the same
 
 
 class ModelInfo(BaseModel):
@@ -37,61 +50,168 @@ class ModelInfo(BaseModel):
     format_version: int = FORMAT_VERSION
     arch: str
     classes: list[str] = Field(min_length=2)
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    image_size: int = Field(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
+    mean: tuple[_Mean, _Mean, _Mean]
+    std: tuple[_Std, _Std, _Std]
+    weights_sha256: str = ""
     model_id: str = ""
     created_at: str = ""
     config: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in list_models():
+            raise ValueError(f"unknown arch {value!r}; known: {', '.join(list_models())}")
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"class names repeat: {', '.join(map(repr, repeated))}")
+        return value
+
+
+def model_id_of(info: ModelInfo) -> str:
+    """sha256 over format_version, weights_sha256 and IDENTITY_FIELDS, in a canonical JSON."""
+    fields = info.model_dump(mode="json", include={"format_version", "weights_sha256", *IDENTITY_FIELDS})
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
 
 def save_model(model: nn.Module, info: ModelInfo, uri: str, storage_config: StorageConfig) -> ModelInfo:
     """Write weights, then model.json (last, so a folder with model.json is complete). Returns the
-    info with model_id and created_at filled in."""
+    info with weights_sha256, model_id and created_at filled in. Raises UsageError when the
+    model's head does not output one score per class."""
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    _check_fits(uri, info, state)
     weights = safetensors.torch.save(state)
-    info = info.model_copy(update={
-        "model_id": hashlib.sha256(weights).hexdigest(),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    info = _identified(info, weights, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights, storage_config)
     storage.write_bytes(storage.join(uri, META_FILE), info.model_dump_json(indent=2).encode(), storage_config)
     return info
 
 
 def load_model(uri: str, storage_config: StorageConfig | None = None) -> tuple[nn.Module, ModelInfo]:
-    """Load an artifact folder. Returns the model in eval mode and its ModelInfo.
+    """Load an artifact folder. Returns the model in eval mode and its verified ModelInfo.
 
-    Raises UsageError naming the URI when it is not an artifact, the weights do not match
-    model_id, or they are not a safetensors file (a pickle planted there is never unpickled).
+    Raises UsageError naming the URI (and the model.json field) when it is not an artifact, a
+    field is out of bounds, the weights or the fields do not match model_id, the weights are not a
+    safetensors file (a pickle planted there is never unpickled), or they do not fit arch and classes.
     """
-    storage_config = storage_config or StorageConfig()
-    info = read_info(uri, storage_config)
-    weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE), storage_config)
-    if hashlib.sha256(weights).hexdigest() != info.model_id:
-        raise UsageError(f"{uri}: weights do not match model_id in {META_FILE} (corrupt or replaced)")
-    try:
-        state = safetensors.torch.load(weights)
-    except Exception as exc:  # safetensors raises its own SafetensorError for any bad header
-        raise UsageError(f"{uri}: {WEIGHTS_FILE} is not a safetensors file ({str(exc)[:80]})") from None
+    info, state = _verified(uri, storage_config or StorageConfig())
     model = create_model(info.arch, num_classes=len(info.classes))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise UsageError(f"{uri}: weights do not fit arch {info.arch!r}: {str(exc).splitlines()[0]}") from None
+    model.load_state_dict(state, strict=True)  # keys and shapes were checked by _verified
     return model.eval(), info
 
 
 def read_info(uri: str, storage_config: StorageConfig) -> ModelInfo:
+    """The ModelInfo of an artifact, verified as load_model does (the weights are read and hashed),
+    so that a job refuses a bad artifact before it starts any Ray work."""
+    return _verified(uri, storage_config)[0]
+
+
+def resave(uri: str, storage_config: StorageConfig | None = None) -> ModelInfo:
+    """Rewrite a format-1 artifact's model.json in the current format, in place; returns the new
+    info. Format 1's model_id covered only the weights, so nothing vouches for its classes,
+    image_size, mean and std: check them first, since the new model_id will."""
+    storage_config = storage_config or StorageConfig()
+    meta = _read_json(uri, storage_config)
+    if meta.get("format_version") != 1:
+        raise UsageError(f"{uri}: not a format-1 artifact (format_version {meta.get('format_version')!r})")
+    weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE), storage_config)
+    if hashlib.sha256(weights).hexdigest() != meta.get("model_id"):
+        raise UsageError(f"{uri}: weights do not match model_id in {META_FILE} (corrupt or replaced)")
+    info = _validated(uri, {**meta, "format_version": FORMAT_VERSION})
+    _check_fits(uri, info, _safetensors(uri, weights))
+    info = _identified(info, weights, info.created_at)
+    storage.write_bytes(storage.join(uri, META_FILE), info.model_dump_json(indent=2).encode(), storage_config)
+    return info
+
+
+def _identified(info: ModelInfo, weights: bytes, created_at: str) -> ModelInfo:
+    info = info.model_copy(update={"format_version": FORMAT_VERSION, "created_at": created_at,
+                                   "weights_sha256": hashlib.sha256(weights).hexdigest()})
+    return info.model_copy(update={"model_id": model_id_of(info)})
+
+
+def _verified(uri: str, storage_config: StorageConfig) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+    """(info, weights) after every check load_model promises, cheapest first."""
+    meta = _read_json(uri, storage_config)
+    version = meta.get("format_version")
+    if version == 1:
+        raise UsageError(f"{uri}: {META_FILE} is format 1, whose model_id covers the weights but not classes, "
+                         "image_size, mean or std; retrain, or check model.json and run distcls.artifact.resave")
+    if version != FORMAT_VERSION:
+        raise UsageError(f"{uri}: {META_FILE} has format_version {version!r}; this distcls reads {FORMAT_VERSION}")
+    info = _validated(uri, meta)
+    weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE), storage_config)
+    if hashlib.sha256(weights).hexdigest() != info.weights_sha256:
+        raise UsageError(f"{uri}: weights do not match weights_sha256 in {META_FILE} (corrupt or replaced)")
+    if model_id_of(info) != info.model_id:
+        raise UsageError(f"{uri}: {META_FILE} does not match its model_id: {', '.join(IDENTITY_FIELDS)} were "
+                         "changed after it was saved; retrain, or re-save it")
+    state = _safetensors(uri, weights)
+    _check_fits(uri, info, state)
+    return info, state
+
+
+def _read_json(uri: str, storage_config: StorageConfig) -> dict[str, Any]:
     try:
         raw = storage.read_bytes(storage.join(uri, META_FILE), storage_config)
     except UsageError as exc:
         raise UsageError(f"{uri}: not a distcls model artifact (cannot read {META_FILE}: {exc})") from None
     try:
-        return ModelInfo.model_validate_json(raw)
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{uri}: invalid {META_FILE}: not a JSON object")
+    return meta
+
+
+def _validated(uri: str, meta: dict[str, Any]) -> ModelInfo:
+    try:
+        return ModelInfo.model_validate(meta)
     except ValidationError as exc:
-        raise UsageError(f"{uri}: invalid {META_FILE}: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        got = repr(error.get("input"))
+        raise UsageError(f"{uri}: invalid {META_FILE}: field {field!r}: {error['msg']} "
+                         f"(got {got if len(got) <= 80 else got[:77] + '...'})") from None
+
+
+def _safetensors(uri: str, weights: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load(weights)
+    except Exception as exc:  # safetensors raises its own SafetensorError for any bad header
+        raise UsageError(f"{uri}: {WEIGHTS_FILE} is not a safetensors file ({str(exc)[:80]})") from None
+
+
+def _check_fits(uri: str, info: ModelInfo, state: dict[str, torch.Tensor]) -> None:
+    """UsageError unless ``state`` has exactly the tensors of ``info.arch`` with one output per
+    class. The head is found by building the model (on the meta device: shapes only, no memory)
+    for n and n+1 classes and seeing which tensors change."""
+    n = len(info.classes)
+    with torch.device("meta"):
+        expected = create_model(info.arch, num_classes=n).state_dict()
+        wider = create_model(info.arch, num_classes=n + 1).state_dict()
+    if expected.keys() != state.keys():
+        odd = sorted(expected.keys() ^ state.keys())
+        raise UsageError(f"{uri}: weights do not fit arch {info.arch!r}: {len(odd)} tensors missing or unexpected "
+                         f"({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''})")
+    for name, tensor in expected.items():
+        got, shape = tuple(state[name].shape), tuple(tensor.shape)
+        if got == shape:
+            continue
+        head_dim = next((i for i, (e, w) in enumerate(zip(shape, wider[name].shape)) if e != w), None)
+        if head_dim is not None and len(got) == len(shape) and got[head_dim] != n:
+            raise UsageError(f"{uri}: {META_FILE} field 'classes' lists {n} classes but the weights' head "
+                             f"outputs {got[head_dim]}")
+        raise UsageError(f"{uri}: weights do not fit arch {info.arch!r}: {name} is {list(got)}, "
+                         f"expected {list(shape)}")
 
 
 def load_state_dict(uri: str, storage_config: StorageConfig) -> dict[str, torch.Tensor]:

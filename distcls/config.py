@@ -8,6 +8,7 @@ environment or the standard AWS chain, so no config dump can contain them.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,9 @@ from distcls.errors import UsageError
 MAX_FILE_BYTES = 256 * 2**20
 _MAX_FILE_BYTES_HELP = ("Files larger than this many bytes (or not regular files) become error rows without "
                         "being read; the default, 256 MiB, is an RGB image's pixels at the default max_image_pixels.")
+# scheme://user@ or scheme://user:password@, where the password may hold '/' (AWS secret keys do),
+# so that s3://bucket/name@x.jpg is a key but s3://KEY:SE/CRET@bucket/x is credentials.
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/@]*@|[^/@:]*:[^@]*@)")
 
 
 class StorageConfig(BaseModel):
@@ -31,7 +35,7 @@ class StorageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     endpoint_url: str | None = Field(
-        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL") or None,
+        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL") or None, validate_default=True,
         description="S3-compatible endpoint (MinIO, moto, GCS interop); defaults to $AWS_ENDPOINT_URL.",
     )
     region: str | None = Field(
@@ -48,14 +52,34 @@ class StorageConfig(BaseModel):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint_has_scheme(cls, value: str | None) -> str | None:
+        # The value is never part of the message: it may hold a secret (see _describe).
+        source = " ($AWS_ENDPOINT_URL)" if value and value == os.environ.get("AWS_ENDPOINT_URL") else ""
+        if value and "@" in value:  # any '@': a secret key may hold '/', which would end the authority early
+            raise ValueError(f"endpoint_url{source} must not hold credentials (user:password@host); "
+                             "give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
         if value and not value.startswith(("http://", "https://")):
-            raise ValueError(f"endpoint_url must start with http:// or https://, got {value!r}")
+            raise ValueError(f"endpoint_url{source} must start with http:// or https://")
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _no_credentials_in_uris(cls, value: Any) -> Any:
+        """Credentials are never fields, so none may ride in a URI (``s3://KEY:SECRET@bucket``) into
+        the resolved config that model.json and _SUCCESS keep."""
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and _USERINFO.match(text):
+                raise ValueError("a URI must not hold credentials (user:password@); give them as "
+                                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
         return value
 
     def storage(self) -> StorageConfig:
         """The storage part alone, for code that only talks to the object store."""
         return StorageConfig(endpoint_url=self.endpoint_url, region=self.region, anonymous=self.anonymous,
                              max_attempts=self.max_attempts)
+
+
+# Model input sides that training accepts and a model artifact may declare (artifact.ModelInfo).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
 
 
 class TrainConfig(StorageConfig):
@@ -72,7 +96,7 @@ class TrainConfig(StorageConfig):
     lr: float = Field(0.2, gt=0, description="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
     label_smoothing: float = Field(0.2, ge=0, lt=1, description="Cross-entropy label smoothing.")
-    image_size: int = Field(32, ge=8, le=1024, description="Side of the square model input in pixels.")
+    image_size: int = Field(32, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Side of the square model input in pixels.")
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
     gpu: bool = Field(False, description="One GPU per worker, NCCL, mixed precision. Falls back to CPU is never silent: needs GPUs in the cluster.")
@@ -173,7 +197,16 @@ def _describe(error: dict[str, Any]) -> str:
         return f"unknown field {field!r}"
     if error["type"] == "missing":
         return f"field {field!r} is required"
-    return f"field {field!r}: {error['msg']} (got {error.get('input')!r})"
+    return f"field {field!r}: {error['msg']} {_shown(error.get('input'))}"
+
+
+def _shown(value: Any) -> str:
+    """The bad value for the message, unless it may hold a credential: a URL's user:password@
+    cannot be cut out reliably (a secret key may hold '/'), so a value with '@' is not shown."""
+    text = repr(value)
+    if "@" in text:
+        return "(value not shown: it may hold credentials)"
+    return f"(got {text if len(text) <= 200 else text[:197] + '...'})"
 
 
 def public_dict(config: BaseModel) -> dict[str, Any]:

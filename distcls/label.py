@@ -38,7 +38,6 @@ incremental runs in one testable place.
 from __future__ import annotations
 
 import itertools
-import os
 import posixpath
 import re
 import secrets
@@ -151,20 +150,8 @@ def _stage_and_commit(config: LabelConfig, dest: _Dest, info: ModelInfo, inputs:
 def _check_usage(config: LabelConfig) -> None:
     if (config.input is None) == (config.manifest is None):
         raise UsageError("give exactly one of --input (a lake to list) or --manifest (a file of paths)")
-    if config.input and _inside(config.output, config.input):
+    if config.input and storage.inside(config.output, config.input):
         raise UsageError(f"output {config.output} is inside the input {config.input}; choose an output elsewhere")
-
-
-def _inside(uri: str, parent: str) -> bool:
-    """Whether ``uri`` is ``parent`` or below it. Remote paths with ``.``/``..`` segments count as
-    outside: the store may resolve them differently than a prefix comparison does."""
-    scheme, path = storage.split_uri(uri)
-    parent_scheme, parent_path = storage.split_uri(parent)
-    if storage.is_remote(uri) and any(part in (".", "..") for part in path.split("/")):
-        return False
-    if scheme == parent_scheme == "file":  # a symlink below the root may lead anywhere: compare targets
-        path, parent_path = os.path.realpath(path), os.path.realpath(parent_path)
-    return scheme == parent_scheme and (path == parent_path or path.startswith(parent_path.rstrip("/") + "/"))
 
 
 def _inputs(config: LabelConfig, storage_config: StorageConfig) -> pa.Table:
@@ -189,7 +176,7 @@ def _outside_errors(paths: pa.Array, allowed_roots: list[str]) -> pa.Array:
     string per path: a million-row manifest stays in Arrow."""
     if not allowed_roots:
         return pa.nulls(len(paths), pa.string())
-    outside = [not any(_inside(p, r) for r in allowed_roots) for p in paths.to_pylist()]
+    outside = [not any(storage.inside(p, r) for r in allowed_roots) for p in paths.to_pylist()]
     return pa.array(["outside allowed roots" if o else None for o in outside], pa.string())
 
 

@@ -5,7 +5,10 @@ paths cost tens of MB, and the table is handed to Ray Data in slices without ano
 """
 from __future__ import annotations
 
+import os
 import posixpath
+import stat
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +28,8 @@ LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime
 def list_files(uri: str, storage_config: StorageConfig, extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS) -> pa.Table:
     """Every file below ``uri`` whose extension is in ``extensions``, as URIs of the same kind as
     ``uri``, sorted. ``mtime`` is nanoseconds since the epoch (0 when the store gives none).
-    Hidden names (``.x``, ``_x``) are skipped, as Hadoop-style tools do."""
+    Hidden names (``.x``, ``_x``) are skipped, as Hadoop-style tools do. On a local disk, folders
+    reached through a symlink are not listed (each real folder once); see ``_local_files``."""
     info = storage.require_exists(uri, storage_config)
     fs, root = storage.arrow_filesystem(uri, storage_config)
     if info.type == pafs.FileType.File:
@@ -34,18 +38,47 @@ def list_files(uri: str, storage_config: StorageConfig, extensions: tuple[str, .
     paths: list[str] = []
     sizes: list[int] = []
     mtimes: list[int] = []
+    files = _local_files(root, suffixes) if isinstance(fs, pafs.LocalFileSystem) else _store_files(fs, root, suffixes)
     try:
-        for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-            rel = entry.path[len(root):].lstrip("/")
-            if entry.type != pafs.FileType.File or _hidden(rel) or not entry.path.lower().endswith(suffixes):
-                continue
-            paths.append(storage.uri_for(uri, entry.path))
-            sizes.append(entry.size or 0)
-            mtimes.append(entry.mtime_ns or 0)
+        for path, size, mtime_ns in files:
+            paths.append(storage.uri_for(uri, path))
+            sizes.append(size)
+            mtimes.append(mtime_ns)
     except OSError as exc:
         raise UsageError(storage.describe_error(uri, exc)) from None
     table = pa.table([paths, sizes, mtimes], schema=LISTING_SCHEMA)
     return table.sort_by("path")
+
+
+def _store_files(fs: pafs.FileSystem, root: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:
+    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = entry.path[len(root):].lstrip("/")
+        if entry.type == pafs.FileType.File and not _hidden(rel) and entry.path.lower().endswith(suffixes):
+            yield entry.path, entry.size or 0, entry.mtime_ns or 0
+
+
+def _local_files(root: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of the regular files below ``root``. Not pyarrow's recursive
+    listing: it stats every entry through its symlinks and so descends into linked folders, a
+    link to a parent 40 levels deep (until ELOOP) and two such links exponentially. Here, as with
+    ``find`` and ``os.walk``, a symlinked folder is never entered; a symlink to a regular file is
+    listed under its own name (a lake may be links into a shared pool); dangling links, link
+    loops and links to anything but a regular file are skipped."""
+    def fail(exc: OSError) -> None:  # os.walk would skip an unreadable folder in silence
+        raise exc
+
+    for folder, folders, names in os.walk(root, onerror=fail):  # followlinks=False
+        folders[:] = [name for name in folders if not name.startswith((".", "_"))]
+        for name in names:
+            if name.startswith((".", "_")) or not name.lower().endswith(suffixes):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                found = os.stat(path)
+            except OSError:  # a dangling link or a link loop: names of no file
+                continue
+            if stat.S_ISREG(found.st_mode):
+                yield path, found.st_size, found.st_mtime_ns
 
 
 def _hidden(relative: str) -> bool:
@@ -71,8 +104,25 @@ def read_manifest(uri: str, storage_config: StorageConfig) -> pa.Table:
     table = table.select(keep).filter(pc.is_valid(table["path"]))
     # From the resolved path, not the URI text: a bare "manifest.csv" has no "/" to split at.
     base = storage.uri_for(uri, posixpath.dirname(path))
-    paths = [p if "://" in p or p.startswith("/") else posixpath.join(base, p) for p in table["path"].to_pylist()]
+    paths = [_manifest_path(base, p) for p in table["path"].to_pylist()]
     return table.set_column(0, "path", pa.array(paths, pa.string()))
+
+
+def _manifest_path(base: str, entry: str) -> str:
+    """A manifest entry as a normalised URI, so that ``a.jpg``, ``./a.jpg`` and ``x/../a.jpg`` name
+    one input. A relative entry is a reference to resolve against the manifest's folder, as a
+    URL's is, but never out of its bucket. An object-store URI that storage.normalize refuses
+    stays as written: its row names it, and reading it is refused."""
+    if "://" not in entry and not entry.startswith("/"):
+        scheme, folder = storage.split_uri(base)
+        joined = posixpath.normpath(posixpath.join(folder, entry))
+        if scheme != "file" and not joined.startswith(folder.split("/", 1)[0] + "/"):
+            return f"{base}/{entry}"
+        entry = storage.uri_for(base, joined)
+    try:
+        return storage.normalize(entry)
+    except UsageError:
+        return entry
 
 
 def labelled_images(uri: str, storage_config: StorageConfig, classes: list[str] | None = None) -> tuple[pa.Table, list[str]]:

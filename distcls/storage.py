@@ -28,18 +28,55 @@ def is_remote(uri: str) -> bool:
 
 
 def split_uri(uri: str) -> tuple[str, str]:
-    """(scheme, path-as-the-filesystem-wants-it) for a URI or a plain local path."""
+    """(scheme, path-as-the-filesystem-wants-it) for a URI or a plain local path.
+
+    Local paths are made absolute with ``.``, ``..`` and repeated ``/`` collapsed. An object key is
+    a literal name to its store, in which ``a/../b`` and ``a//b`` are keys of their own that
+    pyarrow cannot address: a key with ``.``, ``..`` or empty segments is refused (UsageError)
+    rather than read as some other object.
+    """
     if "://" not in uri:
-        return "file", os.path.abspath(os.path.expanduser(uri))
+        return "file", _absolute(os.path.expanduser(uri))
     # Split by hand, not with urlparse: object keys may hold '#' and '?', which a URL parser
     # would take for a fragment or a query and cut off.
     scheme, _, rest = uri.partition("://")
     scheme = scheme.lower()
     if scheme == "file":
-        return "file", os.path.abspath(rest)
-    if not rest.split("/", 1)[0]:
+        return "file", _absolute(rest)
+    bucket, _, key = rest.rstrip("/").partition("/")
+    if not bucket:
         raise UsageError(f"URI {uri!r} has no bucket")
+    if key and any(part in ("", ".", "..") for part in key.split("/")):
+        raise UsageError(f"{uri}: refused: an object key with '.', '..' or empty segments "
+                         "(the store takes keys literally)")
     return scheme, rest.rstrip("/")
+
+
+def _absolute(path: str) -> str:
+    # abspath keeps a leading "//" (POSIX leaves its meaning to the system; on Linux it is "/").
+    absolute = os.path.abspath(path)
+    return "/" + absolute.lstrip("/") if absolute.startswith("//") else absolute
+
+
+def normalize(uri: str) -> str:
+    """The one spelling of ``uri`` used to compare and de-duplicate: a local path (also from
+    ``file://``) absolute with ``.``, ``..`` and ``//`` collapsed, lexically, which is how every
+    read of it resolves it; an object-store URI with a lower-case scheme and no trailing ``/``.
+    Raises UsageError for an object key with ``.``, ``..`` or empty segments (see split_uri)."""
+    scheme, path = split_uri(uri)
+    return path if scheme == "file" else f"{scheme}://{path}"
+
+
+def inside(uri: str, parent: str) -> bool:
+    """Whether ``uri`` is ``parent`` or below it, both normalised, local symlinks resolved (a link
+    below the root may lead anywhere). An object-store URI that normalize refuses is outside."""
+    try:
+        path, root = normalize(uri), normalize(parent)
+    except UsageError:
+        return False
+    if not is_remote(path) and not is_remote(root):
+        path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 # Standard retries (StorageConfig.max_attempts) ride out short outages of the store (throttling, a

@@ -1,4 +1,5 @@
-"""The model artifact: a faithful round trip, and weights that can never run code when loaded."""
+"""The model artifact: a faithful round trip, a model_id that covers weights and every field that
+changes a prediction, bounds on model.json, and weights that can never run code when loaded."""
 from __future__ import annotations
 
 import builtins
@@ -6,6 +7,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ import safetensors.torch
 import torch
 
 from distcls import artifact, storage
-from distcls.artifact import ModelInfo, load_model, load_state_dict, predict_proba, save_model
+from distcls.artifact import ModelInfo, load_model, load_state_dict, model_id_of, predict_proba, resave, save_model
+from distcls.cli import main
 from distcls.config import StorageConfig
 from distcls.errors import UsageError
 from distcls.models import create_model
@@ -21,9 +24,9 @@ from distcls.models import create_model
 CLASSES = ["cat", "dog", "frog"]
 
 
-def _info(**extra) -> ModelInfo:
-    return ModelInfo(arch="simple_cnn", classes=CLASSES, image_size=32, mean=(0.5, 0.4, 0.3),
-                     std=(0.25, 0.25, 0.25), config={"epochs": 2}, **extra)
+def _info(**fields) -> ModelInfo:
+    return ModelInfo(**{"arch": "simple_cnn", "classes": CLASSES, "image_size": 32, "mean": (0.5, 0.4, 0.3),
+                        "std": (0.25, 0.25, 0.25), "config": {"epochs": 2}, **fields})
 
 
 def _trained_looking_model() -> torch.nn.Module:
@@ -48,7 +51,8 @@ def _assert_round_trip(uri: str, storage_config: StorageConfig) -> None:
     assert info == saved and info.arch == "simple_cnn" and info.classes == CLASSES
     assert (info.image_size, info.mean, info.std, info.config) == (32, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25), {"epochs": 2})
     weights = storage.read_bytes(storage.join(uri, artifact.WEIGHTS_FILE), storage_config)
-    assert info.model_id == hashlib.sha256(weights).hexdigest() and info.created_at
+    assert info.weights_sha256 == hashlib.sha256(weights).hexdigest() and info.created_at
+    assert info.model_id == model_id_of(info) != info.weights_sha256 and info.format_version == 2
     expected = predict_proba(model, info, _images())
     assert torch.equal(predict_proba(loaded, info, _images()), expected)
     assert torch.allclose(expected.sum(1), torch.ones(4))
@@ -59,7 +63,8 @@ def test_round_trip_local(tmp_path: Path) -> None:
     _assert_round_trip(uri, StorageConfig())
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.json", "model.safetensors"]
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert meta["model_id"] == hashlib.sha256((tmp_path / "model" / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["weights_sha256"] == hashlib.sha256((tmp_path / "model" / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["model_id"] == model_id_of(ModelInfo.model_validate(meta))
 
 
 def test_round_trip_s3(s3_bucket: str) -> None:
@@ -97,7 +102,7 @@ def test_tampered_weights_do_not_match_model_id(tmp_path: Path) -> None:
     state = safetensors.torch.load_file(tmp_path / "model.safetensors")
     state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     safetensors.torch.save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(UsageError, match="do not match model_id"):
+    with pytest.raises(UsageError, match="weights do not match weights_sha256"):
         load_model(str(tmp_path))
 
 
@@ -138,12 +143,13 @@ def test_the_payload_does_run_code_when_unpickled(tmp_path: Path, make: str) -> 
     assert marker.exists()  # so the tests below would see it if it ran
 
 
-def _plant(folder: Path, weights: bytes) -> None:
-    """An artifact whose model.json vouches for ``weights``: the hash check alone cannot stop it."""
+def _plant(folder: Path, weights: bytes, **fields) -> None:
+    """An artifact whose model.json vouches for ``weights`` and its own fields with consistent
+    ids: what someone who recomputes the ids can write. The hash checks alone cannot stop it."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.safetensors").write_bytes(weights)
-    info = _info(model_id=hashlib.sha256(weights).hexdigest())
-    (folder / "model.json").write_text(info.model_dump_json())
+    info = _info(weights_sha256=hashlib.sha256(weights).hexdigest(), **fields)
+    (folder / "model.json").write_text(info.model_copy(update={"model_id": model_id_of(info)}).model_dump_json())
 
 
 @pytest.mark.parametrize("make", ["pickle", "torch.save"])
@@ -179,3 +185,110 @@ def test_load_state_dict_reads_safetensors_and_torch_files(tmp_path: Path) -> No
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UsageError, match="not a safetensors file"):
         load_state_dict(str(tmp_path / "bad.safetensors"), StorageConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# model.json is verified: model_id covers the fields that change predictions; bounds on load
+
+
+def test_model_id_covers_the_weights_and_every_field_inference_reads() -> None:
+    info = _info(weights_sha256="ab" * 32)
+    changed = {"arch": "resnet_small", "classes": ["dog", "cat", "frog"], "image_size": 33,
+               "mean": (0.5, 0.4, 0.31), "std": (0.25, 0.25, 0.26), "weights_sha256": "cd" * 32}
+    assert sorted(changed) == sorted([*artifact.IDENTITY_FIELDS, "weights_sha256"])
+    ids = {name: model_id_of(info.model_copy(update={name: value})) for name, value in changed.items()}
+    assert len({model_id_of(info), *ids.values()}) == len(changed) + 1
+    # What does not change a prediction does not change the id.
+    same = info.model_copy(update={"config": {"epochs": 9}, "metrics": {"val_accuracy": 1.0}, "created_at": "x"})
+    assert model_id_of(same) == model_id_of(info)
+
+
+def _rewrite(folder: Path, **changes) -> None:
+    meta = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**meta, **changes}))
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run the CLI; asserts exit code 2 and a one-line error; returns that line."""
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert (code, len(lines), captured.out) == (2, 1, ""), captured.err
+    return lines[0]
+
+
+# (change to model.json, expected error); the ids are not recomputed unless the case says so.
+TAMPERED = {
+    "classes reordered": ({"classes": ["dog", "cat", "frog"]}, "does not match its model_id"),
+    "mean changed": ({"mean": [0.5, 0.4, 0.31]}, "does not match its model_id"),
+    "std 0": ({"std": [0.25, 0.0, 0.25]}, r"field 'std\.1': Input should be greater than 0"),
+    "std inf": ({"std": [0.25, "Infinity", 0.25]}, r"field 'std\.1': Input should be a finite number"),
+    "mean above 1": ({"mean": [0.5, 40.0, 0.3]}, r"field 'mean\.1': Input should be less than or equal to 1"),
+    "image_size 0": ({"image_size": 0}, "field 'image_size': Input should be greater than or equal to 8"),
+    "image_size 100000": ({"image_size": 100000}, "field 'image_size': Input should be less than or equal to 1024"),
+    "classes repeat": ({"classes": ["cat", "dog", "cat"]}, "field 'classes': Value error, class names repeat: 'cat'"),
+    "no classes": ({"classes": []}, "field 'classes': List should have at least 2 items"),
+    "unknown arch": ({"arch": "nope"}, "field 'arch': Value error, unknown arch 'nope'"),
+    "class added": ({"classes": [*CLASSES, "newt"]}, "does not match its model_id"),
+    "format 1": ({"format_version": 1}, "is format 1, whose model_id covers the weights but not classes"),
+    "format 3": ({"format_version": 3}, "has format_version 3; this distcls reads 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_tampered_model_json_is_refused_by_load_model_and_the_cli(tmp_path: Path, capsys, case: str) -> None:
+    """Each a one-line exit-2 error naming the artifact (and the field), from load_model and from
+    the driver of `distcls label` and `distcls evaluate`, before Ray or any output."""
+    uri = str(tmp_path / "model")
+    save_model(_trained_looking_model(), _info(), uri, StorageConfig())
+    changes, expected = TAMPERED[case]
+    _rewrite(Path(uri), **changes)
+    with pytest.raises(UsageError) as raised:
+        load_model(uri)
+    message = str(raised.value)
+    assert message.startswith(f"{uri}: ") and "\n" not in message and re.search(expected, message), message
+
+    out = tmp_path / "labels"
+    for argv in (["label", "--input", str(tmp_path / "lake"), "--model", uri, "--output", str(out)],
+                 ["evaluate", "--data", str(tmp_path / "lake"), "--model", uri, "--report", str(out)]):
+        assert _cli_error(capsys, *argv) == f"distcls {argv[0]}: error: {message}"
+    assert not out.exists()
+
+
+def test_a_class_count_that_does_not_match_the_head_is_refused_even_with_consistent_ids(tmp_path: Path,
+                                                                                    capsys) -> None:
+    weights = safetensors.torch.save(_trained_looking_model().state_dict())
+    _plant(tmp_path / "model", weights, classes=[*CLASSES, "newt"])
+    uri = str(tmp_path / "model")
+    expected = f"{uri}: model.json field 'classes' lists 4 classes but the weights' head outputs 3"
+    with pytest.raises(UsageError, match=f"^{re.escape(expected)}$"):
+        load_model(uri)
+    line = _cli_error(capsys, "label", "--input", str(tmp_path / "lake"), "--model", uri,
+                      "--output", str(tmp_path / "labels"))
+    assert line == f"distcls label: error: {expected}"
+
+
+def test_save_model_refuses_a_head_that_does_not_match_the_classes(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="lists 3 classes but the weights' head outputs 10"):
+        save_model(create_model("simple_cnn", num_classes=10), _info(), str(tmp_path / "model"), StorageConfig())
+    assert not (tmp_path / "model").exists()
+
+
+def test_resave_upgrades_a_checked_format_1_artifact(tmp_path: Path) -> None:
+    """Format 1: model_id was the weights' sha256 and there was no weights_sha256."""
+    uri = str(tmp_path / "model")
+    model = _trained_looking_model()
+    saved = save_model(model, _info(), uri, StorageConfig())
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    del meta["weights_sha256"]
+    (tmp_path / "model" / "model.json").write_text(json.dumps({**meta, "format_version": 1,
+                                                                "model_id": saved.weights_sha256}))
+    with pytest.raises(UsageError, match="format 1"):
+        load_model(uri)
+
+    upgraded = resave(uri)
+    loaded, info = load_model(uri)
+    assert info == upgraded and info.model_id == saved.model_id and info.created_at == saved.created_at
+    assert torch.equal(predict_proba(loaded, info, _images()), predict_proba(model, info, _images()))
+    with pytest.raises(UsageError, match="not a format-1 artifact"):
+        resave(uri)

@@ -12,9 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distcls import images, storage
 from distcls.artifact import read_info
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
+from distcls.cli import main
 from distcls.label import OUTPUT_SCHEMA, label
 from distcls.lake import list_files
 from oddfiles import odd_files, tiny_model
@@ -104,13 +106,35 @@ def test_pending_skips_staged_paths_and_same_keys_only() -> None:
     assert todo["path"].to_pylist() == ["c"]
 
 
-def test_inside_allowed_roots() -> None:
-    inside = label_module._inside
+def test_normalize_collapses_local_paths_and_refuses_dotted_object_keys(tmp_path: Path) -> None:
+    lake = str(tmp_path / "lake")
+    for spelling in (f"{lake}/a.jpg", f"{lake}/./a.jpg", f"{lake}/x/../a.jpg", f"{lake}//a.jpg",
+                     f"file://{lake}/a.jpg", f"/{lake}/a.jpg"):
+        assert storage.normalize(spelling) == f"{lake}/a.jpg", spelling
+    assert storage.normalize("S3://b/lake/a.jpg/") == "s3://b/lake/a.jpg"
+    for key in ("s3://b/lake/../a.jpg", "s3://b/lake/./a.jpg", "s3://b/lake//a.jpg", "s3://b//a.jpg"):
+        with pytest.raises(UsageError, match=f"^{re.escape(key)}: refused: an object key with"):
+            storage.normalize(key)
+
+
+def test_inside_compares_normalised_paths(tmp_path: Path) -> None:
+    inside = storage.inside
     assert inside("s3://b/lake/x.jpg", "s3://b/lake") and inside("s3://b/lake/x.jpg", "s3://b/lake/")
     assert not inside("s3://b/lakeside/x.jpg", "s3://b/lake")
     assert not inside("s3://b/lake/../private/x.jpg", "s3://b/lake")
-    assert not inside("gs://b/lake/x.jpg", "s3://b/lake")
-    assert inside("/data/lake/a.png", "file:///data/lake") and not inside("/data/lake/../x.png", "/data/lake")
+    assert not inside("s3://b/lake/x.jpg", "s3://b/lake/../lake")
+    assert not inside("gs://b/lake/x.jpg", "s3://b/lake") and not inside("/b/lake/x.jpg", "s3://b/lake")
+    assert inside("/data/lake/a.png", "file:///data/lake") and inside("/data/lake/a.png", "/data/x/../lake/")
+    assert not inside("/data/lake/../etc/passwd", "/data/lake") and not inside("/data/lakeside/a", "/data/lake")
+    (tmp_path / "lake").mkdir()
+    (tmp_path / "lake" / "link").symlink_to("/etc")
+    assert not inside(str(tmp_path / "lake" / "link" / "passwd"), str(tmp_path / "lake"))
+
+
+def test_an_object_key_with_dot_segments_is_a_refused_row_never_read() -> None:
+    decoded = images.read_batch(np.array(["s3://b/lake/../private/x.jpg"]), StorageConfig(), size=8)
+    assert decoded["error"].tolist() == ["s3://b/lake/../private/x.jpg: refused: an object key with '.', '..' "
+                                         "or empty segments (the store takes keys literally)"]
 
 
 def test_slices_spread_small_lakes_and_cap_big_ones() -> None:
@@ -193,17 +217,59 @@ def test_manifest_with_missing_object_and_allowed_roots(ray_local, s3_bucket: st
     upload_folder(synthetic_lake(1, labelled=False), f"{s3_bucket}/private")
     paths = [f"{lake}/img-000000.jpg", f"{lake}/img-000001.jpg", "img-000002.jpg", f"{lake}/img-000000.jpg",
              f"{lake}/missing.jpg", f"s3://{s3_bucket}/private/img-000003.jpg",
-             f"{lake}/../private/img-000004.jpg"]
+             f"{lake}/../private/img-000004.jpg", "./img-000000.jpg", "x/../img-000001.jpg"]
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pa.table({"path": paths, "inventory_size": list(range(len(paths)))}), manifest)
     upload_folder(tmp_path, f"{s3_bucket}/lake")
     summary = label(LabelConfig(manifest=f"{lake}/manifest.parquet", model=model_uri, output=f"s3://{s3_bucket}/out",
                                 allowed_roots=[lake]))
     rows = {r["path"]: r for r in _s3_table(summary["output"]).to_pylist()}
-    assert len(rows) == summary["images"] == 6  # one row per distinct path
+    assert len(rows) == summary["images"] == 6  # one row per distinct file, however the manifest spells it
     assert [rows[f"{lake}/img-00000{i}.jpg"]["error"] for i in range(3)] == [None] * 3
     assert rows[f"{lake}/missing.jpg"]["error"] == f"{lake}/missing.jpg: not found"
     assert rows[f"s3://{s3_bucket}/private/img-000003.jpg"]["error"] == "outside allowed roots"
     assert rows[f"{lake}/../private/img-000004.jpg"]["error"] == "outside allowed roots"
     assert rows[f"{lake}/missing.jpg"]["size"] is None and summary["errors"] == 3
 
+
+
+# ------------------------------------------------------------------------------------------------
+# One row per file, through the CLI
+
+
+def _cli_rows(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, dict]:
+    assert main(["label", *argv]) == 0, capsys.readouterr().err
+    output = argv[argv.index("--output") + 1]
+    return {r["path"]: r for r in pq.read_table(output).to_pylist()}
+
+
+def test_a_symlink_loop_in_a_lake_gives_each_file_one_row(ray_local, tmp_path: Path, synthetic_lake,
+                                                         model_uri: str, capsys) -> None:
+    lake = tmp_path / "lake"
+    (lake / "sub").mkdir(parents=True)
+    source = synthetic_lake(1, labelled=False)
+    for name in ("img-000000.jpg", "img-000001.jpg"):
+        (lake / "sub" / name).write_bytes((source / name).read_bytes())
+    (lake / "sub" / "loop").symlink_to("..")
+    (lake / "again").symlink_to(lake / "sub")
+    rows = _cli_rows(capsys, "--input", str(lake), "--model", model_uri, "--output", str(tmp_path / "out"))
+    assert sorted(rows) == [str(lake / "sub" / "img-000000.jpg"), str(lake / "sub" / "img-000001.jpg")]
+    assert all(r["error"] is None for r in rows.values())
+
+
+def test_manifest_spellings_of_one_file_give_one_row_and_roots_compare_normalised(
+        ray_local, tmp_path: Path, synthetic_lake, model_uri: str, capsys) -> None:
+    lake, private = tmp_path / "lake", tmp_path / "private"
+    lake.mkdir()
+    private.mkdir()
+    source = synthetic_lake(1, labelled=False)
+    (lake / "a.jpg").write_bytes((source / "img-000000.jpg").read_bytes())
+    (private / "p.jpg").write_bytes((source / "img-000001.jpg").read_bytes())
+    entries = ["a.jpg", "./a.jpg", "x/../a.jpg", ".//a.jpg", f"{lake}//a.jpg", f"file://{lake}/a.jpg",
+               f"{lake}/../private/p.jpg", "../private/p.jpg"]
+    (lake / "_m.csv").write_text("path\n" + "\n".join(entries) + "\n")
+    rows = _cli_rows(capsys, "--manifest", str(lake / "_m.csv"), "--model", model_uri,
+                     "--output", str(tmp_path / "out"), "--allowed-roots", f"{tmp_path}/x/../lake/")
+    assert sorted(rows) == [str(lake / "a.jpg"), str(private / "p.jpg")]
+    assert rows[str(lake / "a.jpg")]["error"] is None
+    assert rows[str(private / "p.jpg")]["error"] == "outside allowed roots"

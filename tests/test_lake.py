@@ -1,6 +1,8 @@
 """Finding images: ImageFolder labels, training manifests, and the stratified split."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -8,7 +10,7 @@ import pytest
 
 from distcls.config import StorageConfig
 from distcls.errors import UsageError
-from distcls.lake import labelled_images, list_files, stratified_split
+from distcls.lake import labelled_images, list_files, read_manifest, stratified_split
 
 
 def _touch(root, names):
@@ -59,3 +61,49 @@ def test_stratified_split_is_deterministic_and_per_class() -> None:
     assert sorted(np.bincount(labels[val]).tolist()) == [2, 3, 5]
     assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 100
     assert not np.array_equal(val, stratified_split(labels, 0.1, seed=4)[1])
+
+
+def test_listing_enters_no_symlinked_folder_and_lists_each_file_once(tmp_path) -> None:
+    """pyarrow's recursive listing follows symlinks: ``sub/loop -> ..`` gave ``sub/a.jpg`` 41
+    rows (until ELOOP), and two linked folders never finished. Here a linked folder is never
+    entered, whether it loops or leads out of the lake; a link to a regular file is listed under
+    its own name; dangling links, link loops and FIFOs are skipped."""
+    lake, outside = tmp_path / "lake", tmp_path / "outside"
+    _touch(lake, ["sub/a.jpg", "b.jpg"])
+    _touch(outside, ["secret.jpg"])
+    (lake / "sub" / "loop").symlink_to("..")
+    (lake / "out").symlink_to(outside)
+    (lake / "alias.jpg").symlink_to(lake / "sub" / "a.jpg")
+    (lake / "dangling.jpg").symlink_to(tmp_path / "nothing.jpg")
+    (lake / "self.jpg").symlink_to(lake / "self.jpg")
+    os.mkfifo(lake / "fifo.jpg")
+    table = list_files(str(lake), StorageConfig())
+    assert table["path"].to_pylist() == [str(lake / n) for n in ("alias.jpg", "b.jpg", "sub/a.jpg")]
+    assert table["size"].to_pylist() == [1, 1, 1]
+
+
+def test_listing_from_a_symlinked_root_and_an_unreadable_folder(tmp_path) -> None:
+    _touch(tmp_path / "real", ["a.jpg", "locked/b.jpg"])
+    (tmp_path / "link").symlink_to(tmp_path / "real")  # the root the user named is followed
+    assert list_files(str(tmp_path / "link"), StorageConfig(), [".jpg"])["path"].to_pylist()[0] == \
+        str(tmp_path / "link" / "a.jpg")
+    (tmp_path / "real" / "locked").chmod(0)
+    try:
+        if os.access(tmp_path / "real" / "locked", os.R_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(UsageError, match=f"^{tmp_path / 'link'}: .*[Pp]ermission denied"):
+            list_files(str(tmp_path / "link"), StorageConfig())
+    finally:
+        (tmp_path / "real" / "locked").chmod(0o755)
+
+
+def test_manifest_paths_are_normalised(tmp_path) -> None:
+    """``a.jpg``, ``./a.jpg``, ``x/../a.jpg``, ``.//a.jpg``, a doubled slash and file:// name one
+    file and read as one path; ``//a.jpg`` is the absolute ``/a.jpg``, as the OS reads it."""
+    lake = tmp_path / "lake"
+    _touch(lake, ["a.jpg"])
+    entries = ["a.jpg", "./a.jpg", "x/../a.jpg", ".//a.jpg", f"{lake}//a.jpg", f"file://{lake}/./a.jpg", "//a.jpg",
+               "s3://bucket/lake/../a.jpg"]
+    pq.write_table(pa.table({"path": entries}), lake / "m.parquet")
+    paths = read_manifest(str(lake / "m.parquet"), StorageConfig())["path"].to_pylist()
+    assert paths == [str(lake / "a.jpg")] * 6 + ["/a.jpg", "s3://bucket/lake/../a.jpg"]

@@ -5,7 +5,7 @@ Covered elsewhere, and not repeated here: malicious pickles planted as model.saf
 ``load_state_dict`` (test_artifact.py), unknown config fields and credentials as config fields
 (test_config.py, test_cli.py), non-root containers, token auth, private dashboards and literal
 secrets in k8s/ and cluster/ (test_k8s.py, test_cluster_configs.py), the canary absent from an S3
-label run's ``_SUCCESS`` (test_label.py).
+label run's ``_SUCCESS`` (test_label.py), model.json tampering (test_artifact.py).
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ from oddfiles import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "testing-secret-canary-7f3a9"  # conftest's AWS_SECRET_ACCESS_KEY
+# A canary in every credential field (moto accepts any keys and ignores the token).
+CANARIES = {"AWS_ACCESS_KEY_ID": "keyid-canary-3c1e8", "AWS_SECRET_ACCESS_KEY": CANARY,
+            "AWS_SESSION_TOKEN": "token-canary-5d27b"}
+USERINFO = ("userinfo-canary-9a4f", "pass/canary+0b6d")  # the secret holds '/', as AWS secret keys may
 
 
 @pytest.fixture(scope="module")
@@ -181,33 +185,6 @@ def _files_holding(folder: Path, secret: str) -> list[str]:
     return [str(f) for f in folder.rglob("*") if f.is_file() and not f.is_symlink() and needle in f.read_bytes()]
 
 
-def _ray_session_dir() -> Path:
-    import ray
-
-    return Path(ray._private.worker._global_node.get_session_dir_path())
-
-
-def test_credentials_never_appear_in_a_label_run_on_s3(ray_local, s3_bucket: str, upload_folder, synthetic_lake,
-                                                       model_uri: str) -> None:
-    """The canary secret is in every process's environment; it must not reach the CLI's output,
-    the Parquet files, _SUCCESS, or anything Ray logs for the run."""
-    import ray
-
-    lake = upload_folder(synthetic_lake(1, labelled=False), f"{s3_bucket}/lake")
-    model = upload_folder(Path(model_uri), f"{s3_bucket}/model")
-    assert os.environ["AWS_SECRET_ACCESS_KEY"] == CANARY
-    done = _cli("label", "--input", lake, "--model", model, "--output", f"s3://{s3_bucket}/labels",
-                env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    written = _objects(s3_bucket, "labels/")
-    assert "labels/_SUCCESS" in written and any(k.endswith(".parquet") for k in written)
-    assert pq.read_table(pa.BufferReader(next(v for k, v in written.items() if k.endswith(".parquet")))).num_rows
-    assert [k for k, v in written.items() if CANARY.encode() in v] == []
-    assert CANARY not in done.stdout + done.stderr
-    assert _files_holding(_ray_session_dir(), CANARY) == []
-
-
 def test_credentials_never_appear_in_errors(s3_bucket: str, model_uri: str, s3_auth: dict[str, str]) -> None:
     """Failing runs, with the traceback switched on: an endpoint where nothing listens, and keys
     the store rejects (the rejected secret is the canary)."""
@@ -238,24 +215,72 @@ class socketless_port:
         self.sock.close()
 
 
-def test_credentials_never_appear_in_a_training_run_on_s3(s3_bucket: str, upload_folder, synthetic_lake,
-                                                          tmp_path: Path) -> None:
-    """Ray Train persists its own state next to the checkpoints (and could pickle the S3
-    filesystem object); none of it, nor model.json, metrics or logs, may hold the secret. Its own
-    Ray (RAY_TMPDIR) so that every log file of the run can be searched."""
+def test_credentials_never_appear_in_train_evaluate_and_label_runs_on_s3(no_ray, s3_bucket: str, upload_folder,
+                                                                       synthetic_lake) -> None:
+    """A canary in every credential variable (key id, secret, session token) of every process:
+    train (1 epoch), evaluate and label on S3 through the CLI. None may reach stdout, stderr or any
+    object written (model.json, metrics.jsonl, checkpoints, Ray Train's state, which could pickle
+    the S3 filesystem, the report, _SUCCESS, Parquet), nor a file of the Rays they start (their
+    own, under RAY_TMPDIR, so that every log file can be searched and every worker has the canaries)."""
     lake = upload_folder(synthetic_lake(10), f"{s3_bucket}/lake")
+    run = f"s3://{s3_bucket}/run"
     ray_tmp = Path(f"/tmp/rs{os.getpid()}")  # short: Ray's socket paths are limited
+    env = {**CANARIES, "RAY_TMPDIR": str(ray_tmp)}
     try:
-        done = _cli("train", "--data", lake, "--output", f"s3://{s3_bucket}/run", "--epochs", "1", "--workers", "1",
-                    "--batch-size", "32", "--model", "simple_cnn", env={"RAY_TMPDIR": str(ray_tmp)})
-        assert done.returncode == 0, done.stderr[-3000:]
+        runs = [_cli("train", "--data", lake, "--output", run, "--epochs", "1", "--workers", "1", "--batch-size", "32",
+                     "--model", "simple_cnn", env=env),
+                _cli("evaluate", "--data", f"{run}/val.parquet", "--model", f"{run}/model", "--report", f"{run}/report",
+                     env=env),
+                _cli("label", "--input", f"{lake}/circle", "--model", f"{run}/model", "--output", f"{run}/labels",
+                     env=env)]
+        for done in runs:
+            assert done.returncode == 0, done.stderr[-3000:]
         written = _objects(s3_bucket, "run/")
-        assert "run/model/model.json" in written and any("checkpoint" in k for k in written), sorted(written)
-        assert [k for k, v in written.items() if CANARY.encode() in v] == []
-        assert CANARY not in done.stdout + done.stderr
-        assert _files_holding(ray_tmp, CANARY) == []
+        expected = ["run/model/model.json", "run/metrics.jsonl", "run/report/metrics.json", "run/labels/_SUCCESS"]
+        assert all(key in written for key in expected), sorted(written)
+        assert any("checkpoint" in k for k in written) and any(k.startswith("run/labels/part-") for k in written)
+        labels = [v for k, v in written.items() if k.startswith("run/labels/part-")]
+        assert sum(pq.read_table(pa.BufferReader(v)).num_rows for v in labels) == 10
+        for canary in CANARIES.values():
+            assert [k for k, v in written.items() if canary.encode() in v] == []
+            assert [i for i, done in enumerate(runs) if canary in done.stdout + done.stderr] == []
+            assert _files_holding(ray_tmp, canary) == []
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+_BAD_URIS = {
+    "--endpoint-url": f"https://{USERINFO[0]}:{USERINFO[1]}@127.0.0.1:9",
+    "$AWS_ENDPOINT_URL": f"http://{USERINFO[0]}:{USERINFO[1]}@127.0.0.1:9",
+    "user only": f"http://{USERINFO[0]}@127.0.0.1:9",
+    "no scheme": f"{USERINFO[0]}:{USERINFO[1]}@127.0.0.1:9",
+    "data URI": f"s3://{USERINFO[0]}:{USERINFO[1]}@bucket/lake",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_URIS))
+@pytest.mark.parametrize("command", ["train", "evaluate", "label"])
+def test_credentials_in_a_uri_are_refused_and_never_echoed(monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path,
+                                                            command: str, case: str) -> None:
+    """Exit 2 at config validation, one line naming the field, the canaries nowhere, nothing written."""
+    uri = _BAD_URIS[case]
+    out = str(tmp_path / "out")
+    argv = {"train": ["--data", "d", "--output", out], "evaluate": ["--data", "d", "--model", "m", "--report", out],
+            "label": ["--input", "d", "--model", "m", "--output", out]}[command]
+    field = "endpoint_url"
+    if case == "$AWS_ENDPOINT_URL":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", uri)
+    elif case == "data URI":
+        argv[1], field = uri, {"train": "data", "evaluate": "data", "label": "input"}[command]
+    else:
+        argv += ["--endpoint-url", uri]
+    code = main([command, *argv])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert f"field '{field}'" in captured.err and "credentials" in captured.err
+    assert ("$AWS_ENDPOINT_URL" in captured.err) == (case == "$AWS_ENDPOINT_URL")
+    assert not any(part in captured.err for part in (*USERINFO, "canary"))
+    assert not Path(out).exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,7 +82,28 @@ class TrainConfig(StorageConfig):
         return value
 
 
-class EvaluateConfig(StorageConfig):
+class InferenceConfig(StorageConfig):
+    """Settings of the inference stage shared by ``evaluate`` and ``label``: GPUs and the actor pool."""
+
+    gpu: bool = Field(False, description="Run the model on GPUs: --gpus-per-actor each (default 1); CPU tasks decode "
+                                         "ahead of them. Needs GPUs in the cluster or an autoscaler that can add GPU nodes.")
+    min_actors: int | None = Field(
+        None, description="Fewest inference actors. Default: as many as fit the cluster's nodes now (at least 1), so a "
+                          "fixed cluster is filled at once and one that starts with no workers gets its first node.")
+    max_actors: int | None = Field(
+        None, description="Most inference actors; between min and max Ray Data grows the pool while work waits and the "
+                          "autoscaler adds nodes for it. Default: the cluster's maximum where its autoscaler reports "
+                          "one, else the larger of what fits now and 64; never more than there are batches.")
+    cpus_per_actor: float | None = Field(
+        None, description="CPUs each actor reserves; on CPUs also its torch threads. Default 1 (with --gpu: 0 on a "
+                          "cluster of fewer than 2 CPUs, leaving them to the decode tasks).")
+    gpus_per_actor: float | None = Field(None, description="GPUs each actor reserves, fractions allowed (needs --gpu). Default 1.")
+    memory_per_actor: int | None = Field(
+        None, description="Bytes of memory each actor (and with --gpu each decode task) reserves; 0: no reservation. "
+                          "Default: ~1 GiB + 4 decoded batches.")
+
+
+class EvaluateConfig(InferenceConfig):
     """Settings of ``distcls evaluate``."""
 
     data: str = Field(..., description="Labelled lake or manifest to evaluate on.")
@@ -91,7 +112,7 @@ class EvaluateConfig(StorageConfig):
     batch_size: int = Field(512, ge=1, description="Images per inference batch.")
 
 
-class LabelConfig(StorageConfig):
+class LabelConfig(InferenceConfig):
     """Settings of ``distcls label``."""
 
     input: str | None = Field(None, description="Lake URI to list recursively (omit when --manifest is given).")
@@ -107,8 +128,7 @@ class LabelConfig(StorageConfig):
     )
     top_k: int = Field(5, ge=1, description="Classes kept per image in topk_labels/topk_scores.")
     batch_size: int = Field(256, ge=1, description="Images per inference batch.")
-    concurrency: int | None = Field(None, ge=1, description="Inference actors; default: one per GPU, or enough for the CPUs.")
-    gpu: bool = Field(False, description="Run inference actors on GPUs (one each).")
+    concurrency: int | None = Field(None, ge=1, description="Deprecated: the same as --min-actors N --max-actors N.")
     incremental: bool = Field(False, description="Write a run=<id>/ partition with only images not yet labelled by this model.")
     resume: bool = Field(False, description="Continue an interrupted run on the same output.")
     overwrite: bool = Field(False, description="Replace an existing non-empty output.")

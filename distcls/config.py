@@ -67,7 +67,8 @@ class TrainConfig(StorageConfig):
     image_size: int = Field(32, ge=8, le=1024, description="Side of the square model input in pixels.")
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
-    gpu: bool = Field(False, description="One GPU per worker, NCCL, mixed precision. Falls back to CPU is never silent: needs GPUs in the cluster.")
+    gpu: bool = Field(False, description="One GPU per worker, NCCL, mixed precision. Needs GPUs in the cluster or an "
+                                         "autoscaler that can add GPU nodes; a worker without a usable CUDA device fails the run.")
     seed: int = Field(0, description="Seed for the split, initialisation and augmentation order.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed before the run fails (-1: unlimited).")
     name: str = Field("distcls-train", description="Run name; rerunning with the same name and output resumes.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 
@@ -119,6 +120,19 @@ def require_cuda(what: str) -> str:
     raise JobError(f"--gpu: {what} on node {ray.util.get_node_ip_address()} (node id {context.get_node_id()}) was "
                    f"given GPU {','.join(map(str, ray.get_gpu_ids())) or '?'} but torch finds no usable CUDA device "
                    f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+
+
+def require_cuda_on_a_gpu_node(what: str) -> None:
+    """``require_cuda`` in a task on a GPU node (waiting for the autoscaler to add one, if need
+    be): JobError naming that node when torch there finds no usable CUDA device."""
+    probe = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(require_cuda)
+    try:
+        ray.get(probe.remote(what))
+    except ray.exceptions.RayTaskError as exc:
+        reason = re.search(r"distcls\.errors\.JobError: (.+)", str(exc))
+        if reason is None:
+            raise
+        raise JobError(reason.group(1)) from None
 
 
 def _fits_a_node(bundle: dict[str, float]) -> bool:

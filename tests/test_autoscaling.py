@@ -1,6 +1,7 @@
 """label and evaluate on a cluster that starts with a 0-CPU head and no worker nodes: the inference
-actor pool asks for nodes and the real autoscaler (Ray's fake multi-node provider) adds them; --gpu is
-accepted because the autoscaler can add a GPU node, and the no-CUDA failure names that node."""
+actor pool asks for nodes and the real autoscaler (Ray's fake multi-node provider) adds them; --gpu
+(label, train) is accepted because the autoscaler can add a GPU node, and as that node has no CUDA
+the run fails with one line naming it. One cluster for the file: later tests may reuse its nodes."""
 from __future__ import annotations
 
 import json
@@ -81,3 +82,18 @@ def test_gpu_is_accepted_and_a_node_without_cuda_fails_the_run_naming_it(
     assert last.startswith("distcls label: failed: --gpu: an inference actor on node ")
     assert next(iter(gpu_nodes)) in last and "no usable CUDA device" in last and "nothing was committed" in last
     assert not output.exists() or not [p for p in output.rglob("*") if "_staging" not in p.parts]
+
+
+def test_train_gpu_is_accepted_and_a_gpu_node_without_cuda_fails_the_run_naming_it(
+        on_autoscaling_cluster, synthetic_lake, tmp_path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the fake GPU node would work")
+    code = main(["train", "--data", str(synthetic_lake(2)), "--output", str(tmp_path / "run"), "--gpu",
+                 "--workers", "1", "--epochs", "1", "--max-failures", "0", "--model", "simple_cnn",
+                 "--val-fraction", "0.5"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1, last
+    gpu_nodes = _worker_nodes("GPU")
+    assert len(gpu_nodes) == 1 and next(iter(gpu_nodes)) in last, last
+    assert last.startswith("distcls train: failed: --gpu: a training worker on node "), last
+    assert not (tmp_path / "run" / "model").exists()

@@ -89,12 +89,13 @@ class InferenceConfig(StorageConfig):
     gpu: bool = Field(False, description="Run the model on GPUs: --gpus-per-actor each (default 1); CPU tasks decode "
                                          "ahead of them. Needs GPUs in the cluster or an autoscaler that can add GPU nodes.")
     min_actors: int | None = Field(
-        None, description="Fewest inference actors. Default: as many as fit the cluster's nodes now (at least 1), so a "
-                          "fixed cluster is filled at once and one that starts with no workers gets its first node.")
+        None, description="Fewest inference actors. Default: as many as fit the cluster's nodes now (at least 1): a "
+                          "fixed cluster is filled from the start; one with no worker nodes yet asks its autoscaler for one.")
     max_actors: int | None = Field(
-        None, description="Most inference actors; between min and max Ray Data grows the pool while work waits and the "
-                          "autoscaler adds nodes for it. Default: the cluster's maximum where its autoscaler reports "
-                          "one, else the larger of what fits now and 64; never more than there are batches.")
+        None, description="Most inference actors; in between, Ray Data adds actors while batches wait and the autoscaler "
+                          "adds nodes for them. Default on a fixed cluster: the minimum; on an autoscaling one (Ray's "
+                          "autoscaler with node types: KubeRay, ray up): the most its autoscaler reports it can reach, "
+                          "else the larger of what fits now and 64. Never more than there are batches.")
     cpus_per_actor: float | None = Field(
         None, description="CPUs each actor reserves; on CPUs also its torch threads. Default 1 (with --gpu: 0 on a "
                           "cluster of fewer than 2 CPUs, leaving them to the decode tasks).")

@@ -152,7 +152,7 @@ def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows:
                       "decode_args": None if config.gpu else decode_args}
     # from_blocks, not from_arrow: that runs a Ray task per slice just to read its schema, which
     # costs the first worker process ~1 s before the pipeline starts.
-    dataset = ray.data.from_blocks(_slices(inputs, sizing.max_actors))
+    dataset = ray.data.from_blocks(_slices(inputs, max(sizing.max_actors, runtime.cluster_cpus())))
     if config.gpu:
         dataset = dataset.map_batches(
             read_and_decode, batch_format="pyarrow", batch_size=config.batch_size, fn_kwargs=decode_args,
@@ -176,10 +176,10 @@ def _memory(memory: int) -> dict[str, Any]:
     return {"memory": memory} if memory else {}
 
 
-def _slices(table: pa.Table, actors: int) -> list[pa.Table]:
-    """Blocks of at most 2000 rows, but at least ~4 per actor so that a small lake still spreads
-    over the whole pool."""
-    rows = max(1, min(_MAX_SLICE_ROWS, -(-table.num_rows // (4 * max(1, actors)))))
+def _slices(table: pa.Table, workers: int) -> list[pa.Table]:
+    """Blocks of at most 2000 rows, but at least ~4 per worker (an actor of the pool or, with
+    --gpu, a CPU of the decode tasks) so that a small lake still spreads over all of them."""
+    rows = max(1, min(_MAX_SLICE_ROWS, -(-table.num_rows // (4 * max(1, workers)))))
     return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
 
 

@@ -114,9 +114,9 @@ def test_inside_allowed_roots() -> None:
 
 def test_slices_spread_small_lakes_and_cap_big_ones() -> None:
     small = pa.table({"path": [str(i) for i in range(60)]})
-    assert [s.num_rows for s in predict._slices(small, actors=3)] == [5] * 12
+    assert [s.num_rows for s in predict._slices(small, workers=3)] == [5] * 12
     big = pa.table({"path": pa.array(np.arange(100_000).astype(str))})
-    assert max(s.num_rows for s in predict._slices(big, actors=2)) == 2000
+    assert max(s.num_rows for s in predict._slices(big, workers=2)) == 2000
 
 
 def test_run_ids_sort_by_time_and_differ() -> None:

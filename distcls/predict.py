@@ -202,11 +202,11 @@ def read_and_decode(batch: pa.Table, storage_config: StorageConfig, size: int, m
                 kept = batch[name].to_pylist() if name in batch.column_names else [None] * n
                 columns[name] = np.array(kept, dtype=object)
             columns[name][wanted] = values
-    kept = batch.drop_columns([name for name in columns if name in batch.column_names])
+    decoded = batch.drop_columns([name for name in columns if name in batch.column_names])
     for name, values in columns.items():
         mask = values < 0 if values.dtype != object else None
-        kept = kept.append_column(name, pa.array(values, mask=mask, type=None if mask is not None else pa.string()))
-    return kept.append_column("image", ArrowTensorArray.from_numpy(pixels))
+        decoded = decoded.append_column(name, pa.array(values, mask=mask, type=None if mask is not None else pa.string()))
+    return decoded.append_column("image", ArrowTensorArray.from_numpy(pixels))
 
 
 class Predictor:

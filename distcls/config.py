@@ -99,7 +99,8 @@ class TrainConfig(StorageConfig):
     image_size: int = Field(32, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Side of the square model input in pixels.")
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
-    gpu: bool = Field(False, description="One GPU per worker, NCCL, mixed precision. Falls back to CPU is never silent: needs GPUs in the cluster.")
+    gpu: bool = Field(False, description="One GPU per worker, NCCL, mixed precision. Needs GPUs in the cluster or an "
+                                         "autoscaler that can add GPU nodes; a worker without a usable CUDA device fails the run.")
     seed: int = Field(0, description="Seed for the split, initialisation and augmentation order.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed before the run fails (-1: unlimited).")
     name: str = Field("distcls-train", description="Run name; rerunning with the same name and output resumes.")
@@ -114,17 +115,39 @@ class TrainConfig(StorageConfig):
         return value
 
 
-class EvaluateConfig(StorageConfig):
+class InferenceConfig(StorageConfig):
+    """Settings of the inference stage shared by ``evaluate`` and ``label``: GPUs and the actor pool."""
+
+    gpu: bool = Field(False, description="Run the model on GPUs: --gpus-per-actor each (default 1); CPU tasks decode "
+                                         "ahead of them. Needs GPUs in the cluster or an autoscaler that can add GPU nodes.")
+    min_actors: int | None = Field(
+        None, description="Fewest inference actors. Default: as many as fit the cluster's nodes now (at least 1): a "
+                          "fixed cluster is filled from the start; one with no worker nodes yet asks its autoscaler for one.")
+    max_actors: int | None = Field(
+        None, description="Most inference actors; in between, Ray Data adds actors while batches wait and the autoscaler "
+                          "adds nodes for them. Default on a fixed cluster: the minimum; on an autoscaling one (Ray's "
+                          "autoscaler with node types: KubeRay, ray up): the most its autoscaler reports it can reach, "
+                          "else the larger of what fits now and 64. Never more than there are batches.")
+    cpus_per_actor: float | None = Field(
+        None, description="CPUs each actor reserves; on CPUs also its torch threads. Default 1 (with --gpu: 0 on a "
+                          "cluster of fewer than 2 CPUs, leaving them to the decode tasks).")
+    gpus_per_actor: float | None = Field(None, description="GPUs each actor reserves, fractions allowed (needs --gpu). Default 1.")
+    memory_per_actor: int | None = Field(
+        None, description="Bytes of memory each actor (and with --gpu each decode task) reserves; 0: no reservation. "
+                          "Default: ~1 GiB + 4 decoded batches.")
+    max_file_bytes: int = Field(MAX_FILE_BYTES, ge=1, description=_MAX_FILE_BYTES_HELP)
+
+
+class EvaluateConfig(InferenceConfig):
     """Settings of ``distcls evaluate``."""
 
     data: str = Field(..., description="Labelled lake or manifest to evaluate on.")
     model: str = Field(..., description="Model artifact URI (the model/ folder written by train).")
     report: str | None = Field(None, description="Folder for metrics.json and confusion.png.")
     batch_size: int = Field(512, ge=1, description="Images per inference batch.")
-    max_file_bytes: int = Field(MAX_FILE_BYTES, ge=1, description=_MAX_FILE_BYTES_HELP)
 
 
-class LabelConfig(StorageConfig):
+class LabelConfig(InferenceConfig):
     """Settings of ``distcls label``."""
 
     input: str | None = Field(None, description="Lake URI to list recursively (omit when --manifest is given).")
@@ -140,8 +163,7 @@ class LabelConfig(StorageConfig):
     )
     top_k: int = Field(5, ge=1, description="Classes kept per image in topk_labels/topk_scores.")
     batch_size: int = Field(256, ge=1, description="Images per inference batch.")
-    concurrency: int | None = Field(None, ge=1, description="Inference actors; default: one per GPU, or enough for the CPUs.")
-    gpu: bool = Field(False, description="Run inference actors on GPUs (one each).")
+    concurrency: int | None = Field(None, ge=1, description="Deprecated: the same as --min-actors N --max-actors N.")
     incremental: bool = Field(False, description="Write a run=<id>/ partition with only images not yet labelled by this model.")
     resume: bool = Field(False, description="Continue an interrupted run on the same output.")
     overwrite: bool = Field(False, description="Replace an existing non-empty output.")
@@ -149,7 +171,6 @@ class LabelConfig(StorageConfig):
         89_478_485, ge=1, description="Decompression-bomb limit: images declaring more pixels become error rows."
     )
     rows_per_file: int = Field(100_000, ge=1, description="Target rows per Parquet file.")
-    max_file_bytes: int = Field(MAX_FILE_BYTES, ge=1, description=_MAX_FILE_BYTES_HELP)
 
     @field_validator("extensions")
     @classmethod

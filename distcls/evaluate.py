@@ -1,35 +1,30 @@
 """``distcls evaluate``: accuracy, per-class precision/recall/F1 and a confusion matrix of a model
-artifact on a labelled lake, computed with the same decode path and model loading as labeling."""
+artifact on a labelled lake: the inference stage of labeling (``distcls.predict``) + metrics."""
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 
-from distcls import lake, storage
-from distcls.artifact import ModelInfo, load_model, predict_proba, read_info
+from distcls import lake, predict, storage
+from distcls.artifact import ModelInfo, read_info
 from distcls.config import EvaluateConfig, StorageConfig
-from distcls.images import read_batch
 from distcls.runtime import ensure_ray
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Predict every image of ``config.data`` and score it; prints a table, optionally writes a report.
     Returns ``accuracy``, ``images``, ``macro_f1``, ``errors`` and per-class metrics."""
+    predict.check_usage(config)
     info = read_info(config.model, config.storage())
     rows, classes = lake.labelled_images(config.data, config.storage(), info.classes)
     ensure_ray()
-    slices = [rows.slice(start, 1000) for start in range(0, rows.num_rows, 1000)]
-    predicted = ray.data.from_arrow(slices).map_batches(
-        _Scorer, fn_constructor_kwargs={"model_uri": config.model, "storage_config": config.storage(),
-                                        "max_file_bytes": config.max_file_bytes},
-        batch_size=config.batch_size, concurrency=1, batch_format="numpy").to_arrow_refs()
-    table = pa.concat_tables(ray.get(predicted))
+    predict.check_gpus(config)
+    table = pa.concat_tables(predict.predict(rows, config, info, _scored))
     ok = table["error"].is_null().to_numpy(zero_copy_only=False)
     truth = table["label"].to_numpy()[ok]
-    guess = table["predicted"].to_numpy()[ok]
+    guess = table["predicted"].to_numpy(zero_copy_only=False)[ok].astype(np.int64)
     matrix = confusion_matrix(truth, guess, len(classes))
     metrics = scores(matrix, classes)
     metrics["errors"] = int((~ok).sum())
@@ -40,19 +35,12 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "errors": metrics["errors"], "model_id": info.model_id}
 
 
-class _Scorer:
-    """Loads the model once per actor; turns a batch of (path, label) into (label, predicted, error)."""
-
-    def __init__(self, model_uri: str, storage_config: StorageConfig, max_file_bytes: int) -> None:
-        self.model, self.info = load_model(model_uri, storage_config)
-        self.storage_config = storage_config
-        self.max_file_bytes = max_file_bytes
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        decoded = read_batch(batch["path"], self.storage_config, self.info.image_size,
-                             max_file_bytes=self.max_file_bytes)
-        predicted = predict_proba(self.model, self.info, decoded["image"]).argmax(1).numpy().astype(np.int32)
-        return {"label": batch["label"], "predicted": predicted, "error": decoded["error"]}
+def _scored(batch: pa.Table, ok: np.ndarray, probs: np.ndarray, info: ModelInfo) -> pa.Table:
+    """The inference stage's row maker for evaluation: true label, predicted class (null where
+    the image could not be read) and error."""
+    predicted = np.zeros(len(ok), dtype=np.int32)
+    predicted[ok] = probs.argmax(axis=1)
+    return pa.table({"label": batch["label"], "predicted": pa.array(predicted, mask=~ok), "error": batch["error"]})
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:

@@ -1,10 +1,9 @@
 """``distcls label``: every image of a lake (or manifest) -> one Parquet row, with Ray Data, streaming.
 
-Pipeline: the listing (an Arrow table) goes to Ray in slices -> ``_Predictor`` actors (one per CPU)
-that load the model once and run ``_read_and_decode`` on each batch themselves (threads overlap
-object-store GETs and Pillow, both release the GIL), then the model; the driver streams the
-output rows into Parquet files of ``rows_per_file`` rows in ``<output>/_staging/<run_id>/``.
-With --gpu, decoding runs in CPU tasks ahead of the GPU actors.
+Pipeline: the listing (an Arrow table) goes through the inference stage of ``distcls.predict``
+(a pool of actors that load the model once, decode and predict; ``_rows`` shapes their output);
+the driver streams the output rows into Parquet files of ``rows_per_file`` rows in
+``<output>/_staging/<run_id>/``.
 A file that cannot be read or decoded becomes a row with ``error`` set: one bad file never fails the run.
 
 Output columns: path, label, label_id, score, topk_labels, topk_scores, width, height (as displayed),
@@ -37,9 +36,9 @@ incremental runs in one testable place.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import posixpath
-import re
 import secrets
 import sys
 import time
@@ -55,13 +54,10 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-import torch
-from ray.actor import ActorHandle
-from ray.data.extensions import ArrowTensorArray
 
-from distcls import artifact, crashes, images, lake, runtime, storage
+from distcls import artifact, lake, predict, runtime, storage
 from distcls.artifact import ModelInfo
-from distcls.config import MAX_FILE_BYTES, LabelConfig, StorageConfig, public_dict
+from distcls.config import LabelConfig, StorageConfig, public_dict
 from distcls.errors import JobError, UsageError
 
 SUCCESS = "_SUCCESS"
@@ -89,13 +85,9 @@ OUTPUT_SCHEMA = pa.schema([
 INPUT_SCHEMA = pa.schema([
     ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC")), ("error", pa.string()),
 ])
-_MAX_SLICE_ROWS = 2000
 # Rows per Parquet row group of the output: large enough for readers to skip by statistics, small
 # enough that the driver, which writes them, holds a few MB.
 _ROW_GROUP_ROWS = 16_384
-_DECODE_THREADS = 8
-# A decode worker holds Python, numpy, Pillow and torch (Ray measured ~450 MiB) plus its batches.
-_DECODE_BASE_MEMORY = 2**30
 
 
 def label(config: LabelConfig) -> dict[str, Any]:
@@ -118,7 +110,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
         return finished
     _refuse_existing(dest, config)
     runtime.ensure_ray()
-    _check_gpus(config)
+    predict.check_gpus(config)
     return _stage_and_commit(config, dest, info, inputs, started)
 
 
@@ -148,6 +140,7 @@ def _stage_and_commit(config: LabelConfig, dest: _Dest, info: ModelInfo, inputs:
 
 
 def _check_usage(config: LabelConfig) -> None:
+    predict.check_usage(config)
     if (config.input is None) == (config.manifest is None):
         raise UsageError("give exactly one of --input (a lake to list) or --manifest (a file of paths)")
     if config.input and storage.inside(config.output, config.input):
@@ -208,45 +201,16 @@ def _keys(table: pa.Table) -> pa.Table:
 
 
 def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: str, dest: _Dest) -> None:
-    """Read, decode and predict, then write Parquet into the run's staging folder.
-
-    On CPUs every inference actor reads and decodes its own batches (one actor per CPU, one torch
-    thread each): both stages then use every core whichever is the slower one, and decoded pixels
-    never cross the object store. With --gpu, CPU tasks decode and the GPU actors only run the model.
-    """
+    """Read, decode and predict (the shared inference stage), then write Parquet into the run's
+    staging folder."""
     ray.data.DataContext.get_current().enable_progress_bars = True
-    storage_config = config.storage()
-    registry = crashes.start_registry()
-    decode_args = {"storage_config": storage_config, "size": info.image_size, "max_pixels": config.max_image_pixels,
-                   "max_file_bytes": config.max_file_bytes, "crash_registry": registry}
-    predictor_args = {"model_uri": config.model, "storage_config": storage_config, "run_id": run_id,
-                      "top_k": config.top_k, "gpu": config.gpu, "decode_args": None if config.gpu else decode_args}
-    cpus = runtime.cluster_cpus()
-    memory = _DECODE_BASE_MEMORY + 4 * config.batch_size * 3 * info.image_size**2
-    # from_blocks, not from_arrow: that runs a Ray task per slice just to read its schema, which
-    # costs the first worker process ~1 s before the pipeline starts.
-    dataset = ray.data.from_blocks(_slices(todo, cpus))
-    if config.gpu:
-        dataset = dataset.map_batches(
-            _read_and_decode, batch_format="pyarrow", batch_size=config.batch_size, fn_kwargs=decode_args,
-            num_cpus=1, memory=memory)
-    dataset = dataset.map_batches(
-        _Predictor, batch_format="pyarrow", batch_size=config.batch_size, fn_constructor_kwargs=predictor_args,
-        compute=ray.data.ActorPoolStrategy(size=_concurrency(config)), num_gpus=1 if config.gpu else 0,
-        # A GPU actor on a one-CPU cluster would starve the decode tasks if it held the CPU.
-        num_cpus=1 if cpus >= 2 or not config.gpu else 0, memory=None if config.gpu else memory)
+    rows = predict.predict(todo, config, info, functools.partial(_rows, top_k=config.top_k, run_id=run_id),
+                           max_pixels=config.max_image_pixels)
     dest.fs.create_dir(dest.path(STAGING, run_id))
     try:
-        _write_staged(dataset.iter_batches(batch_size=None, batch_format="pyarrow"), dest, run_id, config.rows_per_file)
-    except ray.exceptions.RayTaskError as exc:
-        # A task's JobError (images.read_batch: the store unreachable after retries) reaches the
-        # driver only as text inside Ray Data's UserCodeException; say it in one line.
-        reason = re.search(r"distcls\.errors\.JobError: (.+)", str(exc))
-        if reason is None:
-            raise
-        raise JobError(f"{reason.group(1)}; nothing was committed") from None
-    finally:
-        ray.kill(registry)
+        _write_staged(rows, dest, run_id, config.rows_per_file)
+    except JobError as exc:
+        raise JobError(f"{exc}; nothing was committed") from None
 
 
 def _write_staged(batches: Iterable[pa.Table], dest: _Dest, run_id: str, rows_per_file: int) -> None:
@@ -288,79 +252,9 @@ def _regroup(batches: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(chunks)
 
 
-def _slices(table: pa.Table, cpus: int) -> list[pa.Table]:
-    """Blocks of at most 2000 rows, but at least ~4 per CPU so that a small lake still spreads
-    over the cluster's decode tasks."""
-    rows = max(1, min(_MAX_SLICE_ROWS, -(-table.num_rows // (4 * max(1, cpus)))))
-    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
-
-
-def _concurrency(config: LabelConfig) -> int:
-    """Inference actors: as configured, else one per GPU, else one per CPU (each decodes its own
-    batches)."""
-    if config.concurrency:
-        return config.concurrency
-    if config.gpu:
-        return max(1, runtime.cluster_gpus())
-    return max(1, runtime.cluster_cpus())
-
-
-def _read_and_decode(batch: pa.Table, storage_config: StorageConfig, size: int, max_pixels: int,
-                     max_file_bytes: int = MAX_FILE_BYTES, crash_registry: ActorHandle | None = None) -> pa.Table:
-    """Input rows -> path, size, mtime, width, height, error, error_kind, image (fixed-shape uint8
-    tensor). Rows with a preset error are refused, never read; any failure to read or decode is
-    that row's error. The listed size (null for manifests) spares reading files known to be too large.
-    With a ``crash_registry`` (crashes.py), a file that killed this batch's worker is not read again."""
-    n = batch.num_rows
-    errors = batch["error"].to_pylist()
-    kinds = [None if error is None else "refused" for error in errors]
-    wanted = [i for i, error in enumerate(errors) if error is None]
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-    width = np.full(n, -1, dtype=np.int32)
-    height = np.full(n, -1, dtype=np.int32)
-    if wanted:
-        paths = batch["path"].take(wanted).to_pylist()
-        sizes = batch["size"].take(wanted).to_pylist()
-        read_args = {"storage_config": storage_config, "size": size, "max_pixels": max_pixels,
-                     "max_file_bytes": max_file_bytes}
-        got = images.read_batch(paths, threads=_DECODE_THREADS, sizes=sizes, **read_args) if crash_registry is None \
-            else crashes.read_batch(crash_registry, paths, sizes, threads=_DECODE_THREADS, **read_args)
-        pixels[wanted], width[wanted], height[wanted] = got["image"], got["width"], got["height"]
-        for i, error, kind in zip(wanted, got["error"], got["error_kind"]):
-            errors[i], kinds[i] = error, kind
-    return pa.table({
-        "path": batch["path"], "size": batch["size"], "mtime": batch["mtime"],
-        "width": pa.array(width, mask=width < 0), "height": pa.array(height, mask=height < 0),
-        "error": pa.array(errors, pa.string()), "error_kind": pa.array(kinds, pa.string()),
-        "image": ArrowTensorArray.from_numpy(pixels),
-    })
-
-
-class _Predictor:
-    """An inference actor: loads the model once, turns batches into output rows. Input batches are
-    decoded ones (``_read_and_decode``'s columns), or with ``decode_args`` input rows it decodes itself."""
-
-    def __init__(self, model_uri: str, storage_config: StorageConfig, run_id: str, top_k: int, gpu: bool,
-                 decode_args: dict[str, Any] | None = None) -> None:
-        # One thread per reserved CPU: the other actors or the decode tasks have the other cores.
-        torch.set_num_threads(1)
-        self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
-        model, self.info = artifact.load_model(model_uri, storage_config)
-        self.model = model.to(self.device, memory_format=torch.channels_last)
-        self.run_id = run_id
-        self.top_k = top_k
-        self.decode_args = decode_args
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.decode_args is not None:
-            batch = _read_and_decode(batch, **self.decode_args)
-        ok = pc.is_null(batch["error"]).to_numpy(zero_copy_only=False)
-        probs = np.zeros((0, len(self.info.classes)), dtype=np.float32)
-        if ok.any():
-            pixels = batch["image"].combine_chunks().to_numpy()[ok]
-            amp = self.device == "cuda"
-            probs = artifact.predict_proba(self.model, self.info, pixels, self.device, amp=amp).numpy()
-        return _output_table(batch, ok, probs, self.info, self.top_k, self.run_id, datetime.now(timezone.utc))
+def _rows(batch: pa.Table, ok: np.ndarray, probs: np.ndarray, info: ModelInfo, top_k: int, run_id: str) -> pa.Table:
+    """The inference stage's row maker for labeling (runs in the actors)."""
+    return _output_table(batch, ok, probs, info, top_k, run_id, datetime.now(timezone.utc))
 
 
 def _output_table(batch: pa.Table, ok: np.ndarray, probs: np.ndarray, info: ModelInfo, top_k: int,
@@ -400,11 +294,6 @@ def _topk_lists(top: np.ndarray, probs: np.ndarray, ok: np.ndarray, classes: pa.
     scores = pa.array(np.take_along_axis(probs, top, axis=1).ravel(), pa.float32())
     return {"topk_labels": pa.ListArray.from_arrays(offsets, labels, mask=failed),
             "topk_scores": pa.ListArray.from_arrays(offsets, scores, mask=failed)}
-
-
-def _check_gpus(config: LabelConfig) -> None:
-    if config.gpu and runtime.cluster_gpus() == 0:
-        raise UsageError("--gpu was given but the Ray cluster has no GPUs; drop --gpu to label on CPUs")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,13 +3,20 @@ joins a ``ray start`` cluster on this machine), else a local Ray started in-proc
 machine's CPUs."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
+import time
 
 import ray
 
-from distcls.errors import UsageError
+from distcls.errors import JobError, UsageError
+
+# How long --gpu waits for an autoscaler to start launching a GPU node before calling it unable to.
+# Ray's autoscaler acts on a request within an update interval (5 s by default).
+GPU_PROBE_S = 30.0
 
 
 def ensure_ray() -> None:
@@ -48,3 +55,108 @@ def cluster_cpus() -> int:
 
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def autoscaling() -> bool:
+    """Whether an autoscaler can add nodes to this cluster (KubeRay, ``ray up``, a fake multi-node
+    cluster), as opposed to a fixed one (``ray start`` by hand, a local Ray).
+
+    Ray 2.60 has no public API for this. Autoscaler v2 says so in the GCS; autoscaler v1 runs on
+    every head, but without a cluster config it runs read-only, naming each node's type
+    ``node_<node id>`` (``autoscaler/_private/util.py: format_readonly_node_type``) in the status
+    it publishes, whereas a real one uses the config's type names. No status yet (a head seconds
+    old) counts as fixed."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2(fetch_from_server=True):
+        return True
+    report = _autoscaler_status().get("autoscaler_report") or {}
+    types = report.get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in types.items())
+
+
+def max_resources() -> dict[str, float] | None:
+    """The most of each resource the cluster can grow to, where its autoscaler reports its node
+    types to the GCS (``ClusterConfig``; Ray's own v1/v2 autoscalers in 2.60 do not: then None)."""
+    return ray._private.state.state.get_max_resources_from_cluster_config()
+
+
+def can_get(bundle: dict[str, float], wait_s: float = GPU_PROBE_S) -> bool:
+    """Whether some node has, or the autoscaler will add a node with, the resources of ``bundle``.
+
+    A node that fits now, or the autoscaler's reported maximum, answers at once. Otherwise, on an
+    autoscaling cluster, the autoscaler is asked for the bundle (``request_resources``) and the
+    answer is yes as soon as it launches a node or a fitting node joins, no after ``wait_s``. The
+    request is left in place on yes (the job needs that node next; Ray Data replaces the request
+    with its own) and withdrawn on no.
+    """
+    if _fits_a_node(bundle):
+        return True
+    limits = max_resources()
+    if limits is not None:
+        return all(limits.get(name, 0) >= amount for name, amount in bundle.items())
+    if not autoscaling():
+        return False
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[bundle])
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if _fits_a_node(bundle) or _launching():
+            return True
+        time.sleep(1)
+    request_resources(bundles=[])
+    return False
+
+
+def require_cuda(what: str) -> str:
+    """Inside a Ray actor or Train worker that was given GPUs: the torch device to use, or JobError
+    naming this node when torch finds no usable CUDA device (never a silent CPU run)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    context = ray.get_runtime_context()
+    raise JobError(f"--gpu: {what} on node {ray.util.get_node_ip_address()} (node id {context.get_node_id()}) was "
+                   f"given GPU {','.join(map(str, ray.get_gpu_ids())) or '?'} but torch finds no usable CUDA device "
+                   f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+
+
+def require_cuda_on_a_gpu_node(what: str) -> None:
+    """``require_cuda`` in a task on a GPU node (waiting for the autoscaler to add one, if need
+    be): JobError naming that node when torch there finds no usable CUDA device."""
+    probe = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(require_cuda)
+    try:
+        ray.get(probe.remote(what))
+    except ray.exceptions.RayTaskError as exc:
+        reason = re.search(r"distcls\.errors\.JobError: (.+)", str(exc))
+        if reason is None:
+            raise
+        raise JobError(reason.group(1)) from None
+
+
+def _fits_a_node(bundle: dict[str, float]) -> bool:
+    return any(node["Alive"] and all(node["Resources"].get(name, 0) >= amount for name, amount in bundle.items())
+               for node in ray.nodes())
+
+
+def _launching() -> bool:
+    """Whether the autoscaler is launching nodes now."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2():
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        return bool(status.pending_launches or status.pending_nodes)
+    report = _autoscaler_status().get("autoscaler_report") or {}
+    return bool(report.get("pending_launches") or report.get("pending_nodes"))
+
+
+def _autoscaler_status() -> dict:
+    """The status autoscaler v1 publishes each update (what ``ray status`` prints)."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+    return json.loads(raw) if raw else {}

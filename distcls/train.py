@@ -32,7 +32,7 @@ from distcls.config import StorageConfig, TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
 from distcls.images import augment, normalize, read_batch
 from distcls.models import create_model
-from distcls.runtime import cluster_gpus, ensure_ray
+from distcls.runtime import autoscaling, can_get, cluster_gpus, ensure_ray, require_cuda_on_a_gpu_node
 
 STATE_FILE = "state.pt"
 
@@ -49,8 +49,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ensure_ray()
     # One line per epoch is the progress report; Ray Data's bars from every worker would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    if config.gpu and cluster_gpus() < config.workers:
-        raise UsageError(f"--gpu needs {config.workers} GPUs, the Ray cluster has {cluster_gpus()}")
+    # GPUs on demand: an autoscaler that launches a GPU node for us will add the rest as the workers wait.
+    if config.gpu and cluster_gpus() < config.workers and not (autoscaling() and can_get({"GPU": 1.0})):
+        raise UsageError(f"--gpu needs {config.workers} GPUs, the Ray cluster has {cluster_gpus()} and cannot add GPU nodes")
+    if config.gpu:
+        # On a GPU node, before the workers: their NCCL setup would fail first, naming no node.
+        require_cuda_on_a_gpu_node("a training worker")
     print(f"training {config.model} on {train_rows.num_rows} images ({val_rows.num_rows} held out), "
           f"{len(classes)} classes, {config.workers} workers")
     result = _trainer(config, classes, train_rows, val_rows).fit()

@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -235,3 +241,119 @@ def s3_auth(s3_endpoint: str) -> Iterator[dict[str, str]]:
         yield {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
     finally:
         set_free_requests("inf")
+
+
+@dataclass
+class RayHead:
+    """A Ray head of a test's own, in its own session: `gcs` is its GCS address (for RAY_ADDRESS),
+    `dashboard` its dashboard URL (for job submission)."""
+
+    process: subprocess.Popen
+    gcs: str
+    dashboard: str
+    temp_dir: str
+
+    def stop(self) -> None:
+        """Stop everything this head started, and only that: its process group, then whatever is
+        left in its session (Ray gives worker processes groups of their own; the fake autoscaler's
+        nodes are children of its monitor). Never `ray stop`, which stops every Ray on the machine."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=5)  # a head of this test's own: no need to wait for a graceful stop
+        except subprocess.TimeoutExpired:
+            pass
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, session = int(stat.parent.name), int(stat.read_text().rpartition(")")[2].split()[3])
+            except (OSError, ValueError, IndexError):
+                continue
+            if session == self.process.pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.process.wait(timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_ray_head(*args: str, env: dict[str, str] | None = None, gcs_port: int | None = None) -> RayHead:
+    """`ray start --head --block` with ``args``, in a new session, on ports nobody else holds. It
+    inherits this session's token authentication settings."""
+    gcs_port, dashboard_port = gcs_port or free_port(), free_port()
+    # The agents' default ports are fixed: another Ray on this machine may hold them already, and
+    # a head whose agent cannot bind answers every submission with "No available agent".
+    agent_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port")]
+    # Short and outside pytest's deep tmp path: Ray's unix sockets live under it (107-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+         f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}", *agent_ports, *args],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # `python` in a job's entrypoint is the head's: this environment's interpreter, as in the image.
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {})})
+    return RayHead(process, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", temp_dir)
+
+
+# The fake multi-node provider's config (Ray's example.yaml is not in the wheel): a head with no
+# CPUs and worker types that start at zero nodes, as in cluster/ and k8s/. Its node types cannot
+# declare `memory` (the provider passes it on as a custom resource), so the autoscaler cannot
+# place demands that reserve memory: tests pass --memory-per-actor 0.
+_FAKE_CLUSTER = {
+    "cluster_name": "distcls-test", "max_workers": 3, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+        "cpu": {"resources": {"CPU": 1, "object_store_memory": 150 * 2**20}, "node_config": {},
+                "min_workers": 0, "max_workers": 2},
+        "gpu": {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 150 * 2**20}, "node_config": {},
+                "min_workers": 0, "max_workers": 1},
+    },
+    "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                           "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")},
+}
+
+
+@pytest.fixture(scope="session")
+def autoscaling_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Ray cluster that starts with a 0-CPU head and no worker nodes, whose real autoscaler
+    (Ray's fake multi-node provider: real raylets on this machine) adds 1-CPU nodes (up to 2) and
+    a 1-CPU + 1-GPU node (up to 1; this machine has no CUDA) on demand. Yields its GCS address.
+    Not ray.cluster_utils.AutoscalingCluster: its start() runs `ray stop --force`."""
+    _RAY.shutdown()
+    gcs_port = free_port()
+    config = json.loads(json.dumps(_FAKE_CLUSTER))
+    config["provider"]["gcs_address"] = f"127.0.0.1:{gcs_port}"  # the provider's default is port 6379
+    config_file = tmp_path_factory.mktemp("fake-cluster") / "cluster.json"
+    config_file.write_text(json.dumps(config))
+    head = start_ray_head(f"--autoscaling-config={config_file}", "--num-cpus=0", "--object-store-memory=100000000",
+                          env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}, gcs_port=gcs_port)
+    try:
+        _wait_for_autoscaler(head.gcs)
+        yield head.gcs
+    finally:
+        head.stop()
+
+
+def _wait_for_autoscaler(gcs: str, timeout: float = 120) -> None:
+    """Until the autoscaler has published its first status (what distcls reads to tell an
+    autoscaling cluster from a fixed one)."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray._raylet import GcsClient
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            status = GcsClient(address=gcs).internal_kv_get(DEBUG_AUTOSCALING_STATUS.encode(), namespace=None)
+            if status and "autoscaler_report" in json.loads(status):
+                return
+        except Exception:  # the GCS is not up yet
+            pass
+        time.sleep(1)
+    raise AssertionError(f"the fake autoscaler at {gcs} published no status in {timeout:.0f} s")

@@ -88,10 +88,10 @@ def _assert_exactly_once(output: Path, expected: list[str]) -> pa.Table:
 
 
 def _predictor_actors() -> dict[str, dict]:
-    """The inference actors Ray Data made (class MapWorker(MapBatches(_Predictor))), by id."""
+    """The inference actors Ray Data made (class MapWorker(MapBatches(Predictor))), by id."""
     from ray._private import state
 
-    return {k: a for k, a in state.actors().items() if "_Predictor" in a["ActorClassName"]}
+    return {k: a for k, a in state.actors().items() if "(Predictor)" in a["ActorClassName"]}
 
 
 def _alive_since(before: set[str]) -> list[dict]:

@@ -3,11 +3,6 @@ the cluster from an uploaded working dir, reads a lake from the test S3 server, 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,40 +10,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, free_port
+from conftest import REPO, start_ray_head
 
 
 @pytest.fixture()
 def ray_head(no_ray):
-    """A Ray head of its own (not this test process's Ray), stopped by killing its process group
-    so that no other Ray on the machine is touched (`ray stop` would stop them all). It inherits
-    the session's token authentication settings from conftest."""
-    gcs_port, dashboard_port = free_port(), free_port()
-    # The agents' default ports are fixed: this test process's own Ray may hold them already, and
-    # a head whose agent cannot bind answers every submission with "No available agent".
-    agent_ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port")]
-    # Short and outside pytest's deep tmp path: Ray's unix sockets live under it (107-byte limit).
-    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
-    head = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=2",
-         f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}", *agent_ports],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        # `python` in a job's entrypoint is the head's: this environment's interpreter, as in the image.
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
-    address = f"http://127.0.0.1:{dashboard_port}"
+    """A Ray head of its own (not this test process's Ray), with 2 CPUs; yields its dashboard
+    address and a job client."""
+    head = start_ray_head("--num-cpus=2")
     try:
-        yield address, _client(address)
+        yield head.dashboard, _client(head.dashboard)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=5)  # a head of this test's own: no need to wait for a graceful stop
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.stop()
 
 
 def _client(address: str, timeout: float = 180):

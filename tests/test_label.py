@@ -2,6 +2,7 @@
 directly, and the commit protocol: kills, --resume, interrupted commits, --overwrite, --incremental."""
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distcls import storage
+from distcls import predict, storage
 from distcls.artifact import load_model, predict_proba
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import JobError
@@ -177,10 +178,11 @@ def test_resume_reuses_readable_staged_files_and_relabels_the_rest(ray_local, tm
 def _rows_as_a_run_would_stage(config: LabelConfig) -> pa.Table:
     """Output rows made by the pipeline's own functions, called in-process without Ray."""
     inputs = label_module._inputs(config, StorageConfig())
-    decoded = label_module._read_and_decode(inputs, StorageConfig(), 32, config.max_image_pixels)
+    decoded = predict.read_and_decode(inputs, StorageConfig(), 32, config.max_image_pixels)
     threads = torch.get_num_threads()  # the predictor pins its process to one thread
     try:
-        return label_module._Predictor(config.model, StorageConfig(), "20260101T000000Z-abcdef", 5, False)(decoded)
+        to_rows = functools.partial(label_module._rows, top_k=5, run_id="20260101T000000Z-abcdef")
+        return predict.Predictor(config.model, StorageConfig(), to_rows, 1, False)(decoded)
     finally:
         torch.set_num_threads(threads)
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distcls import images, storage
+from distcls import images, predict, storage
 from distcls.artifact import read_info
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
@@ -49,7 +49,7 @@ def _s3_table(output: str) -> pa.Table:
 
 def test_read_and_decode_gives_one_row_per_odd_file(tmp_path: Path) -> None:
     expected = odd_files(tmp_path)
-    decoded = label_module._read_and_decode(_listing(tmp_path), StorageConfig(), size=32, max_pixels=89_478_485)
+    decoded = predict.read_and_decode(_listing(tmp_path), StorageConfig(), size=32, max_pixels=89_478_485)
     rows = {Path(r["path"]).name: r for r in decoded.drop_columns(["image"]).to_pylist()}
     assert sorted(rows) == sorted(expected)
     assert decoded["image"].combine_chunks().to_numpy().shape == (len(expected), 32, 32, 3)
@@ -67,7 +67,7 @@ def test_read_and_decode_gives_one_row_per_odd_file(tmp_path: Path) -> None:
 def test_read_and_decode_never_reads_rows_with_a_preset_error(tmp_path: Path) -> None:
     table = label_module._input_table(pa.array([str(tmp_path / "does-not-matter.jpg")]), pa.nulls(1, pa.int64()),
                                       pa.nulls(1, pa.int64()), pa.array(["outside allowed roots"]))
-    decoded = label_module._read_and_decode(table, StorageConfig(), size=8, max_pixels=100)
+    decoded = predict.read_and_decode(table, StorageConfig(), size=8, max_pixels=100)
     assert decoded["error"].to_pylist() == ["outside allowed roots"]
     assert decoded["error_kind"].to_pylist() == ["refused"]
     assert not decoded["image"].combine_chunks().to_numpy().any()
@@ -139,9 +139,9 @@ def test_an_object_key_with_dot_segments_is_a_refused_row_never_read() -> None:
 
 def test_slices_spread_small_lakes_and_cap_big_ones() -> None:
     small = pa.table({"path": [str(i) for i in range(60)]})
-    assert [s.num_rows for s in label_module._slices(small, cpus=3)] == [5] * 12
+    assert [s.num_rows for s in predict._slices(small, workers=3)] == [5] * 12
     big = pa.table({"path": pa.array(np.arange(100_000).astype(str))})
-    assert max(s.num_rows for s in label_module._slices(big, cpus=2)) == 2000
+    assert max(s.num_rows for s in predict._slices(big, workers=2)) == 2000
 
 
 def test_run_ids_sort_by_time_and_differ() -> None:

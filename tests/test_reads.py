@@ -247,7 +247,7 @@ def test_a_file_that_kills_its_decoder_becomes_an_error_row_not_an_endless_retry
                  runtime_env={"worker_process_setup_hook": _decoder_that_dies_on_poison})
         code = main(["label", "--input", str(lake), "--model", str(tiny_model), "--output", str(tmp_path / "out"),
                      "--batch-size", "4", "--concurrency", "1"])
-        restarts = sum(a["NumRestarts"] for a in state.actors().values() if "_Predictor" in a["ActorClassName"])
+        restarts = sum(a["NumRestarts"] for a in state.actors().values() if "(Predictor)" in a["ActorClassName"])
     finally:
         ray.shutdown()
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

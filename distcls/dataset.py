@@ -227,7 +227,8 @@ class Dataset:
         """Stream rows into Parquet files of ``rows_per_file`` rows (the last one fewer) in the run's
         staging folder; returns (file name, rows) per file. Holds one row group at a time. A file
         cut off by a kill is unreadable, so ``--resume`` relabels its rows."""
-        self._make_dir(STAGING, run_id)
+        # Also on object stores (an empty marker object there): the run's folder shows from its start.
+        self.fs.create_dir(self.path(STAGING, run_id), recursive=True)
         prefix = secrets.token_hex(4)  # a resumed run keeps the files of the one before: no name may repeat
         names = (f"{prefix}-{i:05d}.parquet" for i in itertools.count())
         written: list[tuple[str, int]] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -80,6 +81,13 @@ def test_a_commit_makes_exactly_the_staged_rows_the_dataset_and_leaves_nothing_b
     assert sorted(pd.read_parquet(tmp_path / "out")["path"]) == ["a", "b", "c", "d", "e"]
     assert output.successes() == {SUCCESS: summary} and len(summary["files"]) == 2  # 3 rows per file
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([SUCCESS, *summary["files"]])
+
+
+def test_run_ids_sort_by_time_and_differ(tmp_path: Path) -> None:
+    output = Dataset(str(tmp_path), StorageConfig())
+    with output.lock():
+        first, second = (output.start_run(resume=False, model_id="m", inputs=pa.array(["a"])).run_id for _ in range(2))
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", first) and first != second
 
 
 def test_staged_files_have_rows_per_file_rows_in_order_and_return_name_and_rows(tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ ROW_GROUP_ROWS = 16_384
 # Errors that say nothing about the file itself (contracts.md point 1): --incremental reads it again.
 PASSING_ERROR_KINDS = ("not_found", "transient")
 
-RUN_ID = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
+_RUN_ID = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
 # The names distcls gives committed files: the only files a commit may ever delete.
 _DATASET_FILE = r"part-[^/]+\.parquet|run=[^/]+/part-[^/]+\.parquet"
 _RETIRED = "_retired"  # below _staging/<run_id>/: the _SUCCESS files an --overwrite commit replaces
@@ -204,7 +204,7 @@ class Dataset:
             _say(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
             self._delete_tree(leftover)
         runs = [e.base_name for e in self._entries(STAGING) if e.type == pafs.FileType.Directory
-                and re.fullmatch(RUN_ID, e.base_name)]
+                and re.fullmatch(_RUN_ID, e.base_name)]
         if resume and runs:
             for stale in runs[:-1]:
                 self._delete_tree(STAGING, stale)
@@ -296,7 +296,7 @@ class Dataset:
         if not isinstance(plan, dict) or set(plan) != {"run_id", "delete", "moves", "success", "summary"}:
             refuse("not a distcls commit plan")
         run_id = plan["run_id"]
-        if not isinstance(run_id, str) or not re.fullmatch(RUN_ID, run_id):
+        if not isinstance(run_id, str) or not re.fullmatch(_RUN_ID, run_id):
             refuse(f"run_id {run_id!r} is not a run id")
         moves, delete, success, summary = plan["moves"], plan["delete"], plan["success"], plan["summary"]
         if not (isinstance(moves, list) and all(isinstance(m, list) and len(m) == 2 for m in moves)

@@ -71,13 +71,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError
 
 from distcls import storage
 from distcls.config import StorageConfig
@@ -138,7 +139,7 @@ class Dataset:
         lock = Lock(self, store, owner, lease_s)
         try:
             lock.take()
-        except OSError as exc:
+        except (OSError, BotoCoreError) as exc:
             raise UsageError(f"cannot write {storage.describe_error(self.uri_of(LOCK), exc)}") from None
         return lock
 
@@ -190,7 +191,7 @@ class Dataset:
         if not files:
             return _KEY_SCHEMA.empty_table().select(["path", "size", "mtime"])
         # An explicit schema: files without error_kind read it as null.
-        found = pads.dataset(files, schema=_KEY_SCHEMA, filesystem=self.fs, format="parquet")
+        found = pads.dataset(files, schema=_KEY_SCHEMA, filesystem=self._fs, format="parquet")
         final = pc.field("error_kind").is_null() | ~pc.field("error_kind").isin(PASSING_ERROR_KINDS)
         return found.to_table(columns=["path", "size", "mtime"], filter=(pc.field("model_id") == model_id) & final)
 
@@ -228,7 +229,7 @@ class Dataset:
         staging folder; returns (file name, rows) per file. Holds one row group at a time. A file
         cut off by a kill is unreadable, so ``--resume`` relabels its rows."""
         # Also on object stores (an empty marker object there): the run's folder shows from its start.
-        self.fs.create_dir(self.path(STAGING, run_id), recursive=True)
+        self._fs.create_dir(self._path(STAGING, run_id), recursive=True)
         prefix = secrets.token_hex(4)  # a resumed run keeps the files of the one before: no name may repeat
         names = (f"{prefix}-{i:05d}.parquet" for i in itertools.count())
         written: list[tuple[str, int]] = []
@@ -238,8 +239,8 @@ class Dataset:
                 while group.num_rows:
                     if writer is None:
                         written.append((next(names), 0))
-                        writer = pq.ParquetWriter(self.path(STAGING, run_id, written[-1][0]), group.schema,
-                                                  filesystem=self.fs)
+                        writer = pq.ParquetWriter(self._path(STAGING, run_id, written[-1][0]), group.schema,
+                                                  filesystem=self._fs)
                         room = rows_per_file
                     rows = min(room, group.num_rows)
                     writer.write_table(group.slice(0, rows))
@@ -258,8 +259,8 @@ class Dataset:
     def staged_counts(self, run_id: str, expected: int) -> dict[str, int]:
         """images, labelled and errors in the run's staged files, after checking that they hold
         ``expected`` rows of distinct paths: a run that lost or doubled rows is never committed."""
-        files = [self.path(STAGING, run_id, name) for name in self._staged_files(run_id)]
-        staged = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=["path", "error"])
+        files = [self._path(STAGING, run_id, name) for name in self._staged_files(run_id)]
+        staged = pads.dataset(files, filesystem=self._fs, format="parquet").to_table(columns=["path", "error"])
         distinct = pc.count_distinct(staged["path"]).as_py()
         if staged.num_rows != expected or distinct != expected:
             raise JobError(f"staged output of run {run_id} has {staged.num_rows} rows ({distinct} distinct paths), "
@@ -289,7 +290,7 @@ class Dataset:
         return plan["summary"]
 
     def _validate(self, plan: Any) -> None:
-        def refuse(what: str) -> None:
+        def refuse(what: str) -> NoReturn:
             raise JobError(f"refusing the commit plan {self.uri_of(COMMITTING)}: {what}; nothing was changed "
                            f"(remove {COMMITTING} if no distcls run wrote it)")
 
@@ -333,7 +334,7 @@ class Dataset:
                     self._move(name, f"{STAGING}/{run_id}/{_RETIRED}/{name}")
             for name in plan["delete"]:
                 if not _is_success_name(name) and self._exists(name):
-                    self.fs.delete_file(self.path(name))
+                    self._fs.delete_file(self._path(name))
             self._drop_empty_partitions(plan["delete"])
             for staged, final in plan["moves"]:
                 if self._exists(staged):
@@ -368,9 +369,9 @@ class Dataset:
 
     def _drop_empty_partitions(self, deleted: list[str]) -> None:
         for partition in sorted({name.split("/")[0] for name in deleted if "/" in name}):
-            info = self.fs.get_file_info(self.path(partition))
+            info = self._fs.get_file_info(self._path(partition))
             if info.type == pafs.FileType.Directory and not self._entries(partition):
-                self.fs.delete_dir(info.path)
+                self._fs.delete_dir(info.path)
 
     # -- Staging, inside --------------------------------------------------------------------------
 
@@ -381,19 +382,19 @@ class Dataset:
         are not inputs of this run are dropped (the file is rewritten without them)."""
         kept = pa.array([], pa.string())
         for name in self._staged_files(run_id):
-            path = self.path(STAGING, run_id, name)
+            path = self._path(STAGING, run_id, name)
             paths = self._staged_paths(path, model_id)
             if paths is None or pc.any(pc.is_in(paths, value_set=kept)).as_py():
-                self.fs.delete_file(path)
+                self._fs.delete_file(path)
                 continue
             wanted = pc.is_in(paths, value_set=inputs)
             if not pc.all(wanted).as_py():
                 _say(f"resume: dropping {len(paths) - pc.sum(wanted).as_py()} staged rows of {name} "
                      "whose paths are not inputs of this run")
-                rows = pq.read_table(path, filesystem=self.fs).filter(wanted)
+                rows = pq.read_table(path, filesystem=self._fs).filter(wanted)
                 if rows.num_rows:  # written before the old file goes: a kill in between loses nothing
                     self.write_staged(run_id, [rows], rows.num_rows)
-                self.fs.delete_file(path)
+                self._fs.delete_file(path)
                 paths = paths.filter(wanted)
             kept = pa.concat_arrays([kept, paths])
         return kept
@@ -401,7 +402,7 @@ class Dataset:
     def _staged_paths(self, path: str, model_id: str) -> pa.Array | None:
         """The paths in one staged file; None when it is unreadable or was made by another model."""
         try:
-            table = pq.read_table(path, columns=["path", "model_id"], filesystem=self.fs)
+            table = pq.read_table(path, columns=["path", "model_id"], filesystem=self._fs)
         except (OSError, pa.ArrowException):
             return None
         if not pc.all(pc.equal(table["model_id"], model_id)).as_py():
@@ -442,10 +443,10 @@ class Dataset:
         return storage.arrow_filesystem(self.uri, self.storage)
 
     @property
-    def fs(self) -> pafs.FileSystem:
+    def _fs(self) -> pafs.FileSystem:
         return self._fs_root[0]
 
-    def path(self, *parts: str) -> str:
+    def _path(self, *parts: str) -> str:
         """The filesystem path of a name inside the output."""
         return "/".join([self._fs_root[1], *parts])
 
@@ -453,15 +454,15 @@ class Dataset:
         return storage.join(self.uri, *parts)
 
     def _exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+        return self._fs.get_file_info(self._path(*parts)).type != pafs.FileType.NotFound
 
     def _entries(self, *parts: str) -> list[pafs.FileInfo]:
         """What is directly inside ``parts`` (none when it does not exist), sorted by name."""
-        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
-        return sorted(self.fs.get_file_info(selector), key=lambda e: e.path)
+        selector = pafs.FileSelector(self._path(*parts), allow_not_found=True)
+        return sorted(self._fs.get_file_info(selector), key=lambda e: e.path)
 
     def _read(self, name: str) -> bytes:
-        with self.fs.open_input_stream(self.path(name)) as stream:
+        with self._fs.open_input_stream(self._path(name)) as stream:
             return stream.read()
 
     def _summary_at(self, name: str) -> dict[str, Any]:
@@ -476,36 +477,36 @@ class Dataset:
     def _write(self, name: str, data: bytes) -> None:
         """Write a whole file; locally through a temporary name and a rename, so that no reader
         sees half of it (an object store shows an object only once its upload is complete)."""
-        path = self.path(name)
+        path = self._path(name)
         if storage.is_remote(self.uri):
-            with self.fs.open_output_stream(path) as stream:
+            with self._fs.open_output_stream(path) as stream:
                 stream.write(data)
             return
         self._make_dir(*name.split("/")[:-1])
         temporary = f"{path}.tmp-{secrets.token_hex(4)}"
         try:
-            with self.fs.open_output_stream(temporary) as stream:
+            with self._fs.open_output_stream(temporary) as stream:
                 stream.write(data)
-            self.fs.move(temporary, path)
+            self._fs.move(temporary, path)
         except BaseException:  # a full disk or an interrupt must not leave the temporary file behind
             with contextlib.suppress(OSError):
-                self.fs.delete_file(temporary)
+                self._fs.delete_file(temporary)
             raise
 
     def _move(self, source: str, target: str) -> None:
         self._make_dir(*target.split("/")[:-1])
-        self.fs.move(self.path(source), self.path(target))
+        self._fs.move(self._path(source), self._path(target))
 
     def _make_dir(self, *parts: str) -> None:
         if not storage.is_remote(self.uri):  # object stores have no folders to make
-            self.fs.create_dir(self.path(*parts), recursive=True)
+            self._fs.create_dir(self._path(*parts), recursive=True)
 
     def _delete_tree(self, *parts: str) -> None:
-        info = self.fs.get_file_info(self.path(*parts))
+        info = self._fs.get_file_info(self._path(*parts))
         if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(info.path)
+            self._fs.delete_dir(info.path)
         elif info.type == pafs.FileType.File:
-            self.fs.delete_file(info.path)
+            self._fs.delete_file(info.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +570,7 @@ class Lock:
                 held = self.store.read()
                 if held is not None and held.get("token") == self.owner["token"]:
                     self.store.delete()
-            except OSError as exc:  # the lease ends on its own; say so rather than hide a failed run's cause
+            except (OSError, BotoCoreError) as exc:  # the lease ends on its own: say so, do not mask the run's outcome
                 _say(f"could not remove {self.dataset.uri_of(LOCK)} ({exc}); it expires in {self.lease_s:.0f} s")
 
     def _renew_until_stopped(self) -> None:
@@ -577,7 +578,9 @@ class Lock:
             with self._guard:
                 if self.lost is not None:
                     return
-                with contextlib.suppress(OSError):  # a passing store fault: the next tick tries again
+                # Any failure is a passing one here (the next tick tries again): the renewer must not
+                # die, and the commit renews once more itself and reports what is wrong then.
+                with contextlib.suppress(Exception):
                     self._renew()
 
     def _renew(self) -> None:
@@ -599,7 +602,7 @@ class _LocalLock:
     compare-and-swap, and the read after each write is what detects a lost race."""
 
     def __init__(self, dataset: Dataset) -> None:
-        self.path = dataset.path(LOCK)
+        self.path = dataset._path(LOCK)
 
     def create(self, body: dict[str, Any]) -> None:
         try:
@@ -647,7 +650,7 @@ class _ObjectLock:
         self.etag: str | None = None
 
     def create(self, body: dict[str, Any]) -> None:
-        self.etag = self.fs.pipe_file(self.path, _json(body), mode="create").get("ETag")
+        self.fs.pipe_file(self.path, _json(body), mode="create")
 
     def take_over(self, body: dict[str, Any], held: dict[str, Any] | None) -> None:
         # 412 (FileExistsError, or OSError for If-Match): another run was first; the read after names it.
@@ -658,8 +661,8 @@ class _ObjectLock:
                 self.replace(body)
 
     def replace(self, body: dict[str, Any]) -> None:
-        condition = {"IfMatch": self.etag} if self.etag else {}
-        self.etag = self.fs.pipe_file(self.path, _json(body), **condition).get("ETag")
+        # Conditional on the ETag of the last read: what is replaced is the lock that was checked.
+        self.fs.pipe_file(self.path, _json(body), **({"IfMatch": self.etag} if self.etag else {}))
 
     def read(self) -> dict[str, Any] | None:
         self.fs.invalidate_cache(self.path)

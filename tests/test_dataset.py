@@ -333,13 +333,15 @@ def _plant_lock(output: Path, **owner) -> None:
 
 def test_a_second_run_on_a_locked_output_exits_2_naming_the_holder(tmp_path: Path, synthetic_lake,
                                                                    tiny_model: Path, capsys) -> None:
-    """The first run holds the lock (here: this process, alive); a second `distcls label` on the
-    same output, even with --overwrite, stops before touching anything."""
+    """The first run holds the lock (here: this process, alive) and has staged rows; a second
+    `distcls label` on the same output, even with --overwrite, stops before touching anything: it
+    neither deletes the first run's staging nor its committed dataset."""
     output = tmp_path / "out"
     first = Dataset(str(output), StorageConfig())
     _commit(first, [_rows(["a"])])
     with first.lock() as lock:
         lock.name_run(RUN_A)
+        first.write_staged(RUN_A, [_rows(["b"])], rows_per_file=10)  # the first run's work in progress
         before = _tree(output)
         code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output, "--overwrite"))
         err = capsys.readouterr().err.strip()

@@ -21,10 +21,13 @@ The protocol, in the order a run meets it; each step is one method of ``Dataset`
    finished, so that an interrupted commit is completed, never redone or half-visible.
 3. ``check_existing()``: anything in the output that no committed ``_SUCCESS`` lists refuses the
    run (exit 2 naming it): distcls neither deletes files it did not write nor mixes them into its
-   dataset (readers would try to read them as Parquet). Without --overwrite a committed dataset
-   refuses a plain run; --incremental adds to one made of partitions.
+   dataset (readers would try to read them as Parquet); names starting with ``_`` or ``.`` are left
+   alone. Without --overwrite a committed dataset refuses a plain run; --incremental adds to one
+   made of partitions.
 4. ``start_run()``: a new run id and an empty staging folder; with --resume the newest staged run,
    keeping only readable files of the same model and only rows whose paths are inputs of this run.
+   A ``run=<id>/`` folder of only ``part-*.parquet`` files and no ``_SUCCESS`` (left when a plan was
+   lost) is deleted.
 5. ``write_staged()``: output rows -> Parquet files in the run's staging folder. The handle is
    picklable (URI + StorageConfig), so a Ray worker can write through it and return (name, rows).
 6. ``staged_counts()``: one staged row per input (row count and distinct paths), or no commit.
@@ -541,7 +544,7 @@ class Lock:
             if gone is None:
                 raise UsageError(_in_use(self.dataset.uri, held)) from None
             _say(f"taking over the lock of {self.dataset.uri} from {_holder(held)}: {gone}")
-            self.store.take_over(self._body(), held)
+            self.store.take_over(self._body())
         held = self.store.read()  # a store that ignored the condition, or a takeover race, shows here
         if held is None or held.get("token") != self.owner["token"]:
             raise UsageError(_in_use(self.dataset.uri, held or {}))
@@ -615,7 +618,7 @@ class _LocalLock:
         finally:
             os.remove(temporary)
 
-    def take_over(self, body: dict[str, Any], held: dict[str, Any] | None) -> None:
+    def take_over(self, body: dict[str, Any]) -> None:
         self.replace(body)
 
     def replace(self, body: dict[str, Any]) -> None:
@@ -652,7 +655,7 @@ class _ObjectLock:
     def create(self, body: dict[str, Any]) -> None:
         self.fs.pipe_file(self.path, _json(body), mode="create")
 
-    def take_over(self, body: dict[str, Any], held: dict[str, Any] | None) -> None:
+    def take_over(self, body: dict[str, Any]) -> None:
         # 412 (FileExistsError, or OSError for If-Match): another run was first; the read after names it.
         with contextlib.suppress(OSError):
             if self.etag is None:  # released between our create and our read

@@ -5,7 +5,6 @@ the run fails with one line naming it. One cluster for the file: later tests may
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

@@ -14,7 +14,6 @@ Covered elsewhere, and not repeated here:
 """
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import signal
@@ -32,12 +31,11 @@ import pytest
 from distcls import storage
 from distcls.cli import main
 from distcls.config import LabelConfig, StorageConfig
+from distcls.dataset import COMMITTING, STAGING
 from distcls.errors import JobError, UsageError
 from distcls.images import read_batch
 from distcls.label import label
 from oddfiles import tiny_model
-
-label_module = importlib.import_module("distcls.label")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +73,7 @@ class _Run:
 
 def _staged_parquet(output: Path) -> bool:
     """A staged file exists: the pipeline is past its first batch and mid-run."""
-    return any((output / label_module.STAGING).glob("*/*.parquet"))
+    return any((output / STAGING).glob("*/*.parquet"))
 
 
 def _assert_exactly_once(output: Path, expected: list[str]) -> pa.Table:
@@ -83,7 +81,7 @@ def _assert_exactly_once(output: Path, expected: list[str]) -> pa.Table:
     table = pq.read_table(output)
     assert table.num_rows == len(expected) and sorted(table["path"].to_pylist()) == sorted(expected)
     assert (output / "_SUCCESS").exists()
-    assert not (output / label_module.STAGING).exists() and not (output / label_module.COMMITTING).exists()
+    assert not (output / STAGING).exists() and not (output / COMMITTING).exists()
     return table
 
 
@@ -266,7 +264,6 @@ def test_an_output_in_a_missing_bucket_is_a_clear_error_before_any_work(s3_bucke
     code = main(["label", "--input", lake, "--model", model_uri, "--output", "s3://no-such-bucket-7f3a/labels"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert err == "distcls label: error: cannot write s3://no-such-bucket-7f3a/labels/_staging/_write_check: " \
-                  "bucket does not exist"
+    assert err == "distcls label: error: cannot write s3://no-such-bucket-7f3a/labels/_LOCK: bucket does not exist"
     assert time.monotonic() - started < 10
     assert "no-such-bucket-7f3a" not in [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]

@@ -19,14 +19,16 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from distcls import predict, storage
+from distcls.dataset import COMMITTING, STAGING
 from distcls.artifact import load_model, predict_proba
 from distcls.config import LabelConfig, StorageConfig
-from distcls.errors import JobError
+from distcls.errors import UsageError
 from distcls.images import decode
 from distcls.label import OUTPUT_SCHEMA, label
 from oddfiles import tiny_model
@@ -56,7 +58,7 @@ def _assert_exactly_once(output: Path, lake: Path) -> pd.DataFrame:
     assert sorted(frame["path"]) == expected
     query = f"select count(*), count(distinct path) from read_parquet('{output}/**/*.parquet')"
     assert duckdb.sql(query).fetchall() == [(len(expected), len(expected))]
-    assert not (output / label_module.STAGING).exists() and not (output / label_module.COMMITTING).exists()
+    assert not (output / STAGING).exists() and not (output / COMMITTING).exists()
     return frame
 
 
@@ -109,7 +111,7 @@ def _wait_for_a_complete_staged_file(process: subprocess.Popen, output: Path, lo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, f"run ended before it could be killed:\n{log.read_text()[-3000:]}"
-        for file in (output / label_module.STAGING).glob("*/*.parquet"):
+        for file in (output / STAGING).glob("*/*.parquet"):
             try:
                 pq.read_metadata(file)
                 return
@@ -159,7 +161,7 @@ def test_resume_reuses_readable_staged_files_and_relabels_the_rest(ray_local, tm
     output = tmp_path / "labels"
     config = LabelConfig(input=str(lake), model=model_uri, output=str(output), resume=True)
     rows = _rows_as_a_run_would_stage(config)
-    staging = output / label_module.STAGING / "20260101T000000Z-abcdef"
+    staging = output / STAGING / "20260101T000000Z-abcdef"
     staging.mkdir(parents=True)
     pq.write_table(rows.slice(0, 5), staging / "a-good.parquet")
     pq.write_table(rows.slice(3, 5), staging / "b-repeats-two-rows.parquet")
@@ -187,60 +189,48 @@ def _rows_as_a_run_would_stage(config: LabelConfig) -> pa.Table:
         torch.set_num_threads(threads)
 
 
-def test_staged_rows_lost_or_doubled_are_never_committed(tmp_path: Path) -> None:
-    dest = label_module._Dest.of(str(tmp_path), StorageConfig())
-    staging = tmp_path / label_module.STAGING / "run"
-    staging.mkdir(parents=True)
-    pq.write_table(pa.table({"path": ["a", "b"], "error": [None, "empty file"]}), staging / "one.parquet")
-    assert label_module._staged_counts(dest, "run", expected=2) == {"images": 2, "labelled": 1, "errors": 1}
-    pq.write_table(pa.table({"path": ["b"], "error": pa.nulls(1, pa.string())}), staging / "two.parquet")
-    with pytest.raises(JobError, match="3 rows \\(2 distinct paths\\), expected 3; not committed"):
-        label_module._staged_counts(dest, "run", expected=3)
-
-
-def test_output_rows_are_written_in_files_of_rows_per_file_rows_in_order(tmp_path: Path, monkeypatch) -> None:
-    """Batches of any size in, files of exactly rows_per_file rows out (the last one fewer), in row
-    groups of at most _ROW_GROUP_ROWS; a second write into the same run (a resumed run) adds files
-    without replacing any."""
-    monkeypatch.setattr(label_module, "_ROW_GROUP_ROWS", 3)
-    dest = label_module._Dest.of(str(tmp_path), StorageConfig())
-    (tmp_path / label_module.STAGING / "run").mkdir(parents=True)
-    batches = [pa.table({"path": [f"p{i}" for i in range(start, start + n)]}) for start, n in [(0, 3), (3, 10), (13, 1)]]
-    label_module._write_staged(iter(batches), dest, "run", rows_per_file=4)
-    first = sorted((tmp_path / label_module.STAGING / "run").iterdir())
-    assert [pq.read_metadata(f).num_rows for f in first] == [4, 4, 4, 2]
-    assert max(pq.read_metadata(f).row_group(i).num_rows for f in first for i in range(pq.read_metadata(f).num_row_groups)) == 3
-    assert pq.read_table(first).column("path").to_pylist() == [f"p{i}" for i in range(14)]
-    label_module._write_staged(iter(batches[:1]), dest, "run", rows_per_file=4)
-    second = sorted((tmp_path / label_module.STAGING / "run").iterdir())
-    assert len(second) == 5 and set(first) < set(second)
-
 class _MachineDied(Exception):
     pass
 
 
+class _DiesAtThirdMove(pafs.LocalFileSystem):
+    """The output's filesystem on a machine that dies after two renames: the one that writes
+    _COMMITTING and the first staged file's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moves = 0
+
+    def move(self, source: str, target: str) -> None:
+        self.moves += 1
+        if self.moves == 3:
+            raise _MachineDied
+        super().move(source, target)
+
+
 def test_interrupted_commit_is_rolled_forward_not_redone(ray_local, tmp_path: Path, synthetic_lake, model_uri: str,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The rerun finishes the interrupted commit, says so, and goes on with its own input: here a
+    plain run into an output that now holds a dataset, which it refuses (exit 2) - never the old
+    run's summary as its own."""
     lake = synthetic_lake(3, labelled=False)
     output = tmp_path / "labels"
     config = LabelConfig(input=str(lake), model=model_uri, output=str(output), batch_size=8, rows_per_file=8)
-
-    def die_after_first_move(dest, plan):
-        staged, final = plan["moves"][0]
-        dest.fs.move(dest.path(staged), dest.path(final))
-        raise _MachineDied
-
-    monkeypatch.setattr(label_module, "_apply", die_after_first_move)
+    real = storage.arrow_filesystem
+    monkeypatch.setattr(storage, "arrow_filesystem", lambda uri, s: (
+        (_DiesAtThirdMove(), real(uri, s)[1]) if uri == str(output) else real(uri, s)))
     with pytest.raises(_MachineDied):
         label(config)
     monkeypatch.undo()
-    assert (output / label_module.COMMITTING).exists() and not (output / "_SUCCESS").exists()
+    assert (output / COMMITTING).exists() and not (output / "_SUCCESS").exists()
     assert len(list(output.glob("part-*.parquet"))) == 1 and len(list(output.glob("_staging/*/*.parquet"))) >= 1
 
     monkeypatch.setattr(label_module, "_run_pipeline", lambda *a: pytest.fail("labelled again"))
-    summary = label(config)
+    with pytest.raises(UsageError, match="already holds a dataset"):
+        label(config)
+    assert "finished the interrupted commit of run" in capsys.readouterr().err
     _assert_exactly_once(output, lake)
-    assert json.loads((output / "_SUCCESS").read_text()) == summary
+    summary = json.loads((output / "_SUCCESS").read_text())
     assert sorted(p.name for p in output.glob("part-*.parquet")) == summary["files"]
 
 

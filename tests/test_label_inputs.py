@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -144,11 +145,6 @@ def test_slices_spread_small_lakes_and_cap_big_ones() -> None:
     assert max(s.num_rows for s in predict._slices(big, workers=2)) == 2000
 
 
-def test_run_ids_sort_by_time_and_differ() -> None:
-    first, second = label_module._new_run_id(), label_module._new_run_id()
-    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", first) and first != second
-
-
 # ------------------------------------------------------------------------------------------------
 # Refusals: all before any Ray work
 
@@ -174,6 +170,7 @@ def test_refuses_non_empty_output_without_overwrite(tmp_path: Path, synthetic_la
     output = tmp_path / "labels"
     output.mkdir()
     (output / "part-0.parquet").write_bytes(b"old")
+    (output / "_SUCCESS").write_text(json.dumps({"run_id": "old", "files": ["part-0.parquet"]}))
     with pytest.raises(UsageError, match=f"output {re.escape(str(output))} already holds a dataset.*--overwrite"):
         label(LabelConfig(input=str(synthetic_lake(1, labelled=False)), model=model_uri, output=str(output)))
     with pytest.raises(UsageError, match="not incremental"):

@@ -8,7 +8,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs

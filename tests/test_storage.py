@@ -1,7 +1,6 @@
 """URIs to filesystems, against a real S3 server (moto on 127.0.0.1), and the errors a user sees."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time

@@ -14,7 +14,6 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from distcls import load_model
 from distcls.artifact import predict_proba

@@ -1,0 +1,789 @@
+"""The output dataset of ``distcls label``: one run at a time, a staging area, and a commit protocol
+that checks everything it reads back from the store before acting on it.
+
+An output holds, besides the dataset itself, a few names starting with ``_``, which pyarrow, pandas
+and DuckDB dataset readers skip::
+
+    _LOCK                           which run works on this output, and until when (its lease)
+    _staging/<run_id>/*.parquet     a run's rows before its commit
+    _COMMITTING                     the plan of a commit in progress
+    part-<run_id>-00000.parquet ... _SUCCESS            a whole dataset, or with --incremental
+    run=<run_id>/part-00000.parquet ... run=<run_id>/_SUCCESS   one partition per run
+
+The protocol, in the order a run meets it; each step is one method of ``Dataset``:
+
+1. ``lock()``: ``_LOCK`` is created exclusively (O_CREAT|O_EXCL semantics locally, a PUT with
+   ``If-None-Match: *`` on S3) and holds the owner (host, pid, run id) and a lease that a daemon
+   thread renews. A second run refuses (exit 2) naming the holder; a lease that ran out, or a holder
+   process on this host that is gone, is taken over and said so. It is also the write check: an
+   output that cannot be written fails here, before any Ray work.
+2. ``roll_forward()``: a ``_COMMITTING`` plan left by an interrupted commit is validated (below) and
+   finished, so that an interrupted commit is completed, never redone or half-visible.
+3. ``check_existing()``: anything in the output that no committed ``_SUCCESS`` lists refuses the
+   run (exit 2 naming it): distcls neither deletes files it did not write nor mixes them into its
+   dataset (readers would try to read them as Parquet); names starting with ``_`` or ``.`` are left
+   alone. Without --overwrite a committed dataset refuses a plain run; --incremental adds to one
+   made of partitions.
+4. ``start_run()``: a new run id and an empty staging folder; with --resume the newest staged run,
+   keeping only readable files of the same model and only rows whose paths are inputs of this run.
+   A ``run=<id>/`` folder of only ``part-*.parquet`` files and no ``_SUCCESS`` (left when a plan was
+   lost) is deleted.
+5. ``write_staged()``: output rows -> Parquet files in the run's staging folder. The handle is
+   picklable (URI + StorageConfig), so a Ray worker can write through it and return (name, rows).
+6. ``staged_counts()``: one staged row per input (row count and distinct paths), or no commit.
+7. ``commit()``: the plan (old files to delete on --overwrite, staged -> final names, the summary)
+   is written to ``_COMMITTING`` and applied: retire the old ``_SUCCESS`` files into staging (readers
+   stop trusting the old data first), delete the files they list, move the staged files, write
+   ``_SUCCESS`` once every file it lists exists, drop staging and the plan. Every step is
+   idempotent (on S3 a move is a copy, then a delete), so a later run that finds the plan applies it
+   again from the start.
+8. The lock is removed when the run ends, also when it fails.
+
+A plan is validated before any step is applied, whether this run wrote it or found it: every name
+is a plain relative name inside the output; moves go only from this output's ``_staging/<run_id>/``
+to dataset names of that run; deletes name only ``_SUCCESS`` files and files that a committed
+``_SUCCESS`` lists (or that are already gone); ``success`` is ``_SUCCESS`` or ``run=<id>/_SUCCESS``.
+A plan that fails is refused with JobError naming the entry, and nothing is touched.
+
+``successes()`` and ``labelled_keys()`` read what is committed (``--incremental`` skips inputs whose
+(path, size, mtime) a committed partition holds for the model, except rows whose ``error_kind`` says
+the failure was passing: ``not_found`` and ``transient`` rows are read again).
+
+Why not ``ray.data.checkpoint.CheckpointConfig``: in Ray 2.60 it only filters rows coming from
+``read_*`` datasources (``Planner._CHECKPOINT_FILTER_OPS = (Read, ReadFiles)``, not ``from_blocks``),
+keeps its own id files next to the data, and does not make the final dataset appear atomically.
+
+One filesystem stack, pyarrow, for everything but the lock on object stores: pyarrow's S3 client
+cannot send conditional writes (apache/arrow#44281), s3fs can (``pipe_file(mode="create")`` sends
+``If-None-Match: *``, and ``IfMatch`` passes through to PutObject), so the lock uses fsspec there.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import os
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from typing import Any, NoReturn
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError
+
+from distcls import storage
+from distcls.config import StorageConfig
+from distcls.errors import JobError, UsageError
+
+SUCCESS = "_SUCCESS"
+COMMITTING = "_COMMITTING"
+STAGING = "_staging"
+LOCK = "_LOCK"
+# A few minutes: a crashed run on another host blocks the output this long at most; the holder
+# renews every third of it, so two missed renewals (a store hiccup) do not lose the lock.
+LEASE_S = 180.0
+# Rows per Parquet row group of the output: large enough for readers to skip by statistics, small
+# enough that the writer holds a few MB.
+ROW_GROUP_ROWS = 16_384
+# Errors that say nothing about the file itself (contracts.md point 1): --incremental reads it again.
+PASSING_ERROR_KINDS = ("not_found", "transient")
+
+_RUN_ID = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
+# The names distcls gives committed files: the only files a commit may ever delete.
+_DATASET_FILE = r"part-[^/]+\.parquet|run=[^/]+/part-[^/]+\.parquet"
+_RETIRED = "_retired"  # below _staging/<run_id>/: the _SUCCESS files an --overwrite commit replaces
+_KEY_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC")),
+                         ("model_id", pa.string()), ("error_kind", pa.string())])
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run's staging: its id and the paths whose rows are already staged (kept by --resume)."""
+
+    run_id: str
+    staged: pa.Array
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The output dataset at ``uri``: every read and write of the protocol goes through it."""
+
+    uri: str
+    storage: StorageConfig
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uri", self.uri.rstrip("/"))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Only the URI and the settings travel to a Ray worker; it builds its own filesystem.
+        return Dataset, (self.uri, self.storage)
+
+    # -- 1. The lock ------------------------------------------------------------------------------
+
+    def lock(self, lease_s: float = LEASE_S) -> Lock:
+        """Take ``_LOCK`` for this process; use as a context manager, which removes it at the end.
+
+        UsageError (exit 2) when another live run holds it, naming that run and when its lease
+        ends, and when the output cannot be written at all."""
+        store = _LocalLock(self) if not storage.is_remote(self.uri) else _ObjectLock(self)
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": None, "token": secrets.token_hex(8)}
+        lock = Lock(self, store, owner, lease_s)
+        try:
+            lock.take()
+        except (OSError, BotoCoreError) as exc:
+            raise UsageError(f"cannot write {storage.describe_error(self.uri_of(LOCK), exc)}") from None
+        return lock
+
+    # -- 2. Roll forward --------------------------------------------------------------------------
+
+    def roll_forward(self) -> dict[str, Any] | None:
+        """Finish a commit that an earlier run began; returns its summary, or None if there was none.
+        JobError, with nothing touched, when the plan found is not one distcls could have written."""
+        if not self._exists(COMMITTING):
+            return None
+        try:
+            plan = json.loads(self._read(COMMITTING))
+        except ValueError as exc:
+            raise JobError(f"{self.uri_of(COMMITTING)}: not a commit plan ({exc}); nothing was changed") from None
+        self._validate(plan)
+        self._apply(plan)
+        return plan["summary"]
+
+    # -- 3. What is there -------------------------------------------------------------------------
+
+    def successes(self) -> dict[str, dict[str, Any]]:
+        """The committed summaries by name (``_SUCCESS``, ``run=<id>/_SUCCESS``)."""
+        names = [SUCCESS] if self._exists(SUCCESS) else []
+        names += [f"{e.base_name}/{SUCCESS}" for e in self._entries() if _is_partition(e)
+                  and self._exists(e.base_name, SUCCESS)]
+        return {name: self._summary_at(name) for name in names}
+
+    def check_existing(self, *, overwrite: bool, incremental: bool) -> None:
+        """UsageError when this run may not write here: an entry no committed ``_SUCCESS`` lists
+        (named), a committed dataset without --overwrite, or a non-partitioned one with --incremental."""
+        committed, foreign, _ = self._survey()
+        if foreign:
+            raise UsageError(f"output {self.uri} holds {foreign[0]!r}, which no distcls {SUCCESS} lists; distcls "
+                             "neither deletes nor mixes in files it did not write: move it or choose another output")
+        if overwrite or not committed:
+            return
+        if not incremental:
+            raise UsageError(f"output {self.uri} already holds a dataset; pass --overwrite to replace it")
+        if any(not name.startswith("run=") for name in committed):
+            raise UsageError(f"output {self.uri} holds a dataset that is not incremental (run=<id>/ partitions); "
+                             "choose another output or pass --overwrite")
+
+    def labelled_keys(self, model_id: str) -> pa.Table:
+        """(path, size, mtime) of the rows committed partitions hold for ``model_id``, without rows
+        whose ``error_kind`` is passing (not_found, transient). Files written before that column
+        existed count every row as labelled."""
+        files = [e.path for name in self.successes() if name != SUCCESS
+                 for e in self._entries(name.split("/")[0]) if e.base_name.endswith(".parquet")]
+        if not files:
+            return _KEY_SCHEMA.empty_table().select(["path", "size", "mtime"])
+        # An explicit schema: files without error_kind read it as null.
+        found = pads.dataset(files, schema=_KEY_SCHEMA, filesystem=self._fs, format="parquet")
+        final = pc.field("error_kind").is_null() | ~pc.field("error_kind").isin(PASSING_ERROR_KINDS)
+        return found.to_table(columns=["path", "size", "mtime"], filter=(pc.field("model_id") == model_id) & final)
+
+    # -- 4. Start or resume a run -----------------------------------------------------------------
+
+    def start_run(self, *, resume: bool, model_id: str, inputs: pa.Array) -> Run:
+        """A new run with empty staging, or with ``resume`` the newest staged run, keeping its rows
+        that are readable, made by ``model_id`` and of paths in ``inputs``. Also deletes partitions
+        an unfinished run left without ``_SUCCESS``."""
+        for leftover in self._survey()[2]:
+            _say(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
+            self._delete_tree(leftover)
+        runs = [e.base_name for e in self._entries(STAGING) if e.type == pafs.FileType.Directory
+                and re.fullmatch(_RUN_ID, e.base_name)]
+        if resume and runs:
+            for stale in runs[:-1]:
+                self._delete_tree(STAGING, stale)
+            staged = self._usable_staged(runs[-1], model_id, inputs)
+            _say(f"resuming run {runs[-1]}: {len(staged)} rows already staged")
+            return Run(runs[-1], staged)
+        if runs:
+            _say(f"discarding staged files of unfinished run(s) {', '.join(runs)} (--resume reuses them)")
+        self._delete_tree(STAGING)
+        return Run(_new_run_id(), pa.array([], pa.string()))
+
+    def discard_staging(self) -> None:
+        """Drop every staged file: for a run that ends with nothing to commit."""
+        self._delete_tree(STAGING)
+
+    # -- 5. Write staged files --------------------------------------------------------------------
+
+    def write_staged(self, run_id: str, tables: Iterable[pa.Table], rows_per_file: int,
+                     row_group_rows: int = ROW_GROUP_ROWS) -> list[tuple[str, int]]:
+        """Stream rows into Parquet files of ``rows_per_file`` rows (the last one fewer) in the run's
+        staging folder; returns (file name, rows) per file. Holds one row group at a time. A file
+        cut off by a kill is unreadable, so ``--resume`` relabels its rows."""
+        # Also on object stores (an empty marker object there): the run's folder shows from its start.
+        self._fs.create_dir(self._path(STAGING, run_id), recursive=True)
+        prefix = secrets.token_hex(4)  # a resumed run keeps the files of the one before: no name may repeat
+        names = (f"{prefix}-{i:05d}.parquet" for i in itertools.count())
+        written: list[tuple[str, int]] = []
+        writer, room = None, 0
+        try:
+            for group in _regroup(tables, row_group_rows):
+                while group.num_rows:
+                    if writer is None:
+                        written.append((next(names), 0))
+                        writer = pq.ParquetWriter(self._path(STAGING, run_id, written[-1][0]), group.schema,
+                                                  filesystem=self._fs)
+                        room = rows_per_file
+                    rows = min(room, group.num_rows)
+                    writer.write_table(group.slice(0, rows))
+                    written[-1] = (written[-1][0], written[-1][1] + rows)
+                    room, group = room - rows, group.slice(rows)
+                    if room == 0:
+                        writer.close()
+                        writer = None
+        finally:
+            if writer is not None:
+                writer.close()
+        return written
+
+    # -- 6. Check what is staged ------------------------------------------------------------------
+
+    def staged_counts(self, run_id: str, expected: int) -> dict[str, int]:
+        """images, labelled and errors in the run's staged files, after checking that they hold
+        ``expected`` rows of distinct paths: a run that lost or doubled rows is never committed."""
+        files = [self._path(STAGING, run_id, name) for name in self._staged_files(run_id)]
+        staged = pads.dataset(files, filesystem=self._fs, format="parquet").to_table(columns=["path", "error"])
+        distinct = pc.count_distinct(staged["path"]).as_py()
+        if staged.num_rows != expected or distinct != expected:
+            raise JobError(f"staged output of run {run_id} has {staged.num_rows} rows ({distinct} distinct paths), "
+                           f"expected {expected}; not committed")
+        errors = staged.num_rows - pc.count(staged["error"], mode="only_null").as_py()
+        return {"images": staged.num_rows, "labelled": staged.num_rows - errors, "errors": errors}
+
+    # -- 7. Commit --------------------------------------------------------------------------------
+
+    def commit(self, run_id: str, summary: dict[str, Any], *, incremental: bool, overwrite: bool,
+               lock: Lock) -> dict[str, Any]:
+        """Make the run's staged files the dataset (a ``run=<id>/`` partition with ``incremental``;
+        replacing what distcls committed before with ``overwrite``). Returns the summary written to
+        ``_SUCCESS``: ``summary`` plus the committed ``files``."""
+        lock.require_held()
+        prefix = f"run={run_id}/part-" if incremental else f"part-{run_id}-"
+        moves = [[f"{STAGING}/{run_id}/{name}", f"{prefix}{i:05d}.parquet"]
+                 for i, name in enumerate(self._staged_files(run_id))]
+        old = self.successes() if overwrite else {}
+        delete = [name for success, committed in sorted(old.items()) for name in (success, *_files(committed))]
+        plan = {"run_id": run_id, "delete": delete, "moves": moves,
+                "success": f"run={run_id}/{SUCCESS}" if incremental else SUCCESS,
+                "summary": {**summary, "files": [final for _, final in moves]}}
+        self._validate(plan)  # the check a found plan gets: an old _SUCCESS may list anything
+        self._write(COMMITTING, _json(plan))
+        self._apply(plan)
+        return plan["summary"]
+
+    def _validate(self, plan: Any) -> None:
+        def refuse(what: str) -> NoReturn:
+            raise JobError(f"refusing the commit plan {self.uri_of(COMMITTING)}: {what}; nothing was changed "
+                           f"(remove {COMMITTING} if no distcls run wrote it)")
+
+        if not isinstance(plan, dict) or set(plan) != {"run_id", "delete", "moves", "success", "summary"}:
+            refuse("not a distcls commit plan")
+        run_id = plan["run_id"]
+        if not isinstance(run_id, str) or not re.fullmatch(_RUN_ID, run_id):
+            refuse(f"run_id {run_id!r} is not a run id")
+        moves, delete, success, summary = plan["moves"], plan["delete"], plan["success"], plan["summary"]
+        if not (isinstance(moves, list) and all(isinstance(m, list) and len(m) == 2 for m in moves)
+                and isinstance(delete, list) and isinstance(summary, dict)):
+            refuse("moves, delete or summary malformed")
+        for key, name in [("success", success), *(("delete", n) for n in delete), *(("moves", n) for m in moves for n in m)]:
+            if reason := _not_plain(name):
+                refuse(f"{key} entry {name!r} {reason}")
+        if success not in (SUCCESS, f"run={run_id}/{SUCCESS}"):
+            refuse(f"success entry {success!r} is neither {SUCCESS} nor run={run_id}/{SUCCESS}")
+        final = rf"run={run_id}/part-\d{{5}}\.parquet" if success != SUCCESS else rf"part-{run_id}-\d{{5}}\.parquet"
+        for source, target in moves:
+            if not re.fullmatch(rf"{STAGING}/{run_id}/[^/]+\.parquet", source):
+                refuse(f"moves entry {source!r} is not a staged file of run {run_id}")
+            if not re.fullmatch(final, target):
+                refuse(f"moves entry {target!r} is not a dataset file of run {run_id}")
+        targets = [target for _, target in moves]
+        if summary.get("files") != targets or summary.get("run_id") != run_id or len(set(targets)) < len(targets):
+            refuse("the summary's files or run_id differ from the moves")
+        listed = self._listed(run_id)
+        for name in delete:
+            if not (_is_success_name(name) or re.fullmatch(_DATASET_FILE, name)):
+                refuse(f"delete entry {name!r} is not a file of a distcls dataset")
+            if not (_is_success_name(name) or name in listed or not self._exists(name)):
+                refuse(f"delete entry {name!r} is not listed by a committed {SUCCESS}")
+
+    def _apply(self, plan: dict[str, Any]) -> None:
+        """Carry out a validated plan. Idempotent: a step already done is skipped."""
+        run_id, success = plan["run_id"], plan["success"]
+        if not self._committed_by(success, run_id):
+            self._require_sources(plan["moves"])
+            for name in filter(_is_success_name, plan["delete"]):
+                if self._exists(name):  # readers stop trusting the old data first
+                    self._move(name, f"{STAGING}/{run_id}/{_RETIRED}/{name}")
+            for name in plan["delete"]:
+                if not _is_success_name(name) and self._exists(name):
+                    self._fs.delete_file(self._path(name))
+            self._drop_empty_partitions(plan["delete"])
+            for staged, final in plan["moves"]:
+                if self._exists(staged):
+                    self._move(staged, final)
+            missing = [name for name in plan["summary"]["files"] if not self._exists(name)]
+            if missing:
+                raise JobError(f"not writing {self.uri_of(success)}: {len(missing)} of the files it lists are gone "
+                               f"({missing[0]}, ...); the commit of run {run_id} cannot be finished")
+            self._write(success, _json(plan["summary"]))
+        self._delete_tree(STAGING)  # one run at a time (the lock): nothing else is staged there
+        self._delete_tree(COMMITTING)
+
+    def _require_sources(self, moves: list[list[str]]) -> None:
+        """Every file the commit will list is staged or already moved: checked before the first
+        step, so that a commit that cannot finish leaves the old dataset as it was."""
+        gone = [staged for staged, final in moves if not self._exists(staged) and not self._exists(final)]
+        if gone:
+            raise JobError(f"{len(gone)} staged files of the commit in {self.uri_of(COMMITTING)} are gone "
+                           f"({gone[0]}, ...); nothing was changed")
+
+    def _committed_by(self, success: str, run_id: str) -> bool:
+        """Whether ``success`` is already written by this run (the commit reached its last steps)."""
+        return self._exists(success) and self._summary_at(success).get("run_id") == run_id
+
+    def _listed(self, run_id: str) -> set[str]:
+        """Names the committed ``_SUCCESS`` files list, including those this commit retired."""
+        retired = [f"{STAGING}/{run_id}/{_RETIRED}/{name}" for name in
+                   [SUCCESS, *(f"{e.base_name}/{SUCCESS}" for e in self._entries(STAGING, run_id, _RETIRED)
+                               if _is_partition(e))]]
+        summaries = [*self.successes().values(), *(self._summary_at(n) for n in retired if self._exists(n))]
+        return {name for s in summaries for name in _files(s)}
+
+    def _drop_empty_partitions(self, deleted: list[str]) -> None:
+        for partition in sorted({name.split("/")[0] for name in deleted if "/" in name}):
+            info = self._fs.get_file_info(self._path(partition))
+            if info.type == pafs.FileType.Directory and not self._entries(partition):
+                self._fs.delete_dir(info.path)
+
+    # -- Staging, inside --------------------------------------------------------------------------
+
+    def _usable_staged(self, run_id: str, model_id: str, inputs: pa.Array) -> pa.Array:
+        """Paths in the run's staged files that can be kept. Files that are unreadable (cut off by a
+        kill), made by another model, or repeating rows of a kept file (a write of the killed run
+        that landed late) are deleted, so that their inputs get labelled again; rows of paths that
+        are not inputs of this run are dropped (the file is rewritten without them)."""
+        kept = pa.array([], pa.string())
+        for name in self._staged_files(run_id):
+            path = self._path(STAGING, run_id, name)
+            paths = self._staged_paths(path, model_id)
+            if paths is None or pc.any(pc.is_in(paths, value_set=kept)).as_py():
+                self._fs.delete_file(path)
+                continue
+            wanted = pc.is_in(paths, value_set=inputs)
+            if not pc.all(wanted).as_py():
+                _say(f"resume: dropping {len(paths) - pc.sum(wanted).as_py()} staged rows of {name} "
+                     "whose paths are not inputs of this run")
+                rows = pq.read_table(path, filesystem=self._fs).filter(wanted)
+                if rows.num_rows:  # written before the old file goes: a kill in between loses nothing
+                    self.write_staged(run_id, [rows], rows.num_rows)
+                self._fs.delete_file(path)
+                paths = paths.filter(wanted)
+            kept = pa.concat_arrays([kept, paths])
+        return kept
+
+    def _staged_paths(self, path: str, model_id: str) -> pa.Array | None:
+        """The paths in one staged file; None when it is unreadable or was made by another model."""
+        try:
+            table = pq.read_table(path, columns=["path", "model_id"], filesystem=self._fs)
+        except (OSError, pa.ArrowException):
+            return None
+        if not pc.all(pc.equal(table["model_id"], model_id)).as_py():
+            return None
+        return table["path"].combine_chunks()
+
+    def _staged_files(self, run_id: str) -> list[str]:
+        return [e.base_name for e in self._entries(STAGING, run_id)
+                if e.type == pafs.FileType.File and e.base_name.endswith(".parquet")]
+
+    def _survey(self) -> tuple[list[str], list[str], list[str]]:
+        """(committed entries, foreign entries, leftover partitions) of the output. Committed: a
+        ``_SUCCESS`` and what it lists. Leftover: a ``run=*`` folder of only ``part-*.parquet`` files
+        and no ``_SUCCESS``. Foreign: anything else not starting with ``_`` or ``.``."""
+        listed = {name for s in self.successes().values() for name in _files(s)}
+        committed, foreign, leftovers = [SUCCESS] * self._exists(SUCCESS), [], []
+        for entry in self._entries():
+            name = entry.base_name
+            if name.startswith(("_", ".")):
+                continue
+            if not _is_partition(entry):
+                (committed if name in listed else foreign).append(name)
+                continue
+            inside = [f"{name}/{e.base_name}" for e in self._entries(name)]
+            if f"{name}/{SUCCESS}" in inside:
+                committed.append(name)
+                foreign += [n for n in inside if n not in listed and n != f"{name}/{SUCCESS}"]
+            elif all(re.fullmatch(_DATASET_FILE, n) for n in inside):
+                leftovers.append(name)
+            else:
+                foreign += [n for n in inside if not re.fullmatch(_DATASET_FILE, n)]
+        return committed, foreign, leftovers
+
+    # -- Storage, one pyarrow filesystem ----------------------------------------------------------
+
+    @cached_property
+    def _fs_root(self) -> tuple[pafs.FileSystem, str]:
+        return storage.arrow_filesystem(self.uri, self.storage)
+
+    @property
+    def _fs(self) -> pafs.FileSystem:
+        return self._fs_root[0]
+
+    def _path(self, *parts: str) -> str:
+        """The filesystem path of a name inside the output."""
+        return "/".join([self._fs_root[1], *parts])
+
+    def uri_of(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    def _exists(self, *parts: str) -> bool:
+        return self._fs.get_file_info(self._path(*parts)).type != pafs.FileType.NotFound
+
+    def _entries(self, *parts: str) -> list[pafs.FileInfo]:
+        """What is directly inside ``parts`` (none when it does not exist), sorted by name."""
+        selector = pafs.FileSelector(self._path(*parts), allow_not_found=True)
+        return sorted(self._fs.get_file_info(selector), key=lambda e: e.path)
+
+    def _read(self, name: str) -> bytes:
+        with self._fs.open_input_stream(self._path(name)) as stream:
+            return stream.read()
+
+    def _summary_at(self, name: str) -> dict[str, Any]:
+        try:
+            summary = json.loads(self._read(name))
+        except ValueError:
+            summary = None
+        if not isinstance(summary, dict):
+            raise UsageError(f"{self.uri_of(name)} is not a distcls summary; remove it or choose another output")
+        return summary
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Write a whole file; locally through a temporary name and a rename, so that no reader
+        sees half of it (an object store shows an object only once its upload is complete)."""
+        path = self._path(name)
+        if storage.is_remote(self.uri):
+            with self._fs.open_output_stream(path) as stream:
+                stream.write(data)
+            return
+        self._make_dir(*name.split("/")[:-1])
+        temporary = f"{path}.tmp-{secrets.token_hex(4)}"
+        try:
+            with self._fs.open_output_stream(temporary) as stream:
+                stream.write(data)
+            self._fs.move(temporary, path)
+        except BaseException:  # a full disk or an interrupt must not leave the temporary file behind
+            with contextlib.suppress(OSError):
+                self._fs.delete_file(temporary)
+            raise
+
+    def _move(self, source: str, target: str) -> None:
+        self._make_dir(*target.split("/")[:-1])
+        self._fs.move(self._path(source), self._path(target))
+
+    def _make_dir(self, *parts: str) -> None:
+        if not storage.is_remote(self.uri):  # object stores have no folders to make
+            self._fs.create_dir(self._path(*parts), recursive=True)
+
+    def _delete_tree(self, *parts: str) -> None:
+        info = self._fs.get_file_info(self._path(*parts))
+        if info.type == pafs.FileType.Directory:
+            self._fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self._fs.delete_file(info.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock
+
+
+class Lock:
+    """``_LOCK`` of one output, held by this process: a daemon thread renews its lease; leaving the
+    ``with`` block (also by an exception) stops it and removes the lock."""
+
+    def __init__(self, dataset: Dataset, store: _LocalLock | _ObjectLock, owner: dict[str, Any],
+                 lease_s: float) -> None:
+        self.dataset, self.store, self.owner, self.lease_s = dataset, store, owner, lease_s
+        self.lost: dict[str, Any] | None = None  # the holder that took the lock from us, if one did
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_until_stopped, daemon=True, name="distcls-lock")
+        self._guard = threading.Lock()  # renewals from the thread and from require_held, one at a time
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def take(self) -> None:
+        """Create the lock, or take over one whose holder is gone; UsageError naming a live holder."""
+        try:
+            self.store.create(self._body())
+        except FileExistsError:
+            held = self.store.read()
+            gone = _why_gone(held)
+            if gone is None:
+                raise UsageError(_in_use(self.dataset.uri, held)) from None
+            _say(f"taking over the lock of {self.dataset.uri} from {_holder(held)}: {gone}")
+            self.store.take_over(self._body())
+        held = self.store.read()  # a store that ignored the condition, or a takeover race, shows here
+        if held is None or held.get("token") != self.owner["token"]:
+            raise UsageError(_in_use(self.dataset.uri, held or {}))
+        self._renewer.start()
+
+    def name_run(self, run_id: str) -> None:
+        """Record the run id in the lock once the run has one (a resumed run takes the old id)."""
+        self.owner["run_id"] = run_id
+        self.require_held()
+
+    def require_held(self) -> None:
+        """Renew now; JobError when another run took the lock over (this one's lease had run out)."""
+        with self._guard:
+            if self.lost is None:
+                self._renew()
+        if self.lost is not None:
+            raise JobError(f"lost the lock of {self.dataset.uri} to {_holder(self.lost)} while running (this "
+                           "run's lease ran out); nothing was committed")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer.is_alive():
+            self._renewer.join()
+        with self._guard:
+            try:
+                held = self.store.read()
+                if held is not None and held.get("token") == self.owner["token"]:
+                    self.store.delete()
+            except (OSError, BotoCoreError) as exc:  # the lease ends on its own: say so, do not mask the run's outcome
+                _say(f"could not remove {self.dataset.uri_of(LOCK)} ({exc}); it expires in {self.lease_s:.0f} s")
+
+    def _renew_until_stopped(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            with self._guard:
+                if self.lost is not None:
+                    return
+                # Any failure is a passing one here (the next tick tries again): the renewer must not
+                # die, and the commit renews once more itself and reports what is wrong then.
+                with contextlib.suppress(Exception):
+                    self._renew()
+
+    def _renew(self) -> None:
+        held = self.store.read()
+        if held is None or held.get("token") != self.owner["token"]:
+            self.lost = held or {"run_id": None, "host": "?", "pid": "?"}
+            return
+        self.store.replace(self._body())
+
+    def _body(self) -> dict[str, Any]:
+        expires = time.time() + self.lease_s
+        return {**self.owner, "expires": expires, "expires_at": _iso(expires)}
+
+
+class _LocalLock:
+    """The lock file on a local (or mounted) filesystem. Create is ``link(2)`` of a complete
+    temporary file, which fails when the name exists (O_CREAT|O_EXCL semantics, without a moment
+    where the file exists but is empty). Renewals and takeovers replace it by rename: they have no
+    compare-and-swap, and the read after each write is what detects a lost race."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.path = dataset._path(LOCK)
+
+    def create(self, body: dict[str, Any]) -> None:
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except FileExistsError:  # the output is a regular file: not the FileExistsError of a held lock
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", os.path.dirname(self.path)) from None
+        temporary = self._temporary(body)
+        try:
+            os.link(temporary, self.path)
+        finally:
+            os.remove(temporary)
+
+    def take_over(self, body: dict[str, Any]) -> None:
+        self.replace(body)
+
+    def replace(self, body: dict[str, Any]) -> None:
+        os.replace(self._temporary(body), self.path)
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            with open(self.path, "rb") as file:
+                return _parse_lock(file.read())
+        except FileNotFoundError:
+            return None
+
+    def delete(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+    def _temporary(self, body: dict[str, Any]) -> str:
+        temporary = f"{self.path}.tmp-{secrets.token_hex(4)}"
+        with open(temporary, "wb") as file:
+            file.write(_json(body))
+        return temporary
+
+
+class _ObjectLock:
+    """The lock object on an object store, through s3fs: create is a PUT with ``If-None-Match: *``
+    (AWS S3, MinIO and the moto server of the tests answer 412 when the key exists); renewals and
+    takeovers are PUTs with ``If-Match: <etag read>``, so two runs taking over one expired lock
+    cannot both win. A store that ignores the headers is caught by the read after each write."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.fs, self.path = storage.fsspec_filesystem(dataset.uri_of(LOCK), dataset.storage)
+        self.etag: str | None = None
+
+    def create(self, body: dict[str, Any]) -> None:
+        self.fs.pipe_file(self.path, _json(body), mode="create")
+
+    def take_over(self, body: dict[str, Any]) -> None:
+        # 412 (FileExistsError, or OSError for If-Match): another run was first; the read after names it.
+        with contextlib.suppress(OSError):
+            if self.etag is None:  # released between our create and our read
+                self.create(body)
+            else:
+                self.replace(body)
+
+    def replace(self, body: dict[str, Any]) -> None:
+        # Conditional on the ETag of the last read: what is replaced is the lock that was checked.
+        self.fs.pipe_file(self.path, _json(body), **({"IfMatch": self.etag} if self.etag else {}))
+
+    def read(self) -> dict[str, Any] | None:
+        self.fs.invalidate_cache(self.path)
+        try:
+            # The ETag first: if the object changes before its body is read, a write conditional on
+            # this ETag fails instead of replacing a lock nobody has read.
+            self.etag = self.fs.info(self.path)["ETag"]
+            return _parse_lock(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            self.etag = None
+            return None
+
+    def delete(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path)
+
+
+def _parse_lock(data: bytes) -> dict[str, Any]:
+    """A lock's content; one that is not a distcls lock counts as long expired (taken over, said so)."""
+    try:
+        held = json.loads(data)
+    except ValueError:
+        held = None
+    return held if isinstance(held, dict) else {"run_id": None, "host": "?", "pid": "?", "expires": 0}
+
+
+def _why_gone(held: dict[str, Any] | None) -> str | None:
+    """Why the lock ``held`` may be taken over, or None while its holder may still be running."""
+    if held is None:
+        return "it was just released"
+    expires = held.get("expires")
+    if not isinstance(expires, (int, float)) or expires < time.time():
+        return f"its lease ended at {held.get('expires_at', 'an unknown time')}"
+    if held.get("host") == socket.gethostname() and _process_gone(held.get("pid")):
+        return f"process {held.get('pid')} on this host is gone"
+    return None
+
+
+def _process_gone(pid: Any) -> bool:
+    """Only for a holder on this host: pids elsewhere mean nothing here."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by another user
+        return False
+    return False
+
+
+def _holder(held: dict[str, Any]) -> str:
+    return f"run {held.get('run_id') or '(starting)'} on host {held.get('host')} (pid {held.get('pid')})"
+
+
+def _in_use(uri: str, held: dict[str, Any]) -> str:
+    return (f"output {uri} is in use by {_holder(held)}, lease until {held.get('expires_at', '?')}; "
+            "wait for that run to end (a dead run's lease runs out by then)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _not_plain(name: Any) -> str | None:
+    """Why ``name`` is not a plain relative name inside the output, or None if it is one."""
+    if not isinstance(name, str) or not name:
+        return "is not a name"
+    if "://" in name or name.startswith("/") or "\\" in name:
+        return "is not a relative name inside the output"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "has an empty, '.' or '..' segment"
+    return None
+
+
+def _files(summary: dict[str, Any]) -> list[str]:
+    """The dataset files a committed summary lists; anything else in its list is ignored (and
+    so, being in the output, refuses the run as foreign)."""
+    files = summary.get("files")
+    return [f for f in files if isinstance(f, str) and re.fullmatch(_DATASET_FILE, f)] if isinstance(files, list) else []
+
+
+def _is_success_name(name: str) -> bool:
+    return name == SUCCESS or bool(re.fullmatch(rf"run=[^/]+/{SUCCESS}", name))
+
+
+def _is_partition(entry: pafs.FileInfo) -> bool:
+    return entry.type == pafs.FileType.Directory and entry.base_name.startswith("run=")
+
+
+def _regroup(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``tables`` as tables of ``rows`` rows each (the last one fewer)."""
+    chunks: list[pa.Table] = []
+    buffered = 0
+    for table in tables:
+        chunks.append(table)
+        buffered += table.num_rows
+        while buffered >= rows:
+            joined = pa.concat_tables(chunks)
+            yield joined.slice(0, rows)
+            chunks, buffered = [joined.slice(rows)], buffered - rows
+    if buffered:
+        yield pa.concat_tables(chunks)
+
+
+def _new_run_id() -> str:
+    """UTC time + a random suffix, e.g. 20261125T093000Z-ab12cd: sorts by start time, never collides."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, indent=2, sort_keys=True).encode()
+
+
+def _say(message: str) -> None:
+    """Progress for people on stderr; stdout stays the CLI's JSON summary."""
+    print(f"distcls label: {message}", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from distcls.config import DemoConfig, EvaluateConfig, LabelConfig, TrainConfig, load_config
+from distcls.config import DemoConfig, EvaluateConfig, LabelConfig, RunsConfig, TrainConfig, load_config
 from distcls.errors import JobError, UsageError
 
 
@@ -39,16 +39,24 @@ def _label(config: LabelConfig) -> dict[str, Any]:
     return label(config)
 
 
+def _runs(config: RunsConfig) -> dict[str, Any] | None:
+    from distcls.runs import runs
+
+    return runs(config)
+
+
 def _demo(config: DemoConfig) -> dict[str, Any]:
     from distcls.demo import run_demo
 
     return run_demo(config)
 
 
-COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any]], str]] = {
+# A command returns the JSON line to print last on stdout, or None when it printed its output itself.
+COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any] | None], str]] = {
     "train": (TrainConfig, _train, "Train a classifier on a labelled lake with Ray Train; writes <output>/model/."),
     "evaluate": (EvaluateConfig, _evaluate, "Accuracy, per-class precision/recall/F1 and a confusion matrix."),
     "label": (LabelConfig, _label, "Label every image of a lake (or manifest) into a Parquet dataset."),
+    "runs": (RunsConfig, _runs, "List the committed runs of a labeling output, newest first."),
     "demo": (DemoConfig, _demo, "Make a lake, train, evaluate and label it, offline, in a few minutes."),
 }
 
@@ -57,12 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: `--epoch 3` must be an error, not silently `--epochs 3`.
     parser = argparse.ArgumentParser(prog="distcls", description="Distributed batch image classification on Ray.",
                                      allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,label,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (settings, _, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         sub.add_argument("--config", metavar="FILE", help="YAML file of settings; flags override it.")
+        positional = getattr(settings, "positional", ())
         for field, info in settings.model_fields.items():
-            _add_flag(sub, field, info.annotation, info.description or "", info.get_default(call_default_factory=False))
+            if field in positional:
+                sub.add_argument(field, help=info.description)
+            else:
+                _add_flag(sub, field, info.annotation, info.description or "", info.get_default(call_default_factory=False))
     return parser
 
 
@@ -108,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distcls {args.command}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
               " (set DISTCLS_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
-    print(json.dumps(result, default=str))
+    if result is not None:
+        print(json.dumps(result, default=str))
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -235,6 +235,15 @@ def public_dict(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
+
+
+class RunsConfig(StorageConfig):
+    """Settings of ``distcls runs``."""
+
+    positional: ClassVar[tuple[str, ...]] = ("output",)
+
+    output: str = Field(..., description="Output dataset URI written by distcls label.")
+    json: bool = Field(False, description="One JSON line with every run instead of a table.")
 
 
 class DemoConfig(StorageConfig):

@@ -259,17 +259,20 @@ class Dataset:
 
     # -- 6. Check what is staged ------------------------------------------------------------------
 
-    def staged_counts(self, run_id: str, expected: int) -> dict[str, int]:
-        """images, labelled and errors in the run's staged files, after checking that they hold
-        ``expected`` rows of distinct paths: a run that lost or doubled rows is never committed."""
+    def staged_counts(self, run_id: str, expected: int) -> dict[str, Any]:
+        """images, labelled, errors and errors_by_kind in the run's staged files, after checking that
+        they hold ``expected`` rows of distinct paths: a run that lost or doubled rows is never committed."""
         files = [self._path(STAGING, run_id, name) for name in self._staged_files(run_id)]
-        staged = pads.dataset(files, filesystem=self._fs, format="parquet").to_table(columns=["path", "error"])
+        staged = pads.dataset(files, filesystem=self._fs, format="parquet").to_table(
+            columns=["path", "error", "error_kind"])
         distinct = pc.count_distinct(staged["path"]).as_py()
         if staged.num_rows != expected or distinct != expected:
             raise JobError(f"staged output of run {run_id} has {staged.num_rows} rows ({distinct} distinct paths), "
                            f"expected {expected}; not committed")
         errors = staged.num_rows - pc.count(staged["error"], mode="only_null").as_py()
-        return {"images": staged.num_rows, "labelled": staged.num_rows - errors, "errors": errors}
+        kinds = pc.value_counts(staged["error_kind"].drop_null()).to_pylist()
+        return {"images": staged.num_rows, "labelled": staged.num_rows - errors, "errors": errors,
+                "errors_by_kind": {kind["values"]: kind["counts"] for kind in kinds}}
 
     # -- 7. Commit --------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import torch
 from distcls import predict, storage
 from distcls.dataset import COMMITTING, STAGING
 from distcls.artifact import load_model, predict_proba
+from distcls.cli import main
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
 from distcls.images import decode
@@ -256,25 +257,45 @@ def test_overwrite_replaces_the_dataset_only_at_commit(ray_local, tmp_path: Path
     assert sorted(p.name for p in output.glob("part-*.parquet")) == second["files"]
 
 
-def test_incremental_labels_only_new_files(ray_local, tmp_path: Path, synthetic_lake, model_uri: str) -> None:
+def test_incremental_labels_only_new_files_and_runs_lists_them(ray_local, tmp_path: Path, synthetic_lake,
+                                                                model_uri: str, capsys) -> None:
     lake = _lake(synthetic_lake, tmp_path, 2)
     output = tmp_path / "labels"
     config = LabelConfig(input=str(lake), model=model_uri, output=str(output), incremental=True)
     first = label(config)
     for name in ("new-1.jpg", "new-2.jpg", "new-3.jpg"):
         shutil.copy(lake / "img-000000.jpg", lake / name)
+    (lake / "new-4.jpg").write_bytes(b"not a jpeg")
     (output / "run=unfinished").mkdir()
     (output / "run=unfinished" / "part-00000.parquet").write_bytes(b"half")
 
     second = label(config)
     new = pd.read_parquet(output / f"run={second['run_id']}")
-    assert sorted(Path(p).name for p in new["path"]) == ["new-1.jpg", "new-2.jpg", "new-3.jpg"]
+    assert sorted(Path(p).name for p in new["path"]) == ["new-1.jpg", "new-2.jpg", "new-3.jpg", "new-4.jpg"]
     assert not (output / "run=unfinished").exists()
     frame = _assert_exactly_once(output, lake)
     assert sorted(frame["run"].unique()) == sorted([first["run_id"], second["run_id"]])
 
     third = label(config)
     assert third["skipped"] == "nothing new" and len(list(output.glob("run=*"))) == 2
+
+    capsys.readouterr()
+    assert main(["runs", str(output), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
+    assert [r["run_id"] for r in listed] == [second["run_id"], first["run_id"]]  # newest first
+    assert [(r["images"], r["errors"], r["errors_by_kind"]) for r in listed] == [
+        (4, 1, {"corrupt": 1}), (first["images"], 0, {})]
+    assert main(["runs", str(output)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["run_id", "started_at", "images"]
+    assert table[1].startswith(second["run_id"]) and "1 (corrupt 1)" in table[1]
+
+
+def test_runs_on_a_path_that_is_no_output_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    for path in (tmp_path, tmp_path / "missing"):
+        assert main(["runs", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err
 
 
 @pytest.mark.gpu

@@ -1,0 +1,49 @@
+"""``distcls runs OUTPUT``: what each committed labeling run did, newest first, read from the
+``_SUCCESS`` summaries of the output dataset (one per run with --incremental)."""
+from __future__ import annotations
+
+from typing import Any
+
+from distcls import storage
+from distcls.config import RunsConfig
+from distcls.dataset import Dataset
+from distcls.errors import UsageError
+
+_COLUMNS = ("run_id", "started_at", "images", "errors", "images_per_s", "model_id")
+
+
+def runs(config: RunsConfig) -> dict[str, Any] | None:
+    """One row per committed run (run id, start, images, errors by kind, images/s, model id), newest
+    first: printed as a table, or returned for the CLI's JSON line with --json. UsageError when
+    ``config.output`` is not a distcls output."""
+    storage.require_exists(config.output, config.storage())
+    summaries = Dataset(config.output, config.storage()).successes()
+    if not summaries:
+        raise UsageError(f"{config.output}: not a distcls output (no _SUCCESS); runs lists what `distcls label` committed")
+    rows = sorted((_row(summary) for summary in summaries.values()), key=lambda r: r["started_at"], reverse=True)
+    if config.json:
+        return {"output": config.output, "runs": rows}
+    print(format_table(rows))
+    return None
+
+
+def _row(summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "run_id": summary.get("run_id"), "started_at": str(summary.get("started_at", "")),
+        "images": summary.get("images"), "errors": summary.get("errors"),
+        "errors_by_kind": summary.get("errors_by_kind", {}), "images_per_s": summary.get("images_per_s"),
+        "model_id": summary.get("model_id"), "output": summary.get("output"),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as aligned text for people; errors with their kinds, model ids shortened."""
+    def cells(row: dict[str, Any]) -> list[str]:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(row["errors_by_kind"].items()))
+        return [str(row["run_id"]), row["started_at"], str(row["images"]),
+                f"{row['errors']}" + (f" ({kinds})" if kinds else ""), f"{row['images_per_s']}",
+                str(row["model_id"])[:12]]
+
+    table = [list(_COLUMNS)] + [cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table)

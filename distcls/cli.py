@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib.metadata
 import json
 import os
 import sys
@@ -17,7 +18,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from distcls.config import DemoConfig, EvaluateConfig, LabelConfig, RunsConfig, TrainConfig, load_config
+from distcls.config import (DemoConfig, EvaluateConfig, LabelConfig, ModelsConfig, RunsConfig, TrainConfig,
+                            load_config)
 from distcls.errors import JobError, UsageError
 
 
@@ -45,6 +47,12 @@ def _runs(config: RunsConfig) -> dict[str, Any] | None:
     return runs(config)
 
 
+def _models(config: ModelsConfig) -> None:
+    from distcls.models import describe_models
+
+    print(describe_models())
+
+
 def _demo(config: DemoConfig) -> dict[str, Any]:
     from distcls.demo import run_demo
 
@@ -57,6 +65,7 @@ COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any] | None
     "evaluate": (EvaluateConfig, _evaluate, "Accuracy, per-class precision/recall/F1 and a confusion matrix."),
     "label": (LabelConfig, _label, "Label every image of a lake (or manifest) into a Parquet dataset."),
     "runs": (RunsConfig, _runs, "List the committed runs of a labeling output, newest first."),
+    "models": (ModelsConfig, _models, "List the model architectures train --model accepts."),
     "demo": (DemoConfig, _demo, "Make a lake, train, evaluate and label it, offline, in a few minutes."),
 }
 
@@ -65,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: `--epoch 3` must be an error, not silently `--epochs 3`.
     parser = argparse.ArgumentParser(prog="distcls", description="Distributed batch image classification on Ray.",
                                      allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"distcls {importlib.metadata.version('distcls')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (settings, _, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
@@ -74,12 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
             if field in positional:
                 sub.add_argument(field, help=info.description)
             else:
-                _add_flag(sub, field, info.annotation, info.description or "", info.get_default(call_default_factory=False))
+                _add_flag(sub, field, info.alias or field, info.annotation, info.description or "",
+                          info.get_default(call_default_factory=False))
     return parser
 
 
-def _add_flag(parser: argparse.ArgumentParser, field: str, annotation: Any, help_text: str, default: Any) -> None:
-    flag = "--" + field.replace("_", "-")
+def _add_flag(parser: argparse.ArgumentParser, field: str, name: str, annotation: Any, help_text: str,
+              default: Any) -> None:
+    flag = "--" + name.replace("_", "-")
     base = _strip_optional(annotation)
     shown = "" if default is None or callable(default) or repr(default) == "PydanticUndefined" else f" (default: {default})"
     kwargs: dict[str, Any] = {"dest": field, "default": None, "help": help_text + shown}

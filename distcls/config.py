@@ -175,7 +175,11 @@ class LabelConfig(InferenceConfig):
     @field_validator("extensions")
     @classmethod
     def _dotted_lowercase(cls, value: list[str]) -> list[str]:
-        return [e.lower() if e.startswith(".") else "." + e.lower() for e in value]
+        # "--extensions jpg,png" is two extensions, not the one extension ".jpg,png" that matches nothing.
+        names = [name.strip().lower() for item in value for name in item.split(",") if name.strip()]
+        if not names:
+            raise ValueError("give at least one extension, e.g. .jpg")
+        return [name if name.startswith(".") else "." + name for name in names]
 
 
 Settings = TypeVar("Settings", bound=BaseModel)
@@ -213,12 +217,15 @@ def _read_yaml(path: str) -> dict[str, Any]:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    field = ".".join(str(p) for p in error["loc"]) or "<root>"
-    if error["type"] == "extra_forbidden":
-        return f"unknown field {field!r}"
+    """One problem, named by the flag users type (``--batch-size``; the YAML key is the same name
+    with underscores), with the bad value unless it may hold a credential."""
+    loc = [str(part) for part in error["loc"]]
+    if error["type"] == "extra_forbidden":  # only YAML can name an unknown setting: argparse refuses flags
+        return f"unknown field {'.'.join(loc)!r}"
+    flag = ("--" + loc[0].replace("_", "-") + "".join(f"[{part}]" for part in loc[1:])) if loc else "<config>"
     if error["type"] == "missing":
-        return f"field {field!r} is required"
-    return f"field {field!r}: {error['msg']} {_shown(error.get('input'))}"
+        return f"{flag} is required"
+    return f"{flag}: {error['msg']} {_shown(error.get('input'))}"
 
 
 def _shown(value: Any) -> str:
@@ -243,7 +250,15 @@ class RunsConfig(StorageConfig):
     positional: ClassVar[tuple[str, ...]] = ("output",)
 
     output: str = Field(..., description="Output dataset URI written by distcls label.")
-    json: bool = Field(False, description="One JSON line with every run instead of a table.")
+    # "json" is BaseModel's (deprecated) method name, so the field is as_json, typed as --json.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    as_json: bool = Field(False, alias="json", description="One JSON line with every run instead of a table.")
+
+
+class ModelsConfig(BaseModel):
+    """Settings of ``distcls models``: none."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class DemoConfig(StorageConfig):

@@ -263,8 +263,9 @@ class Dataset:
         """images, labelled, errors and errors_by_kind in the run's staged files, after checking that
         they hold ``expected`` rows of distinct paths: a run that lost or doubled rows is never committed."""
         files = [self._path(STAGING, run_id, name) for name in self._staged_files(run_id)]
-        staged = pads.dataset(files, filesystem=self._fs, format="parquet").to_table(
-            columns=["path", "error", "error_kind"])
+        # An explicit schema: files staged before error_kind existed (a resumed run) read it as null.
+        schema = pa.schema([("path", pa.string()), ("error", pa.string()), ("error_kind", pa.string())])
+        staged = pads.dataset(files, schema=schema, filesystem=self._fs, format="parquet").to_table()
         distinct = pc.count_distinct(staged["path"]).as_py()
         if staged.num_rows != expected or distinct != expected:
             raise JobError(f"staged output of run {run_id} has {staged.num_rows} rows ({distinct} distinct paths), "

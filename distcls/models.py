@@ -23,6 +23,13 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def describe_models() -> str:
+    """One line per registered architecture: its name and the first line of its docstring."""
+    width = max(len(name) for name in _REGISTRY)
+    return "\n".join(f"{name:<{width}}  {(_REGISTRY[name].__doc__ or '').strip().splitlines()[0]}"
+                     for name in list_models())
+
+
 def create_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
     """Build a registered model with fresh weights. Raises KeyError listing the known names."""
     if name not in _REGISTRY:

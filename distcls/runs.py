@@ -21,7 +21,7 @@ def runs(config: RunsConfig) -> dict[str, Any] | None:
     if not summaries:
         raise UsageError(f"{config.output}: not a distcls output (no _SUCCESS); runs lists what `distcls label` committed")
     rows = sorted((_row(summary) for summary in summaries.values()), key=lambda r: r["started_at"], reverse=True)
-    if config.json:
+    if config.as_json:
         return {"output": config.output, "runs": rows}
     print(format_table(rows))
     return None

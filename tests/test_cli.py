@@ -13,7 +13,7 @@ from distcls import cli
 from distcls.config import LabelConfig, TrainConfig
 from distcls.errors import JobError, UsageError
 
-SUBCOMMANDS = ("train", "evaluate", "label", "demo")
+SUBCOMMANDS = ("train", "evaluate", "label", "runs", "models", "demo")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -36,7 +36,7 @@ def test_python_dash_m_works_and_exit_code_2_reaches_the_shell() -> None:
     done = _run(sys.executable, "-m", "distcls", "train", "--data", "lake", "--output", "out", "--epochs", "0")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "distcls train: error: invalid TrainConfig: field 'epochs': Input should be greater than or equal to 1 (got '0')"]
+        "distcls train: error: invalid TrainConfig: --epochs: Input should be greater than or equal to 1 (got '0')"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -47,7 +47,10 @@ def test_subcommand_help_shows_config_and_every_field(command: str, capsys: pyte
     out = capsys.readouterr().out
     settings = cli.COMMANDS[command][0]
     assert "--config FILE" in out
-    assert all("--" + field.replace("_", "-") in out for field in settings.model_fields)
+    positional = getattr(settings, "positional", ())
+    for field, info in settings.model_fields.items():
+        name = info.alias or field
+        assert (name if field in positional else "--" + name.replace("_", "-")) in out, field
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -65,12 +68,12 @@ def test_argparse_usage_errors_exit_2(argv: list[str], expected: str, capsys: py
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["train", "--output", "o"], "field 'data' is required"),
-    (["train", "--data", "d", "--output", "o", "--batch-size", "lots"], "field 'batch_size'"),
+    (["train", "--output", "o"], "--data is required"),
+    (["train", "--data", "d", "--output", "o", "--batch-size", "lots"], "--batch-size:"),
     (["train", "--data", "d", "--output", "o", "--model", "resnet9000"], "unknown model 'resnet9000'"),
     (["demo", "--model", "resnet9000"], "unknown model 'resnet9000'"),
-    (["evaluate", "--data", "d", "--model", "m", "--endpoint-url", "minio:9000"], "field 'endpoint_url'"),
-    (["label", "--model", "m", "--output", "o", "--top-k", "0"], "field 'top_k'"),
+    (["evaluate", "--data", "d", "--model", "m", "--endpoint-url", "minio:9000"], "--endpoint-url:"),
+    (["label", "--model", "m", "--output", "o", "--top-k", "0"], "--top-k:"),
 ])
 def test_bad_values_exit_2_with_one_line_naming_the_field(argv: list[str], expected: str,
                                                           capsys: pytest.CaptureFixture) -> None:
@@ -143,3 +146,45 @@ def test_job_failures_map_to_exit_codes(error: Exception, code: int, text: str, 
         monkeypatch.setenv("DISTCLS_DEBUG", "1")
         with pytest.raises(RuntimeError):
             cli.main(["evaluate", "--data", "d", "--model", "m"])
+
+
+def test_version_and_models_commands(capsys: pytest.CaptureFixture) -> None:
+    from distcls.models import list_models
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("distcls ")
+    assert cli.main(["models"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert listed == list_models()
+
+
+def test_a_comma_separated_list_flag_is_split() -> None:
+    from distcls.config import load_config
+
+    config = load_config(LabelConfig, None, {"model": "m", "output": "o", "extensions": ["jpg,PNG", ".webp"]})
+    assert config.extensions == [".jpg", ".png", ".webp"]
+    with pytest.raises(UsageError, match="--extensions"):
+        load_config(LabelConfig, None, {"model": "m", "output": "o", "extensions": [","]})
+
+
+def test_every_flag_the_readme_cli_section_shows_exists(capsys: pytest.CaptureFixture) -> None:
+    """README's usage lines are checked against each command's --help, so the docs cannot drift."""
+    import re
+
+    section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## CLI", 1)[1].split("\n## ", 1)[0]
+    flags: dict[str, set[str]] = {}
+    command = None
+    for line in (line.strip() for line in section.splitlines() if line.startswith("    ")):
+        named = re.match(r"distcls (\w+)|(POOL FLAGS)", line)
+        if named:
+            command = named.group(1) or "pool"
+        flags.setdefault(command, set()).update(re.findall(r"--[a-z][a-z0-9-]*", line))
+    pool = flags.pop("pool")
+    assert set(flags) == set(cli.COMMANDS)
+    for command, names in flags.items():
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        shown = capsys.readouterr().out
+        wanted = names | (pool if command in ("evaluate", "label") else set())
+        assert [flag for flag in sorted(wanted) if flag not in shown] == [], command

@@ -73,19 +73,19 @@ def test_unknown_field_in_overrides_is_named() -> None:
 ])
 def test_bad_value_names_field_and_value(field: str, value: object, expected: str) -> None:
     message = _error(TrainConfig, None, {**REQUIRED, field: value})
-    assert f"field '{field}'" in message and repr(value) in message and expected in message
+    assert f"--{field.replace('_', '-')}:" in message and repr(value) in message and expected in message
 
 
 def test_unknown_model_lists_the_known_ones() -> None:
     for cls, overrides in ((TrainConfig, REQUIRED), (DemoConfig, {})):
         message = _error(cls, None, {**overrides, "model": "resnet9000"})
-        assert "field 'model'" in message and "'resnet9000'" in message
+        assert "--model:" in message and "'resnet9000'" in message
         assert all(name in message for name in list_models())
 
 
 def test_every_missing_required_field_is_named() -> None:
     message = _error(TrainConfig, None, {"epochs": 2})
-    assert "field 'data' is required" in message and "field 'output' is required" in message
+    assert "--data is required" in message and "--output is required" in message
 
 
 @pytest.mark.parametrize("text, kind", [("- data\n- output\n", "list"), ("just a string\n", "str")])
@@ -123,8 +123,8 @@ def test_max_attempts_comes_from_aws_max_attempts_and_is_checked(monkeypatch: py
     assert load_config(LabelConfig, None, {"model": "m", "output": "o", "max_attempts": "5"}).max_attempts == 5
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "lots")
     message = _error(LabelConfig, None, {"model": "m", "output": "o"})
-    assert "max_attempts" in message and "lots" in message
-    assert "max_attempts" in _error(LabelConfig, None, {"model": "m", "output": "o", "max_attempts": "0"})
+    assert "--max-attempts" in message and "lots" in message
+    assert "--max-attempts" in _error(LabelConfig, None, {"model": "m", "output": "o", "max_attempts": "0"})
 
 
 def test_public_dict_holds_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:

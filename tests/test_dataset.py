@@ -107,7 +107,7 @@ def test_staged_files_have_rows_per_file_rows_in_order_and_return_name_and_rows(
 def test_staged_rows_lost_or_doubled_are_never_committed(tmp_path: Path) -> None:
     output = Dataset(str(tmp_path), StorageConfig())
     output.write_staged(RUN_A, [pa.table({"path": ["a", "b"], "error": [None, "empty file"]})], rows_per_file=10)
-    assert output.staged_counts(RUN_A, expected=2) == {"images": 2, "labelled": 1, "errors": 1}
+    assert output.staged_counts(RUN_A, expected=2) == {"images": 2, "labelled": 1, "errors": 1, "errors_by_kind": {}}
     output.write_staged(RUN_A, [pa.table({"path": ["b"], "error": pa.nulls(1, pa.string())})], rows_per_file=10)
     with pytest.raises(JobError, match="3 rows \\(2 distinct paths\\), expected 3; not committed"):
         output.staged_counts(RUN_A, expected=3)

@@ -277,7 +277,7 @@ def test_credentials_in_a_uri_are_refused_and_never_echoed(monkeypatch: pytest.M
     code = main([command, *argv])
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured.err
-    assert f"field '{field}'" in captured.err and "credentials" in captured.err
+    assert f"--{field.replace('_', '-')}:" in captured.err and "credentials" in captured.err
     assert ("$AWS_ENDPOINT_URL" in captured.err) == (case == "$AWS_ENDPOINT_URL")
     assert not any(part in captured.err for part in (*USERINFO, "canary"))
     assert not Path(out).exists()

@@ -1,4 +1,4 @@
-"""``distcls``: train, evaluate, label, demo.
+"""``distcls``: train, evaluate, label, export, demo.
 
 Every flag is generated from the job's pydantic settings class, so the YAML keys, the flags and the
 Python API cannot drift apart: ``--batch-size`` is ``batch_size`` in YAML and in ``TrainConfig``.
@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from distcls.config import DemoConfig, EvaluateConfig, LabelConfig, TrainConfig, load_config
+from distcls.config import DemoConfig, EvaluateConfig, ExportConfig, LabelConfig, TrainConfig, load_config
 from distcls.errors import JobError, UsageError
 
 
@@ -39,6 +39,12 @@ def _label(config: LabelConfig) -> dict[str, Any]:
     return label(config)
 
 
+def _export(config: ExportConfig) -> dict[str, Any]:
+    from distcls.export import export
+
+    return export(config)
+
+
 def _demo(config: DemoConfig) -> dict[str, Any]:
     from distcls.demo import run_demo
 
@@ -49,6 +55,7 @@ COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any]], str]
     "train": (TrainConfig, _train, "Train a classifier on a labelled lake with Ray Train; writes <output>/model/."),
     "evaluate": (EvaluateConfig, _evaluate, "Accuracy, per-class precision/recall/F1 and a confusion matrix."),
     "label": (LabelConfig, _label, "Label every image of a lake (or manifest) into a Parquet dataset."),
+    "export": (ExportConfig, _export, "Export a model artifact to ONNX (model.onnx next to it) for --engine onnx."),
     "demo": (DemoConfig, _demo, "Make a lake, train, evaluate and label it, offline, in a few minutes."),
 }
 
@@ -57,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: `--epoch 3` must be an error, not silently `--epochs 3`.
     parser = argparse.ArgumentParser(prog="distcls", description="Distributed batch image classification on Ray.",
                                      allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,label,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (settings, _, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         sub.add_argument("--config", metavar="FILE", help="YAML file of settings; flags override it.")

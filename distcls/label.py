@@ -55,7 +55,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from distcls import artifact, lake, predict, runtime, storage
+from distcls import artifact, engines, lake, predict, runtime, storage
 from distcls.artifact import ModelInfo
 from distcls.config import LabelConfig, StorageConfig, public_dict
 from distcls.errors import JobError, UsageError
@@ -111,11 +111,12 @@ def label(config: LabelConfig) -> dict[str, Any]:
     _refuse_existing(dest, config)
     runtime.ensure_ray()
     predict.check_gpus(config)
-    return _stage_and_commit(config, dest, info, inputs, started)
+    engine = engines.prepare(config.engine, config.model, storage_config, config.gpu)
+    return _stage_and_commit(config, dest, info, inputs, started, engine)
 
 
 def _stage_and_commit(config: LabelConfig, dest: _Dest, info: ModelInfo, inputs: pa.Table,
-                      started: float) -> dict[str, Any]:
+                      started: float, engine: dict[str, Any]) -> dict[str, Any]:
     """Label what is pending into the staging folder, check it, commit it; returns the summary."""
     run_id, reused = _prepare_staging(dest, config.resume, info.model_id)
     todo = _pending(inputs, reused, _labelled_keys(dest, info.model_id) if config.incremental else None)
@@ -123,7 +124,7 @@ def _stage_and_commit(config: LabelConfig, dest: _Dest, info: ModelInfo, inputs:
         return _nothing_new(config, dest, info, started)
     labelling = time.time()
     if todo.num_rows:
-        _run_pipeline(todo, config, info, run_id, dest)
+        _run_pipeline(todo, config, info, run_id, dest, engine)
     counts = _staged_counts(dest, run_id, expected=todo.num_rows + len(reused))
     # The pipeline's own rate: connecting to Ray and listing the lake are not labeling.
     counts.update(resumed=len(reused), images_per_s=round(todo.num_rows / max(time.time() - labelling, 1e-9), 2))
@@ -200,11 +201,12 @@ def _keys(table: pa.Table) -> pa.Table:
 # The Ray Data pipeline
 
 
-def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: str, dest: _Dest) -> None:
+def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: str, dest: _Dest,
+                  engine: dict[str, Any]) -> None:
     """Read, decode and predict (the shared inference stage), then write Parquet into the run's
     staging folder."""
     ray.data.DataContext.get_current().enable_progress_bars = True
-    rows = predict.predict(todo, config, info, functools.partial(_rows, top_k=config.top_k, run_id=run_id),
+    rows = predict.predict(todo, config, info, functools.partial(_rows, top_k=config.top_k, run_id=run_id), engine,
                            max_pixels=config.max_image_pixels)
     dest.fs.create_dir(dest.path(STAGING, run_id))
     try:

@@ -161,3 +161,24 @@ def test_onnx_with_gpu_is_a_usage_error(tiny_model, synthetic_lake, tmp_path, ca
                  str(tmp_path / "out"), "--engine", "onnx", "--gpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--engine onnx runs on CPUs only" in err
+
+
+@pytest.mark.parametrize("arch", models.list_models())
+def test_every_registered_architecture_exports_and_agrees(arch: str) -> None:
+    torch.manual_seed(0)
+    model = models.create_model(arch, num_classes=4).eval()
+    info = ModelInfo(arch=arch, classes=list("abcd"), image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    got = OnnxEngine(export.to_onnx(model, info, arch), info)(_pixels(8))
+    assert torch.allclose(got, predict_proba(model, info, _pixels(8)), atol=1e-5)
+
+
+def test_export_and_use_on_s3(s3_bucket: str, tmp_path: Path) -> None:
+    from distcls import storage
+
+    local = _artifact(tmp_path / "model")
+    uri = f"s3://{s3_bucket}/runs/a/model"
+    for name in ("model.json", "model.safetensors"):
+        storage.write_bytes(f"{uri}/{name}", (local / name).read_bytes(), StorageConfig())
+    assert main(["export", "--model", uri]) == 0
+    graph = storage.read_bytes(f"{uri}/model.onnx", StorageConfig())
+    assert export.onnx_for(uri, StorageConfig()) == graph

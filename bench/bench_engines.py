@@ -2,12 +2,15 @@
 
     python bench/bench_engines.py                         # resnet_small, 32x32, batch 256
     python bench/bench_engines.py --arch simple_cnn --rounds 10
+    python bench/bench_engines.py --photos 2000        # + decoding the photo lake, as a labeling actor does
 
 One thread each, as in a labeling actor: ``engines.TorchEngine`` (PyTorch eager, channels-last)
 and ``engines.OnnxEngine`` (the graph of ``export.to_onnx`` in ONNX Runtime) on the same seeded
 random-weight model and uint8 batch, alternating, ``--rounds`` times. Reported: CPU ms per image
 (CPU time of this process, so that other processes on a shared machine do not count), median and
-all rounds; then each engine's time per operator from its own profiler.
+all rounds; then each engine's time per operator from its own profiler. With ``--photos N``, also
+the CPU time of ``images.read_batch`` (8 threads, as an actor reads) on bench_label.py's photo lake,
+and so what one actor's steady state would be with each engine: decode + inference per image.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_label's photo lake
 
 from distcls.artifact import ModelInfo
 from distcls.engines import OnnxEngine, TorchEngine
@@ -67,12 +72,30 @@ def torch_profile(engine: TorchEngine, batch: np.ndarray) -> dict[str, float]:
     return {op: us / total for op, us in sorted(spent.items(), key=lambda kv: -kv[1])[:6]}
 
 
+def decode_ms_per_image(count: int, size: int) -> float:
+    """CPU ms per image of reading + decoding the photo lake the way a labeling actor does."""
+    from pathlib import Path
+
+    from bench_label import make_lake
+
+    from distcls.config import StorageConfig
+    from distcls.images import read_batch
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        paths = sorted(str(p) for p in make_lake(Path(tmp), count, (640, 480)).rglob("*.jpg"))
+        started = time.process_time()
+        for start in range(0, len(paths), 256):
+            read_batch(paths[start:start + 256], StorageConfig(), size, threads=8)
+        return (time.process_time() - started) / len(paths) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet_small")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--photos", type=int, default=0, help="also time decoding this many photos")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -98,6 +121,12 @@ def main() -> None:
     for name, values in times.items():
         print(f"  {name:6s} {np.median(values):.3f}  [{', '.join(f'{v:.3f}' for v in values)}]")
     print(f"  torch/onnx {np.median(times['torch']) / np.median(times['onnx']):.2f}x")
+    if args.photos:
+        decode = decode_ms_per_image(args.photos, args.image_size)
+        per_image = {name: decode + float(np.median(values)) for name, values in times.items()}
+        print(f"  decode (images.read_batch, {args.photos} photos 640x480 q90) {decode:.3f}; decode + inference: "
+              f"torch {per_image['torch']:.3f}, onnx {per_image['onnx']:.3f} -> one actor's steady state "
+              f"onnx/torch {per_image['torch'] / per_image['onnx']:.2f}x")
     for name, shares in (("onnx", onnx_profile(graph, batch)), ("torch", torch_profile(engines["torch"], batch))):
         print(f"  {name} time by operator: " + ", ".join(f"{op} {share * 100:.0f}%" for op, share in shares.items()))
 

@@ -3,6 +3,7 @@
     python bench/bench_label.py                        # 5,000 CIFAR-10 images upscaled to 640x480 JPEG q90
     python bench/bench_label.py --small                # the same 5,000 as the original 32x32 JPEGs
     python bench/bench_label.py --images 5000 --trials 3 --size 640x480
+    python bench/bench_label.py --engines              # `distcls label --engine torch` vs `--engine onnx`
 
 Local only: it times this machine, so it is not meant for `ray job submit`.
 
@@ -12,7 +13,8 @@ dir on local disk (upscaled with bicubic and saved at JPEG quality 90 unless --s
 inference cost does not depend on the weights, so no training is needed to time it.
 
 Three ways to label the same lake with the same model, run alternately (a, b, c, a, b, c, ...) so
-that machine noise hits all of them, each in its own process:
+that machine noise hits all of them, each in its own process (with --engines: (a) once per
+inference engine instead, the artifact exported to ONNX beforehand as `distcls export` does):
 
 (a) `distcls label --input LAKE --model MODEL --output OUT --overwrite`, the CLI as users run it.
 (b) A plain single-process loop, the baseline a competent user would write without Ray: a thread
@@ -268,9 +270,10 @@ def trial(way: str, lake: Path, model: str, out: Path, n: int, attempts: int = 4
 
 
 def _one_trial(way: str, lake: Path, model: str, out: Path, n: int) -> dict:
-    if way == "a":
+    if way == "a" or way in ENGINE_WAYS:
+        engine = "torch" if way == "a" else way
         got = run_timed([sys.executable, "-m", "distcls", "label", "--input", str(lake), "--model", model,
-                         "--output", str(out / "a"), "--overwrite"])
+                         "--output", str(out / way), "--overwrite", "--engine", engine])
         assert got["images"] == n, got
         measured = {k: v for k, v in got.items() if k.endswith(("_s", "_gib")) and k != "images_per_s"}
         got = {**measured, "after_imports_s": got["seconds"], "work_s": n / got["images_per_s"]}
@@ -281,10 +284,10 @@ def _one_trial(way: str, lake: Path, model: str, out: Path, n: int) -> dict:
     return {**got, "steady_s": steady_seconds(out / way, n)}
 
 
-def check_rows(out: Path, n: int) -> None:
+def check_rows(out: Path, n: int, ways: dict[str, str]) -> None:
     """Each way wrote one row per image. (Top-1 agreement between them would say nothing here:
     a model with random weights gives nearly every image the same class.)"""
-    for way in WAYS:
+    for way in ways:
         paths = pq.read_table(out / way, columns=["path"])["path"]
         assert len(paths) == n and pa.compute.count_distinct(paths).as_py() == n, (way, len(paths))
 
@@ -298,6 +301,7 @@ def steady_seconds(output: Path, n: int) -> float:
 
 
 WAYS = {"a": "distcls label (CLI)", "b": "plain loop, 1 process", "c": "Ray Data recipe"}
+ENGINE_WAYS = {"torch": "label --engine torch", "onnx": "label --engine onnx"}
 
 
 COLUMNS = {  # column -> (seconds key, what it counts)
@@ -308,7 +312,7 @@ COLUMNS = {  # column -> (seconds key, what it counts)
 }
 
 
-def report(args: argparse.Namespace, lake_text: str, times: dict[str, list[dict]]) -> None:
+def report(args: argparse.Namespace, lake_text: str, times: dict[str, list[dict]], ways: dict[str, str]) -> None:
     n = args.images
     print(f"machine: {platform.node()}, os.cpu_count()={os.cpu_count()}, {platform.platform()}, "
           f"python {platform.python_version()}, torch {torch.__version__}")
@@ -321,17 +325,19 @@ def report(args: argparse.Namespace, lake_text: str, times: dict[str, list[dict]
         print(f"  {column:>10s}: {meaning}")
     print(f"{'':27s}" + "".join(f"{c:>18s}" for c in COLUMNS))
     medians = {}
-    for way, name in WAYS.items():
+    for way, name in ways.items():
         rates = {c: [n / t[key] for t in times[way]] for c, (key, _) in COLUMNS.items()}
         medians[way] = {c: float(np.median(r)) for c, r in rates.items()}
-        print(f"({way}) {name:23s}" + "".join(f"{medians[way][c]:6.0f} {str([round(x) for x in r]):>11s}"
+        print(f"({way}) {name:23s}"[:27].ljust(27) + "".join(f"{medians[way][c]:6.0f} {str([round(x) for x in r]):>11s}"
                                                for c, r in rates.items()))
-    for other, target in (("b", 1.8), ("c", 3.0)):
-        print(f"ratio (a)/({other}), target >= {target}x:" + "".join(
-            f"  {c} {medians['a'][c] / medians[other][c]:.2f}x" for c in COLUMNS))
-    imports = {way: np.median([t["imports_s"] for t in times[way]]) for way in ("b", "c")}
-    print(f"imports of (b) {imports['b']:.1f} s, (c) {imports['c']:.1f} s (distcls imports ray and torchvision); "
-          "each way wrote one row per image (checked)")
+    pairs = (("onnx", "torch", 1.5),) if args.engines else (("a", "b", 1.8), ("a", "c", 3.0))
+    for way, other, target in pairs:
+        print(f"ratio ({way})/({other}), target >= {target}x:" + "".join(
+            f"  {c} {medians[way][c] / medians[other][c]:.2f}x" for c in COLUMNS))
+    if not args.engines:
+        imports = {way: np.median([t["imports_s"] for t in times[way]]) for way in ("b", "c")}
+        print(f"imports of (b) {imports['b']:.1f} s, (c) {imports['c']:.1f} s (distcls imports ray and torchvision)")
+    print("each way wrote one row per image (checked)")
     other = [t["other_cpu_s"] for ts in times.values() for t in ts]
     repeats = sum(t["repeats"] for ts in times.values() for t in ts)
     print(f"noise (a shared machine): runs start once it is idle; {repeats} runs during which other processes "
@@ -352,19 +358,27 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--size", default="640x480", help="WxH the CIFAR images are upscaled to")
     parser.add_argument("--small", action="store_true", help="keep the original 32x32 JPEGs")
+    parser.add_argument("--engines", action="store_true",
+                        help="compare `distcls label --engine torch` and `--engine onnx` instead of (a), (b), (c)")
     args = parser.parse_args()
+    ways = ENGINE_WAYS if args.engines else WAYS
     size = None if args.small else tuple(int(x) for x in args.size.split("x"))
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         lake = make_lake(Path(tmp), args.images, size)
         lake_text = (f"{args.images} CIFAR-10 train JPEGs, " + ("original 32x32" if size is None else
                      f"upscaled to {size[0]}x{size[1]}, JPEG q90") + f", {_megabytes(lake):.0f} MB on local disk")
         model = make_model(Path(tmp) / "model")
-        times: dict[str, list[dict]] = {way: [] for way in WAYS}
+        if "onnx" in ways:
+            from distcls.config import ExportConfig
+            from distcls.export import export
+
+            export(ExportConfig(model=model))
+        times: dict[str, list[dict]] = {way: [] for way in ways}
         for _ in range(args.trials):
-            for way in WAYS:
+            for way in ways:
                 times[way].append(trial(way, lake, model, Path(tmp) / "out", args.images))
-        check_rows(Path(tmp) / "out", args.images)
-        report(args, lake_text, times)
+        check_rows(Path(tmp) / "out", args.images, ways)
+        report(args, lake_text, times, ways)
 
 
 def _megabytes(folder: Path) -> float:

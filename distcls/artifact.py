@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -229,7 +230,49 @@ def load_state_dict(uri: str, storage_config: StorageConfig) -> dict[str, torch.
         raise UsageError(f"{uri}: refused to load weights ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(state, dict):
         raise UsageError(f"{uri}: expected a state dict, got {type(state).__name__}")
-    return state
+    # Training scripts often save {"state_dict": ...} or {"model": ...}, and DDP prefixes "module.".
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    return {key.removeprefix("module."): value for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+@dataclass(frozen=True)
+class InitMatch:
+    """How a state dict fits a model: ``loaded`` keys fit exactly; ``skipped`` are in both with
+    another shape (a classifier head for another number of classes); ``new`` only in the model
+    (they keep their fresh initialisation); ``unused`` only in the file."""
+
+    loaded: dict[str, torch.Tensor]
+    skipped: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+    new: list[str]
+    unused: list[str]
+
+    def describe(self, uri: str) -> str:
+        modules = sorted({key.split(".")[0] for key in self.loaded})
+        skipped = [f"{k} {list(file)} -> {list(model)}" for k, (file, model) in self.skipped.items()]
+        return (f"init weights {uri}: loaded {len(self.loaded)} tensors ({', '.join(modules)}); "
+                f"skipped (shape differs): {', '.join(skipped) or 'none'}; "
+                f"new (re-initialised): {', '.join(self.new) or 'none'}; unused: {', '.join(self.unused) or 'none'}")
+
+
+def match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], uri: str, partial: bool) -> InitMatch:
+    """Which tensors of ``state`` fit ``model``. Raises UsageError naming ``uri`` when nothing fits,
+    or, unless ``partial``, when anything does not fit exactly (strict, like ``load_state_dict``)."""
+    own = model.state_dict()
+    loaded = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    skipped = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+               if k in own and k not in loaded}
+    match = InitMatch(loaded, skipped, [k for k in own if k not in state], [k for k in state if k not in own])
+    if not loaded:
+        raise UsageError(f"{uri}: no tensor fits the model ({len(state)} in the file, {len(own)} in the model; "
+                         f"e.g. {next(iter(state), 'none')!r} vs {next(iter(own))!r}): a checkpoint of another architecture?")
+    if not partial and (skipped or match.new or match.unused):
+        first = next(iter(skipped), None) or (match.new or match.unused)[0]
+        raise UsageError(f"{uri}: does not fit the model exactly ({len(skipped)} tensors of another shape, "
+                         f"{len(match.new)} missing, {len(match.unused)} unused, e.g. {first!r}); "
+                         "pass --init-weights-partial to load the tensors that fit and re-initialise the rest")
+    return match
 
 
 def predict_proba(model: nn.Module, info: ModelInfo, images: np.ndarray | torch.Tensor,

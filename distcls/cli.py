@@ -1,4 +1,4 @@
-"""``distcls``: train, evaluate, label, demo.
+"""``distcls``: train, evaluate, label, export, demo.
 
 Every flag is generated from the job's pydantic settings class, so the YAML keys, the flags and the
 Python API cannot drift apart: ``--batch-size`` is ``batch_size`` in YAML and in ``TrainConfig``.
@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from distcls.config import (DemoConfig, EvaluateConfig, LabelConfig, ModelsConfig, RunsConfig, TrainConfig,
-                            load_config)
+from distcls.config import (DemoConfig, EvaluateConfig, ExportConfig, LabelConfig, ModelsConfig, RunsConfig,
+                            TrainConfig, load_config)
 from distcls.errors import JobError, UsageError
 
 
@@ -53,6 +53,12 @@ def _models(config: ModelsConfig) -> None:
     print(describe_models())
 
 
+def _export(config: ExportConfig) -> dict[str, Any]:
+    from distcls.export import export
+
+    return export(config)
+
+
 def _demo(config: DemoConfig) -> dict[str, Any]:
     from distcls.demo import run_demo
 
@@ -66,6 +72,7 @@ COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any] | None
     "label": (LabelConfig, _label, "Label every image of a lake (or manifest) into a Parquet dataset."),
     "runs": (RunsConfig, _runs, "List the committed runs of a labeling output, newest first."),
     "models": (ModelsConfig, _models, "List the model architectures train --model accepts."),
+    "export": (ExportConfig, _export, "Export a model artifact to ONNX (model.onnx next to it) for --engine onnx."),
     "demo": (DemoConfig, _demo, "Make a lake, train, evaluate and label it, offline, in a few minutes."),
 }
 

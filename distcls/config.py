@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -91,6 +91,12 @@ class TrainConfig(StorageConfig):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Stratified, seeded hold-out fraction when no --val-data.")
     model: str = Field("resnet_small", description="Architecture name from the model registry (distcls models).")
     init_weights: str | None = Field(None, description="URI of a state dict (safetensors or torch weights) to start from.")
+    init_weights_partial: bool = Field(
+        False, description="Load the --init-weights tensors that fit and re-initialise the rest (e.g. a head for "
+                           "another number of classes); without it every tensor must fit exactly.")
+    freeze_epochs: int = Field(
+        0, ge=0, description="Train only the layers --init-weights did not provide (the new head) for this many "
+                             "epochs, then everything.")
     epochs: int = Field(16, ge=1, description="Passes over the training set.")
     batch_size: int = Field(256, ge=1, description="Global batch size, split evenly across workers.")
     lr: float = Field(0.2, gt=0, description="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")
@@ -136,6 +142,9 @@ class InferenceConfig(StorageConfig):
         None, description="Bytes of memory each actor (and with --gpu each decode task) reserves; 0: no reservation. "
                           "Default: ~1 GiB + 4 decoded batches.")
     max_file_bytes: int = Field(MAX_FILE_BYTES, ge=1, description=_MAX_FILE_BYTES_HELP)
+    engine: Literal["torch", "onnx"] = Field(
+        "torch", description="Inference engine: torch, or onnx (ONNX Runtime, CPUs only; uses model.onnx from "
+                             "distcls export, or exports one for the run).")
 
 
 class EvaluateConfig(InferenceConfig):
@@ -180,6 +189,13 @@ class LabelConfig(InferenceConfig):
         if not names:
             raise ValueError("give at least one extension, e.g. .jpg")
         return [name if name.startswith(".") else "." + name for name in names]
+
+
+class ExportConfig(StorageConfig):
+    """Settings of ``distcls export``."""
+
+    model: str = Field(..., description="Model artifact URI; model.onnx and model.onnx.json are written into it.")
+    format: Literal["onnx"] = Field("onnx", description="Export format.")
 
 
 Settings = TypeVar("Settings", bound=BaseModel)

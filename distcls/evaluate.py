@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from distcls import lake, predict, storage
+from distcls import engines, lake, predict, storage
 from distcls.artifact import ModelInfo, read_info
 from distcls.config import EvaluateConfig, StorageConfig
 from distcls.runtime import ensure_ray
@@ -21,7 +21,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     rows, classes = lake.labelled_images(config.data, config.storage(), info.classes)
     ensure_ray()
     predict.check_gpus(config)
-    table = pa.concat_tables(predict.predict(rows, config, info, _scored))
+    engine = engines.prepare(config.engine, config.model, config.storage(), config.gpu)
+    table = pa.concat_tables(predict.predict(rows, config, info, _scored, engine))
     ok = table["error"].is_null().to_numpy(zero_copy_only=False)
     truth = table["label"].to_numpy()[ok]
     guess = table["predicted"].to_numpy(zero_copy_only=False)[ok].astype(np.int64)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from distcls import artifact, lake, predict, runtime, storage
+from distcls import artifact, engines, lake, predict, runtime, storage
 from distcls.artifact import ModelInfo
 from distcls.config import LabelConfig, StorageConfig, public_dict
 from distcls.dataset import Dataset, Lock
@@ -76,11 +76,12 @@ def label(config: LabelConfig) -> dict[str, Any]:
         output.check_existing(overwrite=config.overwrite, incremental=config.incremental)
         runtime.ensure_ray()
         predict.check_gpus(config)
-        return _stage_and_commit(config, output, lock, info, inputs, started)
+        engine = engines.prepare(config.engine, config.model, storage_config, config.gpu)
+        return _stage_and_commit(config, output, lock, info, inputs, started, engine)
 
 
 def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: ModelInfo, inputs: pa.Table,
-                      started: float) -> dict[str, Any]:
+                      started: float, engine: dict[str, Any]) -> dict[str, Any]:
     """Label what is pending into the staging folder, check it, commit it; returns the summary."""
     run = output.start_run(resume=config.resume, model_id=info.model_id, inputs=inputs["path"])
     lock.name_run(run.run_id)
@@ -89,7 +90,7 @@ def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: Mo
         return _nothing_new(config, output, info, started)
     labelling = time.time()
     if todo.num_rows:
-        _run_pipeline(todo, config, info, run.run_id, output)
+        _run_pipeline(todo, config, info, run.run_id, output, engine)
     counts = output.staged_counts(run.run_id, expected=todo.num_rows + len(run.staged))
     # The pipeline's own rate: connecting to Ray and listing the lake are not labeling.
     counts.update(resumed=len(run.staged),
@@ -168,11 +169,12 @@ def _keys(table: pa.Table) -> pa.Table:
 # The Ray Data pipeline
 
 
-def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: str, output: Dataset) -> None:
+def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: str, output: Dataset,
+                  engine: dict[str, Any]) -> None:
     """Read, decode and predict (the shared inference stage), then write Parquet into the run's
     staging folder."""
     ray.data.DataContext.get_current().enable_progress_bars = True
-    rows = predict.predict(todo, config, info, functools.partial(_rows, top_k=config.top_k, run_id=run_id),
+    rows = predict.predict(todo, config, info, functools.partial(_rows, top_k=config.top_k, run_id=run_id), engine,
                            max_pixels=config.max_image_pixels)
     try:
         # The driver writes: an output row is a few hundred bytes, far less than its image, whereas

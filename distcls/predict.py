@@ -32,7 +32,7 @@ import torch
 from ray.actor import ActorHandle
 from ray.data.extensions import ArrowTensorArray
 
-from distcls import artifact, crashes, images, runtime
+from distcls import crashes, engines, images, runtime
 from distcls.artifact import ModelInfo
 from distcls.config import MAX_FILE_BYTES, InferenceConfig, StorageConfig
 from distcls.errors import JobError, UsageError
@@ -86,6 +86,8 @@ def check_usage(config: InferenceConfig) -> None:
         raise UsageError(f"--gpus-per-actor must be above 0, got {config.gpus_per_actor:g}")
     if config.cpus_per_actor is not None and (config.cpus_per_actor < 0 or (config.cpus_per_actor == 0 and not config.gpu)):
         raise UsageError(f"--cpus-per-actor must be above 0 (0 only with --gpu), got {config.cpus_per_actor:g}")
+    if config.engine == "onnx" and config.gpu:
+        raise UsageError("--engine onnx runs on CPUs only; drop --gpu, or use --engine torch for GPUs")
     if config.memory_per_actor is not None and config.memory_per_actor < 0:
         raise UsageError(f"--memory-per-actor must be a number of bytes, or 0 for no reservation, "
                          f"got {config.memory_per_actor}")
@@ -139,18 +141,19 @@ def _fits(resources: dict[str, float], need: dict[str, float]) -> int:
     return min(counts) if counts else 0
 
 
-def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows: RowMaker,
+def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows: RowMaker, engine: dict[str, Any],
             max_pixels: int = 89_478_485) -> Iterator[pa.Table]:
     """``to_rows``' output for every row of ``inputs`` (a ``path`` column, an optional ``error``
     column preset for rows never to be read, and any columns ``to_rows`` wants back), batch by
-    batch as they finish, in no particular order. Raises JobError when the run cannot finish."""
+    batch as they finish, in no particular order, predicted by ``engine`` (``engines.prepare``'s
+    result, made on the driver before any Ray work). Raises JobError when the run cannot finish."""
     sizing = pool(config, info, inputs.num_rows)
     print(f"distcls: {inputs.num_rows} images on {sizing}", file=sys.stderr, flush=True)
     storage_config = config.storage()
     registry = crashes.start_registry()
     decode_args = {"storage_config": storage_config, "size": info.image_size, "max_pixels": max_pixels,
                    "max_file_bytes": config.max_file_bytes, "crash_registry": registry}
-    predictor_args = {"model_uri": config.model, "storage_config": storage_config, "to_rows": to_rows,
+    predictor_args = {"engine": engine, "to_rows": to_rows,
                       "threads": max(1, round(sizing.cpus)), "gpu": config.gpu,
                       "decode_args": None if config.gpu else decode_args}
     # from_blocks, not from_arrow: that runs a Ray task per slice just to read its schema, which
@@ -224,13 +227,12 @@ class Predictor:
     batches are decoded ones (``read_and_decode``'s columns), or with ``decode_args`` input rows it
     decodes itself."""
 
-    def __init__(self, model_uri: str, storage_config: StorageConfig, to_rows: RowMaker, threads: int, gpu: bool,
+    def __init__(self, engine: dict[str, Any], to_rows: RowMaker, threads: int, gpu: bool,
                  decode_args: dict[str, Any] | None = None) -> None:
         # One thread per reserved CPU: the other actors or the decode tasks have the other cores.
         torch.set_num_threads(threads)
-        self.device = runtime.require_cuda("an inference actor") if gpu else "cpu"
-        model, self.info = artifact.load_model(model_uri, storage_config)
-        self.model = model.to(self.device, memory_format=torch.channels_last)
+        device = runtime.require_cuda("an inference actor") if gpu else "cpu"
+        self.engine, self.info = engines.create_engine(**engine, device=device, threads=threads)
         self.to_rows = to_rows
         self.decode_args = decode_args
 
@@ -241,5 +243,5 @@ class Predictor:
         probs = np.zeros((0, len(self.info.classes)), dtype=np.float32)
         if ok.any():
             pixels = batch["image"].combine_chunks().to_numpy()[ok]
-            probs = artifact.predict_proba(self.model, self.info, pixels, self.device, amp=self.device == "cuda").numpy()
+            probs = self.engine(pixels).numpy()
         return self.to_rows(batch, ok, probs, self.info)

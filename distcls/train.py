@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from distcls import lake, storage
-from distcls.artifact import ModelInfo, load_state_dict, save_model
+from distcls.artifact import InitMatch, ModelInfo, load_state_dict, match_state_dict, save_model
 from distcls.config import StorageConfig, TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
 from distcls.images import augment, normalize, read_batch
@@ -41,11 +41,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; write ``<output>/model/``, ``metrics.jsonl``, ``curves.png`` and
     (without --val-data) ``val.parquet``, the held-out split.
     Returns the final metrics and where the artifact is."""
+    if config.freeze_epochs and not config.init_weights:
+        raise UsageError("--freeze-epochs needs --init-weights: without them no layer is pretrained to freeze")
     if config.init_weights:
         # Checked on the driver first: a refused or unreadable file is a usage error before
         # anything is written, not a worker failure that Ray Train retries --max-failures times.
         load_state_dict(config.init_weights, config.storage())
     train_rows, val_rows, classes = _split(config)
+    if config.init_weights:
+        _check_init_weights(config, len(classes))
+    if not config.val_data:  # written only once the run is known to start: no output from a usage error
+        _write_val_manifest(val_rows, classes, config)
     ensure_ray()
     # One line per epoch is the progress report; Ray Data's bars from every worker would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -77,7 +83,6 @@ def _split(config: TrainConfig) -> tuple[pa.Table, pa.Table, list[str]]:
     if len(val_idx) == 0:
         raise UsageError(f"--val-fraction {config.val_fraction} holds out no images of {config.data}; raise it or give --val-data")
     val_rows = rows.take(val_idx)
-    _write_val_manifest(val_rows, classes, config)
     # Shuffled before Ray Data splits them: each worker gets whole blocks of consecutive rows, and a
     # listing is sorted by class, so with 2 workers each trained on half the classes. Its BatchNorm
     # then normalised every batch with the statistics of its classes, which the model learned to
@@ -141,17 +146,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_x, train_y = _cache_shard("train")
     val_x, val_y = _cache_shard("val")
     state = _restore(ray.train.get_checkpoint()) or _fresh_state(config, classes, train_x)
-    model = create_model(config.model, num_classes=len(classes)).to(memory_format=torch.channels_last)
-    model.load_state_dict(state["model"])
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+    plain = create_model(config.model, num_classes=len(classes)).to(memory_format=torch.channels_last)
+    plain.load_state_dict(state["model"])
+    # Every parameter is in the optimizer from the start, frozen or not: its state_dict then has the
+    # same layout in every checkpoint, and SGD skips parameters without gradients while frozen.
+    optimizer = torch.optim.SGD(plain.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
                                 weight_decay=config.weight_decay)
+    first_epoch = state["epoch"]
+    model = _prepare(plain, state, frozen=first_epoch < config.freeze_epochs)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     local_batch = max(1, config.batch_size // config.workers)
     steps_per_epoch = _min_across_workers(len(train_x) // local_batch, device)
     generator = torch.Generator().manual_seed(config.seed * 1000 + ray.train.get_context().get_world_rank())
-    for epoch in range(state["epoch"], config.epochs):
+    for epoch in range(first_epoch, config.epochs):
+        if epoch == config.freeze_epochs and epoch > first_epoch:
+            print0(f"epoch {epoch + 1}: unfreezing the pretrained layers")
+            model = _prepare(plain, state, frozen=False)
         started = time.time()
         train_loss = train_epoch(model, optimizer, train_x, train_y, state, config, epoch, steps_per_epoch, local_batch, generator, device)
         val_loss, val_accuracy = eval_epoch(model, val_x, val_y, state, device)
@@ -219,18 +230,51 @@ def _cache_shard(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
+def _prepare(plain: nn.Module, state: dict[str, Any], frozen: bool) -> nn.Module:
+    """The model for this epoch on the device, DDP-wrapped when there are several workers. While
+    ``frozen``, the parameters loaded by --init-weights do not train. DDP only reduces the gradients
+    of parameters that require them when it is built, so unfreezing builds a new wrapper (which
+    replaces the old one's gradient hooks) rather than using find_unused_parameters, whose
+    per-step search of the graph costs every step of the run."""
+    for name, parameter in plain.named_parameters():
+        parameter.requires_grad_(not (frozen and name in state["pretrained"]))
+    # BatchNorm layers stay in train mode while frozen: their running statistics adapt to this
+    # lake's images, whose normalisation is not the one the checkpoint was trained with.
+    return ray.train.torch.prepare_model(plain)
+
+
+def _init_match(config: TrainConfig, model: nn.Module) -> InitMatch:
+    """How --init-weights fits ``model``; UsageError when it does not (see match_state_dict)."""
+    state = load_state_dict(config.init_weights, config.storage())
+    return match_state_dict(model, state, config.init_weights, config.init_weights_partial)
+
+
+def _check_init_weights(config: TrainConfig, num_classes: int) -> None:
+    """On the driver, before Ray starts: the file fits, and a frozen phase leaves something to train.
+    Prints which tensors load."""
+    model = create_model(config.model, num_classes=num_classes)
+    match = _init_match(config, model)
+    print(match.describe(config.init_weights))
+    if config.freeze_epochs and all(name in match.loaded for name, _ in model.named_parameters()):
+        raise UsageError(f"--freeze-epochs {config.freeze_epochs}: every layer of {config.model} comes from "
+                         f"{config.init_weights}, so nothing would train while they are frozen")
+
+
 def _fresh_state(config: TrainConfig, classes: list[str], train_x: torch.Tensor) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # identical initial weights on every worker before DDP's broadcast
     model = create_model(config.model, num_classes=len(classes))
+    pretrained: list[str] = []
     if config.init_weights:
-        model.load_state_dict(load_state_dict(config.init_weights, config.storage()))
+        match = _init_match(config, model)
+        model.load_state_dict(match.loaded, strict=False)
+        pretrained = sorted(match.loaded)
     sums = torch.stack([train_x.double().sum((0, 1, 2)), (train_x.double() ** 2).sum((0, 1, 2))])
     count = float(train_x.shape[0] * train_x.shape[1] * train_x.shape[2])
     totals = _sum_across_workers(torch.cat([sums.flatten(), torch.tensor([count], dtype=torch.float64)]))
     mean = totals[:3] / totals[6]
     std = (totals[3:6] / totals[6] - mean ** 2).clamp_min(1e-6).sqrt()
     return {"model": model.state_dict(), "epoch": 0, "elapsed_s": 0.0, "history": [], "restores": 0,
-            "mean": tuple((mean / 255).tolist()), "std": tuple((std / 255).tolist())}
+            "mean": tuple((mean / 255).tolist()), "std": tuple((std / 255).tolist()), "pretrained": pretrained}
 
 
 def _restore(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
@@ -241,6 +285,7 @@ def _restore(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
         state["model"] = safetensors.torch.load_file(str(Path(folder) / "model.safetensors"))
     state["mean"], state["std"] = tuple(state["mean"]), tuple(state["std"])
     state["restores"] = state.get("restores", 0) + 1
+    state.setdefault("pretrained", [])  # checkpoints written before --freeze-epochs existed
     print0(f"resuming from checkpoint after epoch {state['epoch']}")
     return state
 

@@ -13,7 +13,7 @@ from distcls import cli
 from distcls.config import LabelConfig, TrainConfig
 from distcls.errors import JobError, UsageError
 
-SUBCOMMANDS = ("train", "evaluate", "label", "runs", "models", "demo")
+SUBCOMMANDS = ("train", "evaluate", "label", "runs", "models", "export", "demo")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

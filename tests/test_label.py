@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distcls import predict, storage
+from distcls import engines, predict, storage
 from distcls.dataset import COMMITTING, STAGING
 from distcls.artifact import load_model, predict_proba
 from distcls.cli import main
@@ -185,7 +185,8 @@ def _rows_as_a_run_would_stage(config: LabelConfig) -> pa.Table:
     threads = torch.get_num_threads()  # the predictor pins its process to one thread
     try:
         to_rows = functools.partial(label_module._rows, top_k=5, run_id="20260101T000000Z-abcdef")
-        return predict.Predictor(config.model, StorageConfig(), to_rows, 1, False)(decoded)
+        engine = engines.prepare("torch", config.model, StorageConfig())
+        return predict.Predictor(engine, to_rows, 1, False)(decoded)
     finally:
         torch.set_num_threads(threads)
 

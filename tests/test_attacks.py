@@ -1,0 +1,141 @@
+"""Attacks on ``distcls label`` by a hostile user or an unlucky operator, through the CLI: files
+planted in the output, special files where an artifact or a manifest should be, credentials in
+manifest rows. Each test names what must hold; the ones still failing are xfail(strict) with
+the finding as the reason."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distcls.cli import main
+from distcls.dataset import COMMITTING, LOCK, STAGING, SUCCESS
+
+RUN = "20990101T000000Z-aaaaaa"
+
+
+def _label_args(source: Path | str, model: Path, output: Path | str, *flags: str, manifest: bool = False) -> list[str]:
+    return ["label", "--manifest" if manifest else "--input", str(source), "--model", str(model),
+            "--output", str(output), *flags]
+
+
+def _someone_elses_parquet(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"x": [1, 2, 3]}), path)
+    return path.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# Symlinks planted in the output lead nowhere outside it
+
+
+def test_a_planted_plan_never_moves_a_file_out_of_the_folder_a_staging_link_leads_to(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """_staging/<run>/ a symlink to a folder outside the output, and a _COMMITTING (valid by every
+    rule of the plan check) moving a file of it into the dataset: the commit would rename that
+    file out of its folder into the output (and a later --overwrite delete it)."""
+    output, victim = tmp_path / "out", tmp_path / "victim"
+    before = _someone_elses_parquet(victim / "data.parquet")
+    (output / STAGING).mkdir(parents=True)
+    (output / STAGING / RUN).symlink_to(victim)
+    final = f"part-{RUN}-00000.parquet"
+    (output / COMMITTING).write_text(json.dumps({
+        "run_id": RUN, "delete": [], "moves": [[f"{STAGING}/{RUN}/data.parquet", final]], "success": SUCCESS,
+        "summary": {"run_id": RUN, "files": [final]}}))
+
+    code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output))
+    capsys.readouterr()
+    assert (victim / "data.parquet").read_bytes() == before
+    assert code != 0 and not (output / SUCCESS).exists() and not (output / LOCK).exists()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_resume_never_deletes_files_in_the_folder_a_staging_link_leads_to(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """_staging/<run>/ a symlink to someone's folder of Parquet files: --resume takes it for the
+    newest staged run and deletes every file in it not made by this model."""
+    output, victim = tmp_path / "out", tmp_path / "victim"
+    before = _someone_elses_parquet(victim / "important.parquet")
+    (output / STAGING).mkdir(parents=True)
+    (output / STAGING / RUN).symlink_to(victim)
+
+    main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output, "--resume"))
+    capsys.readouterr()
+    assert sorted(os.listdir(victim)) == ["important.parquet"]
+    assert (victim / "important.parquet").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing foreign is deleted
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_plain_run_deletes_no_parquet_file_that_distcls_did_not_write(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """A hive-partitioned folder ``run=2024/part-0.parquet`` written by another tool (no _SUCCESS
+    in it): a plain run, without --overwrite, must refuse it as foreign (exit 2, naming it) rather
+    than delete it as "a partition left by an unfinished run"."""
+    output = tmp_path / "out"
+    before = _someone_elses_parquet(output / "run=2024" / "part-0.parquet")
+
+    code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output))
+    err = capsys.readouterr().err
+    assert (output / "run=2024" / "part-0.parquet").read_bytes() == before
+    assert code == 2 and "run=2024" in err, err
+
+
+# ------------------------------------------------------------------------------------------------
+# Credentials
+
+
+def test_credentials_in_manifest_rows_are_refused_and_never_written(
+        tmp_path: Path, tiny_model: Path, capsys) -> None:
+    """README: a URI holding credentials, ``s3://KEY:SECRET@bucket/...`` anywhere, is refused with
+    exit 2 and no message shows it. A manifest row is such a place: it must not be copied into
+    the path and error columns of the dataset."""
+    manifest, output = tmp_path / "manifest.csv", tmp_path / "out"
+    manifest.write_text("path\ns3://AKIACANARYKEY:CANARY/SECRET42@bucket/x.jpg\n"
+                        "https://user:pwcanary42@example.com/y.jpg\n")
+
+    code = main(_label_args(manifest, tiny_model, output, manifest=True))
+    out, err = capsys.readouterr()
+    assert code == 2 and "credentials" in err, err
+    assert "CANARY" not in out + err and "pwcanary42" not in out + err
+    assert not output.exists() or not any(output.rglob("*.parquet"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Special files where a file is expected: one line, exit 2, never a hang or an unbounded read
+
+
+@pytest.mark.parametrize("which", ["model.json-fifo", "weights-dev-zero"])
+def test_an_artifact_file_that_is_not_a_regular_file_is_refused_without_reading_it(
+        tmp_path: Path, tiny_model: Path, synthetic_lake, capsys, which: str) -> None:
+    """model.json a FIFO (reading it blocks for ever) or model.safetensors a link to /dev/zero
+    (reading it fills memory until the OOM killer comes): refused before it is opened."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        (model / name).write_bytes((tiny_model / name).read_bytes())
+    if which == "model.json-fifo":
+        (model / "model.json").unlink()
+        os.mkfifo(model / "model.json")
+    else:
+        (model / "model.safetensors").unlink()
+        (model / "model.safetensors").symlink_to("/dev/zero")
+
+    code = main(_label_args(synthetic_lake(1, labelled=False), model, tmp_path / "out"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a regular file" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_manifest_that_is_a_fifo_is_refused_without_reading_it(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    manifest = tmp_path / "manifest.csv"
+    os.mkfifo(manifest)
+    code = main(_label_args(manifest, tiny_model, tmp_path / "out", manifest=True))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a regular file" in err and len(err.splitlines()) == 1, err

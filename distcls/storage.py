@@ -43,7 +43,12 @@ def split_uri(uri: str) -> tuple[str, str]:
     scheme, _, rest = uri.partition("://")
     scheme = scheme.lower()
     if scheme == "file":
-        return "file", _absolute(rest)
+        # file:///path, or file://localhost/path (RFC 8089); never a path relative to the working folder.
+        host, _, path = rest.partition("/")
+        if host.lower() not in ("", "localhost"):
+            raise UsageError(f"{uri}: refused: a file URI names a path on this machine (file:///path), not on "
+                             "another host")
+        return "file", _absolute("/" + path)
     bucket, _, key = rest.rstrip("/").partition("/")
     if not bucket:
         raise UsageError(f"URI {uri!r} has no bucket")

@@ -178,3 +178,25 @@ def test_resume_relabels_a_file_that_changed_since_its_row_was_staged(
     committed = pd.read_parquet(output).set_index("path")
     assert code == 0 and len(committed) == len(listing)
     assert committed.loc[str(changed), "size"] == changed.stat().st_size
+
+
+# ------------------------------------------------------------------------------------------------
+# Manifest spellings
+
+
+def test_file_uris_with_a_host_are_never_read_relative_to_the_working_folder(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """``file://localhost/abs/a.jpg`` (RFC 8089) is ``/abs/a.jpg``: one row with the plain spelling,
+    labelled; ``file://otherhost/abs/a.jpg`` is refused (error row), not read as
+    ``<cwd>/otherhost/abs/a.jpg``."""
+    import pandas as pd
+
+    image = next(synthetic_lake(1, labelled=False).rglob("*.jpg"))
+    manifest, output = tmp_path / "manifest.csv", tmp_path / "out"
+    manifest.write_text(f"path\n{image}\nfile://localhost{image}\nfile://otherhost{image}\n")
+
+    code = main(_label_args(manifest, tiny_model, output, manifest=True))
+    capsys.readouterr()
+    rows = pd.read_parquet(output).set_index("path")
+    assert code == 0 and sorted(rows.index) == sorted([str(image), f"file://otherhost{image}"])
+    assert pd.isna(rows.loc[str(image), "error_kind"]) and rows.loc[f"file://otherhost{image}", "error_kind"] == "refused"

@@ -26,7 +26,7 @@ _MAX_FILE_BYTES_HELP = ("Files larger than this many bytes (or not regular files
                         "being read; the default, 256 MiB, is an RGB image's pixels at the default max_image_pixels.")
 # scheme://user@ or scheme://user:password@, where the password may hold '/' (AWS secret keys do),
 # so that s3://bucket/name@x.jpg is a key but s3://KEY:SE/CRET@bucket/x is credentials.
-_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/@]*@|[^/@:]*:[^@]*@)")
+URI_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/@]*@|[^/@:]*:[^@]*@)")
 
 
 class StorageConfig(BaseModel):
@@ -67,7 +67,7 @@ class StorageConfig(BaseModel):
         """Credentials are never fields, so none may ride in a URI (``s3://KEY:SECRET@bucket``) into
         the resolved config that model.json and _SUCCESS keep."""
         for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str) and _USERINFO.match(text):
+            if isinstance(text, str) and URI_USERINFO.match(text):
                 raise ValueError("a URI must not hold credentials (user:password@); give them as "
                                  "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
         return value

@@ -26,7 +26,7 @@ The protocol, in the order a run meets it; each step is one method of ``Dataset`
    made of partitions.
 4. ``start_run()``: a new run id and an empty staging folder; with --resume the newest staged run,
    keeping only readable files of the same model and only rows whose paths are inputs of this run.
-   A ``run=<id>/`` folder of only ``part-*.parquet`` files and no ``_SUCCESS`` (left when a plan was
+   A ``run=<run_id>/`` folder of only ``part-NNNNN.parquet`` files and no ``_SUCCESS`` (left when a plan was
    lost) is deleted.
 5. ``write_staged()``: output rows -> Parquet files in the run's staging folder. The handle is
    picklable (URI + StorageConfig), so a Ray worker can write through it and return (name, rows).
@@ -151,6 +151,7 @@ class Dataset:
     def roll_forward(self) -> dict[str, Any] | None:
         """Finish a commit that an earlier run began; returns its summary, or None if there was none.
         JobError, with nothing touched, when the plan found is not one distcls could have written."""
+        self._refuse_links()
         if not self._exists(COMMITTING):
             return None
         try:
@@ -204,6 +205,7 @@ class Dataset:
         """A new run with empty staging, or with ``resume`` the newest staged run, keeping its rows
         that are readable, made by ``model_id`` and of paths in ``inputs``. Also deletes partitions
         an unfinished run left without ``_SUCCESS``."""
+        self._refuse_links()
         for leftover in self._survey()[2]:
             _say(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
             self._delete_tree(leftover)
@@ -382,6 +384,19 @@ class Dataset:
 
     # -- Staging, inside --------------------------------------------------------------------------
 
+    def _refuse_links(self) -> None:
+        """UsageError naming the first symlink inside a local output. distcls never makes one, and
+        the steps that move and delete would follow it out of the output: a ``_staging/<run>``
+        link to someone's folder would have its files moved into the dataset or deleted."""
+        if storage.is_remote(self.uri):
+            return
+        for folder, folders, files in os.walk(self._path()):  # followlinks=False: a link is seen, not entered
+            for name in sorted([*folders, *files]):
+                if os.path.islink(os.path.join(folder, name)):
+                    link = os.path.relpath(os.path.join(folder, name), self._path())
+                    raise UsageError(f"output {self.uri} holds the symlink {link!r}; distcls never makes one and "
+                                     "will not follow it out of the output: remove it or choose another output")
+
     def _usable_staged(self, run_id: str, model_id: str, inputs: pa.Array) -> pa.Array:
         """Paths in the run's staged files that can be kept. Files that are unreadable (cut off by a
         kill), made by another model, or repeating rows of a kept file (a write of the killed run
@@ -422,8 +437,8 @@ class Dataset:
 
     def _survey(self) -> tuple[list[str], list[str], list[str]]:
         """(committed entries, foreign entries, leftover partitions) of the output. Committed: a
-        ``_SUCCESS`` and what it lists. Leftover: a ``run=*`` folder of only ``part-*.parquet`` files
-        and no ``_SUCCESS``. Foreign: anything else not starting with ``_`` or ``.``."""
+        ``_SUCCESS`` and what it lists. Leftover: a ``run=<run_id>`` folder of only ``part-NNNNN.parquet``
+        files (the names a commit gives them) and no ``_SUCCESS``. Foreign: anything else not starting with ``_`` or ``.``."""
         listed = {name for s in self.successes().values() for name in _files(s)}
         committed, foreign, leftovers = [SUCCESS] * self._exists(SUCCESS), [], []
         for entry in self._entries():
@@ -437,10 +452,11 @@ class Dataset:
             if f"{name}/{SUCCESS}" in inside:
                 committed.append(name)
                 foreign += [n for n in inside if n not in listed and n != f"{name}/{SUCCESS}"]
-            elif all(re.fullmatch(_DATASET_FILE, n) for n in inside):
+            elif re.fullmatch(rf"run={_RUN_ID}", name) and all(
+                    re.fullmatch(rf"{re.escape(name)}/part-\d{{5}}\.parquet", n) for n in inside):
                 leftovers.append(name)
-            else:
-                foreign += [n for n in inside if not re.fullmatch(_DATASET_FILE, n)]
+            else:  # not named as distcls names a partition's files: another tool's, never deleted
+                foreign += inside
         return committed, foreign, leftovers
 
     # -- Storage, one pyarrow filesystem ----------------------------------------------------------

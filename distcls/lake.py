@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from distcls import storage
-from distcls.config import StorageConfig
+from distcls.config import URI_USERINFO, StorageConfig
 from distcls.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
@@ -90,6 +90,7 @@ def read_manifest(uri: str, storage_config: StorageConfig) -> pa.Table:
     to the manifest's folder. Columns other than path/label are dropped."""
     fs, path = storage.arrow_filesystem(uri, storage_config)
     storage.require_exists(uri, storage_config)
+    storage.require_regular(uri)
     try:
         if uri.lower().endswith(".csv"):
             with fs.open_input_stream(path) as stream:
@@ -100,6 +101,12 @@ def read_manifest(uri: str, storage_config: StorageConfig) -> pa.Table:
         raise UsageError(f"{uri}: cannot read manifest ({str(exc).splitlines()[0][:160]})") from None
     if "path" not in table.column_names:
         raise UsageError(f"{uri}: manifest has no 'path' column (columns: {', '.join(table.column_names)})")
+    # A row's path is copied into the output's path and error columns: no credential may ride in it.
+    secret = pc.match_substring_regex(pc.cast(table["path"], pa.string()), URI_USERINFO.pattern)
+    if pc.any(secret).as_py():
+        raise UsageError(f"{uri}: data row {pc.index(secret, True).as_py() + 1} holds a URI with credentials "
+                         "(user:password@; not shown): give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                         "or a profile")
     keep = [c for c in ("path", "label") if c in table.column_names]
     table = table.select(keep).filter(pc.is_valid(table["path"]))
     # From the resolved path, not the URI text: a bare "manifest.csv" has no "/" to split at.

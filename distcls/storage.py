@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from typing import Any
 from urllib.parse import urlparse
 
@@ -42,7 +43,12 @@ def split_uri(uri: str) -> tuple[str, str]:
     scheme, _, rest = uri.partition("://")
     scheme = scheme.lower()
     if scheme == "file":
-        return "file", _absolute(rest)
+        # file:///path, or file://localhost/path (RFC 8089); never a path relative to the working folder.
+        host, _, path = rest.partition("/")
+        if host.lower() not in ("", "localhost"):
+            raise UsageError(f"{uri}: refused: a file URI names a path on this machine (file:///path), not on "
+                             "another host")
+        return "file", _absolute("/" + path)
     bucket, _, key = rest.rstrip("/").partition("/")
     if not bucket:
         raise UsageError(f"URI {uri!r} has no bucket")
@@ -212,8 +218,25 @@ def _require_bucket(fs: pafs.FileSystem, uri: str, path: str) -> None:
         raise UsageError(describe_error(uri, exc)) from None
 
 
+def require_regular(uri: str) -> None:
+    """UsageError unless a local ``uri`` is a regular file (or missing, which the read reports):
+    reading a FIFO blocks for ever and reading /dev/zero fills memory, whatever the file is called.
+    Object stores hold only objects."""
+    if is_remote(uri):
+        return
+    try:
+        mode = os.stat(split_uri(uri)[1]).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(describe_error(uri, exc)) from None
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{uri}: not a regular file; refusing to read it")
+
+
 def read_bytes(uri: str, storage: StorageConfig) -> bytes:
     fs, path = fsspec_filesystem(uri, storage)
+    require_regular(uri)
     try:
         with fs.open(path, "rb") as handle:
             return handle.read()

@@ -1,0 +1,220 @@
+"""Attacks on ``distcls label`` by a hostile user or an unlucky operator, through the CLI: files
+planted in the output, special files where an artifact or a manifest should be, credentials in
+manifest rows. Each test names what must hold; the ones still failing are xfail(strict) with
+the finding as the reason."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distcls.cli import main
+from distcls.dataset import COMMITTING, LOCK, STAGING, SUCCESS
+
+RUN = "20990101T000000Z-aaaaaa"
+
+
+def _label_args(source: Path | str, model: Path, output: Path | str, *flags: str, manifest: bool = False) -> list[str]:
+    return ["label", "--manifest" if manifest else "--input", str(source), "--model", str(model),
+            "--output", str(output), *flags]
+
+
+def _someone_elses_parquet(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"x": [1, 2, 3]}), path)
+    return path.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# Symlinks planted in the output lead nowhere outside it
+
+
+def test_a_planted_plan_never_moves_a_file_out_of_the_folder_a_staging_link_leads_to(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """_staging/<run>/ a symlink to a folder outside the output, and a _COMMITTING (valid by every
+    rule of the plan check) moving a file of it into the dataset: the commit would rename that
+    file out of its folder into the output (and a later --overwrite delete it)."""
+    output, victim = tmp_path / "out", tmp_path / "victim"
+    before = _someone_elses_parquet(victim / "data.parquet")
+    (output / STAGING).mkdir(parents=True)
+    (output / STAGING / RUN).symlink_to(victim)
+    final = f"part-{RUN}-00000.parquet"
+    (output / COMMITTING).write_text(json.dumps({
+        "run_id": RUN, "delete": [], "moves": [[f"{STAGING}/{RUN}/data.parquet", final]], "success": SUCCESS,
+        "summary": {"run_id": RUN, "files": [final]}}))
+
+    code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output))
+    capsys.readouterr()
+    assert (victim / "data.parquet").read_bytes() == before
+    assert code != 0 and not (output / SUCCESS).exists() and not (output / LOCK).exists()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_resume_never_deletes_files_in_the_folder_a_staging_link_leads_to(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """_staging/<run>/ a symlink to someone's folder of Parquet files: --resume takes it for the
+    newest staged run and deletes every file in it not made by this model."""
+    output, victim = tmp_path / "out", tmp_path / "victim"
+    before = _someone_elses_parquet(victim / "important.parquet")
+    (output / STAGING).mkdir(parents=True)
+    (output / STAGING / RUN).symlink_to(victim)
+
+    main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output, "--resume"))
+    capsys.readouterr()
+    assert sorted(os.listdir(victim)) == ["important.parquet"]
+    assert (victim / "important.parquet").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing foreign is deleted
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_plain_run_deletes_no_parquet_file_that_distcls_did_not_write(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """A hive-partitioned folder ``run=2024/part-0.parquet`` written by another tool (no _SUCCESS
+    in it): a plain run, without --overwrite, must refuse it as foreign (exit 2, naming it) rather
+    than delete it as "a partition left by an unfinished run"."""
+    output = tmp_path / "out"
+    before = _someone_elses_parquet(output / "run=2024" / "part-0.parquet")
+
+    code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output))
+    err = capsys.readouterr().err
+    assert (output / "run=2024" / "part-0.parquet").read_bytes() == before
+    assert code == 2 and "run=2024" in err, err
+
+
+# ------------------------------------------------------------------------------------------------
+# Credentials
+
+
+def test_credentials_in_manifest_rows_are_refused_and_never_written(
+        tmp_path: Path, tiny_model: Path, capsys) -> None:
+    """README: a URI holding credentials, ``s3://KEY:SECRET@bucket/...`` anywhere, is refused with
+    exit 2 and no message shows it. A manifest row is such a place: it must not be copied into
+    the path and error columns of the dataset."""
+    manifest, output = tmp_path / "manifest.csv", tmp_path / "out"
+    manifest.write_text("path\ns3://AKIACANARYKEY:CANARY/SECRET42@bucket/x.jpg\n"
+                        "https://user:pwcanary42@example.com/y.jpg\n")
+
+    code = main(_label_args(manifest, tiny_model, output, manifest=True))
+    out, err = capsys.readouterr()
+    assert code == 2 and "credentials" in err, err
+    assert "CANARY" not in out + err and "pwcanary42" not in out + err
+    assert not output.exists() or not any(output.rglob("*.parquet"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Special files where a file is expected: one line, exit 2, never a hang or an unbounded read
+
+
+@pytest.mark.parametrize("which", ["model.json-fifo", "weights-dev-zero"])
+def test_an_artifact_file_that_is_not_a_regular_file_is_refused_without_reading_it(
+        tmp_path: Path, tiny_model: Path, synthetic_lake, capsys, which: str) -> None:
+    """model.json a FIFO (reading it blocks for ever) or model.safetensors a link to /dev/zero
+    (reading it fills memory until the OOM killer comes): refused before it is opened."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        (model / name).write_bytes((tiny_model / name).read_bytes())
+    if which == "model.json-fifo":
+        (model / "model.json").unlink()
+        os.mkfifo(model / "model.json")
+    else:
+        (model / "model.safetensors").unlink()
+        (model / "model.safetensors").symlink_to("/dev/zero")
+
+    code = main(_label_args(synthetic_lake(1, labelled=False), model, tmp_path / "out"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a regular file" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_manifest_that_is_a_fifo_is_refused_without_reading_it(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    manifest = tmp_path / "manifest.csv"
+    os.mkfifo(manifest)
+    code = main(_label_args(manifest, tiny_model, tmp_path / "out", manifest=True))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a regular file" in err and len(err.splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------------------------
+# --resume
+
+
+@pytest.mark.xfail(strict=True, reason="--resume keeps staged rows by path alone: a file rewritten since its "
+                                       "row was staged keeps the old content's label, size and mtime")
+def test_resume_relabels_a_file_that_changed_since_its_row_was_staged(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """A run killed after staging every row; one image is then replaced by another (new size and
+    mtime) and the run resumed. Committed rows must describe the files as they are now."""
+    import shutil
+
+    import pandas as pd
+
+    from distcls.artifact import read_info
+    from distcls.config import StorageConfig
+    from distcls.label import OUTPUT_SCHEMA
+    from distcls.lake import list_files
+
+    lake, output = tmp_path / "lake", tmp_path / "out"
+    shutil.copytree(synthetic_lake(1, labelled=False), lake)
+    listing = list_files(str(lake), StorageConfig()).to_pylist()
+    model_id = read_info(str(tiny_model), StorageConfig()).model_id
+    rows = [{"path": f["path"], "label": "circle", "label_id": 0, "score": 1.0, "topk_labels": ["circle"],
+             "topk_scores": [1.0], "width": 8, "height": 8, "error": None, "error_kind": None, "size": f["size"],
+             "mtime": pd.Timestamp(f["mtime"] // 1000, unit="us", tz="UTC"), "model_id": model_id, "run_id": RUN,
+             "labeled_at": pd.Timestamp.now(tz="UTC")} for f in listing]
+    (output / STAGING / RUN).mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), output / STAGING / RUN / "a-00000.parquet")
+    changed = Path(listing[0]["path"])
+    changed.write_bytes(Path(listing[1]["path"]).read_bytes() + b"\0" * 7)  # another image, another size
+
+    code = main(_label_args(lake, tiny_model, output, "--resume"))
+    capsys.readouterr()
+    committed = pd.read_parquet(output).set_index("path")
+    assert code == 0 and len(committed) == len(listing)
+    assert committed.loc[str(changed), "size"] == changed.stat().st_size
+
+
+# ------------------------------------------------------------------------------------------------
+# Manifest spellings
+
+
+def test_file_uris_with_a_host_are_never_read_relative_to_the_working_folder(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """``file://localhost/abs/a.jpg`` (RFC 8089) is ``/abs/a.jpg``: one row with the plain spelling,
+    labelled; ``file://otherhost/abs/a.jpg`` is refused (error row), not read as
+    ``<cwd>/otherhost/abs/a.jpg``."""
+    import pandas as pd
+
+    image = next(synthetic_lake(1, labelled=False).rglob("*.jpg"))
+    manifest, output = tmp_path / "manifest.csv", tmp_path / "out"
+    manifest.write_text(f"path\n{image}\nfile://localhost{image}\nfile://otherhost{image}\n")
+
+    code = main(_label_args(manifest, tiny_model, output, manifest=True))
+    capsys.readouterr()
+    rows = pd.read_parquet(output).set_index("path")
+    assert code == 0 and sorted(rows.index) == sorted([str(image), f"file://otherhost{image}"])
+    assert pd.isna(rows.loc[str(image), "error_kind"]) and rows.loc[f"file://otherhost{image}", "error_kind"] == "refused"
+
+
+# ------------------------------------------------------------------------------------------------
+# The lock
+
+
+@pytest.mark.xfail(strict=True, reason="a planted _LOCK whose lease is NaN or centuries long (another host) "
+                                       "refuses every run for ever; a lease is 3 minutes, renewed")
+@pytest.mark.parametrize("expires", [float("nan"), 1e12], ids=["nan", "year-33658"])
+def test_a_lock_with_a_lease_no_run_could_hold_is_taken_over(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys, expires: float) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "run_id": RUN, "token": "x",
+                                           "expires": expires, "expires_at": "never"}))
+    code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output))
+    err = capsys.readouterr().err
+    assert "taking over the lock" in err and code == 0, err

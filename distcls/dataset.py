@@ -63,6 +63,7 @@ import contextlib
 import errno
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -94,6 +95,7 @@ LOCK = "_LOCK"
 # A few minutes: a crashed run on another host blocks the output this long at most; the holder
 # renews every third of it, so two missed renewals (a store hiccup) do not lose the lock.
 LEASE_S = 180.0
+_MAX_LEASE_S = 3600.0
 # Rows per Parquet row group of the output: large enough for readers to skip by statistics, small
 # enough that the writer holds a few MB.
 ROW_GROUP_ROWS = 16_384
@@ -201,10 +203,11 @@ class Dataset:
 
     # -- 4. Start or resume a run -----------------------------------------------------------------
 
-    def start_run(self, *, resume: bool, model_id: str, inputs: pa.Array) -> Run:
+    def start_run(self, *, resume: bool, model_id: str, inputs: pa.Table) -> Run:
         """A new run with empty staging, or with ``resume`` the newest staged run, keeping its rows
-        that are readable, made by ``model_id`` and of paths in ``inputs``. Also deletes partitions
-        an unfinished run left without ``_SUCCESS``."""
+        that are readable, made by ``model_id`` and of an input as it is now: ``inputs`` has path,
+        size and mtime (null when unknown, as for manifests), and a staged row must match all three.
+        Also deletes partitions an unfinished run left without ``_SUCCESS``."""
         self._refuse_links()
         for leftover in self._survey()[2]:
             _say(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
@@ -397,22 +400,25 @@ class Dataset:
                     raise UsageError(f"output {self.uri} holds the symlink {link!r}; distcls never makes one and "
                                      "will not follow it out of the output: remove it or choose another output")
 
-    def _usable_staged(self, run_id: str, model_id: str, inputs: pa.Array) -> pa.Array:
+    def _usable_staged(self, run_id: str, model_id: str, inputs: pa.Table) -> pa.Array:
         """Paths in the run's staged files that can be kept. Files that are unreadable (cut off by a
         kill), made by another model, or repeating rows of a kept file (a write of the killed run
-        that landed late) are deleted, so that their inputs get labelled again; rows of paths that
-        are not inputs of this run are dropped (the file is rewritten without them)."""
+        that landed late) are deleted, so that their inputs get labelled again; rows that are not of
+        an input as it is now (another path, or a file rewritten since: size or mtime differ) are
+        dropped (the file is rewritten without them)."""
         kept = pa.array([], pa.string())
+        current = _input_keys(inputs)
         for name in self._staged_files(run_id):
             path = self._path(STAGING, run_id, name)
-            paths = self._staged_paths(path, model_id)
-            if paths is None or pc.any(pc.is_in(paths, value_set=kept)).as_py():
+            staged = self._staged_keys(path, model_id)
+            if staged is None or pc.any(pc.is_in(staged["path"], value_set=kept)).as_py():
                 self._fs.delete_file(path)
                 continue
-            wanted = pc.is_in(paths, value_set=inputs)
+            paths = staged["path"].combine_chunks()
+            wanted = pc.is_in(_input_keys(staged), value_set=current)
             if not pc.all(wanted).as_py():
                 _say(f"resume: dropping {len(paths) - pc.sum(wanted).as_py()} staged rows of {name} "
-                     "whose paths are not inputs of this run")
+                     "whose files are not inputs of this run or changed since they were staged")
                 rows = pq.read_table(path, filesystem=self._fs).filter(wanted)
                 if rows.num_rows:  # written before the old file goes: a kill in between loses nothing
                     self.write_staged(run_id, [rows], rows.num_rows)
@@ -421,15 +427,16 @@ class Dataset:
             kept = pa.concat_arrays([kept, paths])
         return kept
 
-    def _staged_paths(self, path: str, model_id: str) -> pa.Array | None:
-        """The paths in one staged file; None when it is unreadable or was made by another model."""
+    def _staged_keys(self, path: str, model_id: str) -> pa.Table | None:
+        """path, size and mtime of one staged file's rows; None when it is unreadable or was made by
+        another model."""
         try:
-            table = pq.read_table(path, columns=["path", "model_id"], filesystem=self._fs)
+            table = pq.read_table(path, columns=["path", "size", "mtime", "model_id"], filesystem=self._fs)
         except (OSError, pa.ArrowException):
             return None
         if not pc.all(pc.equal(table["model_id"], model_id)).as_py():
             return None
-        return table["path"].combine_chunks()
+        return table
 
     def _staged_files(self, run_id: str) -> list[str]:
         return [e.base_name for e in self._entries(STAGING, run_id)
@@ -703,6 +710,15 @@ class _ObjectLock:
             self.fs.rm_file(self.path)
 
 
+def _input_keys(table: pa.Table) -> pa.Array:
+    """"path, size, mtime" of each row as one string (null size or mtime as -1), for matching staged
+    rows against the inputs as they are now."""
+    size = pc.cast(pc.fill_null(table["size"], -1), pa.string())
+    mtime = pc.cast(pc.fill_null(pc.cast(table["mtime"], pa.int64()), -1), pa.string())
+    keys = pc.binary_join_element_wise(table["path"], size, mtime, "\x00")
+    return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+
+
 def _parse_lock(data: bytes) -> dict[str, Any]:
     """A lock's content; one that is not a distcls lock counts as long expired (taken over, said so)."""
     try:
@@ -719,6 +735,9 @@ def _why_gone(held: dict[str, Any] | None) -> str | None:
     expires = held.get("expires")
     if not isinstance(expires, (int, float)) or expires < time.time():
         return f"its lease ended at {held.get('expires_at', 'an unknown time')}"
+    if not math.isfinite(expires) or expires > time.time() + _MAX_LEASE_S:
+        # A run renews a lease of LEASE_S; one running for ever or for centuries is planted or broken.
+        return f"its lease (to {held.get('expires_at', expires)}) is longer than any run holds"
     if held.get("host") == socket.gethostname() and _process_gone(held.get("pid")):
         return f"process {held.get('pid')} on this host is gone"
     return None

@@ -83,7 +83,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
 def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: ModelInfo, inputs: pa.Table,
                       started: float, engine: dict[str, Any]) -> dict[str, Any]:
     """Label what is pending into the staging folder, check it, commit it; returns the summary."""
-    run = output.start_run(resume=config.resume, model_id=info.model_id, inputs=inputs["path"])
+    run = output.start_run(resume=config.resume, model_id=info.model_id,
+                           inputs=inputs.select(["path", "size", "mtime"]))
     lock.name_run(run.run_id)
     todo = _pending(inputs, run.staged, output.labelled_keys(info.model_id) if config.incremental else None)
     if todo.num_rows == 0 and len(run.staged) == 0:

@@ -145,8 +145,6 @@ def test_a_manifest_that_is_a_fifo_is_refused_without_reading_it(tmp_path: Path,
 # --resume
 
 
-@pytest.mark.xfail(strict=True, reason="--resume keeps staged rows by path alone: a file rewritten since its "
-                                       "row was staged keeps the old content's label, size and mtime")
 def test_resume_relabels_a_file_that_changed_since_its_row_was_staged(
         tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
     """A run killed after staging every row; one image is then replaced by another (new size and
@@ -206,8 +204,6 @@ def test_file_uris_with_a_host_are_never_read_relative_to_the_working_folder(
 # The lock
 
 
-@pytest.mark.xfail(strict=True, reason="a planted _LOCK whose lease is NaN or centuries long (another host) "
-                                       "refuses every run for ever; a lease is 3 minutes, renewed")
 @pytest.mark.parametrize("expires", [float("nan"), 1e12], ids=["nan", "year-33658"])
 def test_a_lock_with_a_lease_no_run_could_hold_is_taken_over(
         tmp_path: Path, synthetic_lake, tiny_model: Path, capsys, expires: float) -> None:

@@ -32,6 +32,13 @@ RUN_A = "20260101T000000Z-aaaaaa"
 RUN_B = "20260102T000000Z-bbbbbb"
 
 
+def _inputs(paths: list[str] | pa.Array, size: int = 1, mtime_us: int = 0) -> pa.Table:
+    """Inputs as label hands them to start_run, with the size and mtime that _rows stages."""
+    paths = pa.array(paths, pa.string())
+    return pa.table({"path": paths, "size": pa.array([size] * len(paths), pa.int64()),
+                     "mtime": pa.array([mtime_us] * len(paths), pa.int64()).cast(pa.timestamp("us", tz="UTC"))})
+
+
 def _rows(paths: list[str], model_id: str = "m", error_kind: list[str | None] | None = None,
           sizes: list[int] | None = None, mtimes_us: list[int] | None = None) -> pa.Table:
     """Output rows as far as the dataset cares: path, error, size, mtime, model_id (+ error_kind)."""
@@ -55,7 +62,7 @@ def _commit(output: Dataset, tables: list[pa.Table], *, incremental: bool = Fals
         output.roll_forward()
         output.check_existing(overwrite=overwrite, incremental=incremental)
         paths = pa.concat_arrays([t["path"].combine_chunks() for t in tables])
-        run = output.start_run(resume=False, model_id=model_id, inputs=paths)
+        run = output.start_run(resume=False, model_id=model_id, inputs=_inputs(paths))
         lock.name_run(run.run_id)
         output.write_staged(run.run_id, tables, rows_per_file=3)
         output.staged_counts(run.run_id, expected=len(paths))
@@ -86,7 +93,7 @@ def test_a_commit_makes_exactly_the_staged_rows_the_dataset_and_leaves_nothing_b
 def test_run_ids_sort_by_time_and_differ(tmp_path: Path) -> None:
     output = Dataset(str(tmp_path), StorageConfig())
     with output.lock():
-        first, second = (output.start_run(resume=False, model_id="m", inputs=pa.array(["a"])).run_id for _ in range(2))
+        first, second = (output.start_run(resume=False, model_id="m", inputs=_inputs(["a"])).run_id for _ in range(2))
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", first) and first != second
 
 
@@ -125,7 +132,7 @@ def test_the_handle_pickles_and_a_ray_worker_writes_staged_files_into_s3(ray_loc
         with pytest.raises(UsageError, match=f"output s3://{s3_bucket}/labels is in use by run .* on host "
                                              f"{socket.gethostname()} \\(pid {os.getpid()}\\)"):
             output.lock()
-        run = output.start_run(resume=False, model_id="m", inputs=pa.array(["s3://x/1", "s3://x/2"]))
+        run = output.start_run(resume=False, model_id="m", inputs=_inputs(["s3://x/1", "s3://x/2"]))
         write = ray.remote(lambda out, run_id, rows: out.write_staged(run_id, [rows], rows_per_file=10))
         written = ray.get(write.remote(output, run.run_id, _rows(["s3://x/1", "s3://x/2"], error_kind=[None, "transient"])))
         assert [rows for _, rows in written] == [2]
@@ -389,7 +396,7 @@ def test_the_lease_is_renewed_while_the_run_holds_the_lock(tmp_path: Path) -> No
 def test_a_run_whose_lock_was_taken_over_does_not_commit(tmp_path: Path) -> None:
     output = Dataset(str(tmp_path), StorageConfig())
     with output.lock() as lock:
-        run = output.start_run(resume=False, model_id="m", inputs=pa.array(["a"]))
+        run = output.start_run(resume=False, model_id="m", inputs=_inputs(["a"]))
         output.write_staged(run.run_id, [_rows(["a"])], rows_per_file=10)
         _plant_lock(tmp_path)  # what a takeover by another run looks like from here
         with pytest.raises(JobError, match=f"lost the lock of {tmp_path} to run {RUN_A} on host other-host"):
@@ -406,10 +413,14 @@ def test_resume_keeps_only_staged_rows_of_current_inputs(tmp_path: Path) -> None
     output.write_staged(RUN_A, [_rows(["a", "b", "c"]), _rows(["d"])], rows_per_file=3)  # files abc, d
     output.write_staged(RUN_A, [_rows(["e"], model_id="other")], rows_per_file=3)
     with output.lock():
-        run = output.start_run(resume=True, model_id="m", inputs=pa.array(["a", "c", "e", "f"]))
+        run = output.start_run(resume=True, model_id="m", inputs=_inputs(["a", "c", "e", "f"]))
     assert run.run_id == RUN_A and sorted(run.staged.to_pylist()) == ["a", "c"]
     staged = pq.read_table(list((tmp_path / STAGING / RUN_A).iterdir()))
     assert sorted(staged["path"].to_pylist()) == ["a", "c"]  # b, d dropped; e was another model's
+    with output.lock():  # "c" rewritten since it was staged: its row goes too
+        inputs = pa.concat_tables([_inputs(["a"]), _inputs(["c"], size=2)])
+        run = output.start_run(resume=True, model_id="m", inputs=inputs)
+    assert sorted(run.staged.to_pylist()) == ["a"]
 
 
 def test_resume_with_a_changed_input_labels_every_current_input_exactly_once(
@@ -419,8 +430,11 @@ def test_resume_with_a_changed_input_labels_every_current_input_exactly_once(
     model_id = read_info(str(tiny_model), StorageConfig()).model_id
     output = tmp_path / "out"
     kept = sorted(str(p) for p in lake.glob("*.jpg"))[:3]
+    stats = [Path(p).stat() for p in kept]
     Dataset(str(output), StorageConfig()).write_staged(
-        RUN_A, [_rows(kept + [str(tmp_path / "removed-from-the-lake.jpg")], model_id)], rows_per_file=100)
+        RUN_A, [_rows(kept + [str(tmp_path / "removed-from-the-lake.jpg")], model_id,
+                      sizes=[s.st_size for s in stats] + [1], mtimes_us=[s.st_mtime_ns // 1000 for s in stats] + [0])],
+        rows_per_file=100)
     code = main(_label_args(lake, tiny_model, output, "--resume"))
     out, err = capsys.readouterr()
     assert code == 0 and "dropping 1 staged rows" in err

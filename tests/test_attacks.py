@@ -1,7 +1,6 @@
 """Attacks on ``distcls label`` by a hostile user or an unlucky operator, through the CLI: files
 planted in the output, special files where an artifact or a manifest should be, credentials in
-manifest rows. Each test names what must hold; the ones still failing are xfail(strict) with
-the finding as the reason."""
+manifest rows, stale staged rows, impossible locks. Each test names what must hold."""
 from __future__ import annotations
 
 import json

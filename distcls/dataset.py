@@ -68,6 +68,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import sys
 import threading
 import time
@@ -492,6 +493,8 @@ class Dataset:
         return sorted(self._fs.get_file_info(selector), key=lambda e: e.path)
 
     def _read(self, name: str) -> bytes:
+        # A FIFO named _SUCCESS would block the read for ever, a folder would fail it obscurely.
+        storage.require_regular(self.uri_of(name))
         with self._fs.open_input_stream(self._path(name)) as stream:
             return stream.read()
 
@@ -653,10 +656,17 @@ class _LocalLock:
 
     def read(self) -> dict[str, Any] | None:
         try:
-            with open(self.path, "rb") as file:
-                return _parse_lock(file.read())
+            # Opened without following a link or blocking on a FIFO, then checked: a planted special
+            # file is refused instead of hanging the run or reading /dev/zero.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise UsageError(f"{self.path}: cannot read the lock ({exc.strerror}); remove it") from None
+        with os.fdopen(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise UsageError(f"{self.path}: not a regular file; remove it")
+            return _parse_lock(file.read(1 << 16))
 
     def delete(self) -> None:
         with contextlib.suppress(FileNotFoundError):

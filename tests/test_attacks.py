@@ -213,3 +213,15 @@ def test_a_lock_with_a_lease_no_run_could_hold_is_taken_over(
     code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output))
     err = capsys.readouterr().err
     assert "taking over the lock" in err and code == 0, err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", [SUCCESS, LOCK])
+def test_a_fifo_planted_as_an_output_marker_is_refused_not_waited_on(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys, name: str) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    os.mkfifo(output / name)
+    code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a regular file" in err and name in err and len(err.splitlines()) == 1, err

@@ -175,6 +175,8 @@ class LabelConfig(InferenceConfig):
     concurrency: int | None = Field(None, ge=1, description="Deprecated: the same as --min-actors N --max-actors N.")
     incremental: bool = Field(False, description="Write a run=<id>/ partition with only images not yet labelled by this model.")
     resume: bool = Field(False, description="Continue an interrupted run on the same output.")
+    dry_run: bool = Field(False, description="Say how many images this run would label and how long that would take "
+                                             "(from the last run's rate); start and write nothing.")
     overwrite: bool = Field(False, description="Replace an existing non-empty output.")
     max_image_pixels: int = Field(
         89_478_485, ge=1, description="Decompression-bomb limit: images declaring more pixels become error rows."

@@ -213,8 +213,7 @@ class Dataset:
         for leftover in self._survey()[2]:
             _say(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
             self._delete_tree(leftover)
-        runs = [e.base_name for e in self._entries(STAGING) if e.type == pafs.FileType.Directory
-                and re.fullmatch(_RUN_ID, e.base_name)]
+        runs = self._staged_runs()
         if resume and runs:
             for stale in runs[:-1]:
                 self._delete_tree(STAGING, stale)
@@ -225,6 +224,11 @@ class Dataset:
             _say(f"discarding staged files of unfinished run(s) {', '.join(runs)} (--resume reuses them)")
         self._delete_tree(STAGING)
         return Run(_new_run_id(), pa.array([], pa.string()))
+
+    def resumable(self, model_id: str, inputs: pa.Table) -> pa.Array:
+        """The paths ``start_run(resume=True)`` would keep, changing nothing (for --dry-run)."""
+        runs = self._staged_runs()
+        return self._usable_staged(runs[-1], model_id, inputs, apply=False) if runs else pa.array([], pa.string())
 
     def discard_staging(self) -> None:
         """Drop every staged file: for a run that ends with nothing to commit."""
@@ -401,31 +405,31 @@ class Dataset:
                     raise UsageError(f"output {self.uri} holds the symlink {link!r}; distcls never makes one and "
                                      "will not follow it out of the output: remove it or choose another output")
 
-    def _usable_staged(self, run_id: str, model_id: str, inputs: pa.Table) -> pa.Array:
+    def _usable_staged(self, run_id: str, model_id: str, inputs: pa.Table, *, apply: bool = True) -> pa.Array:
         """Paths in the run's staged files that can be kept. Files that are unreadable (cut off by a
         kill), made by another model, or repeating rows of a kept file (a write of the killed run
         that landed late) are deleted, so that their inputs get labelled again; rows that are not of
         an input as it is now (another path, or a file rewritten since: size or mtime differ) are
-        dropped (the file is rewritten without them)."""
+        dropped (the file is rewritten without them). ``apply=False`` only says what would be kept."""
         kept = pa.array([], pa.string())
         current = _input_keys(inputs)
         for name in self._staged_files(run_id):
             path = self._path(STAGING, run_id, name)
             staged = self._staged_keys(path, model_id)
             if staged is None or pc.any(pc.is_in(staged["path"], value_set=kept)).as_py():
-                self._fs.delete_file(path)
+                if apply:
+                    self._fs.delete_file(path)
                 continue
             paths = staged["path"].combine_chunks()
             wanted = pc.is_in(_input_keys(staged), value_set=current)
-            if not pc.all(wanted).as_py():
+            if not pc.all(wanted).as_py() and apply:
                 _say(f"resume: dropping {len(paths) - pc.sum(wanted).as_py()} staged rows of {name} "
                      "whose files are not inputs of this run or changed since they were staged")
                 rows = pq.read_table(path, filesystem=self._fs).filter(wanted)
                 if rows.num_rows:  # written before the old file goes: a kill in between loses nothing
                     self.write_staged(run_id, [rows], rows.num_rows)
                 self._fs.delete_file(path)
-                paths = paths.filter(wanted)
-            kept = pa.concat_arrays([kept, paths])
+            kept = pa.concat_arrays([kept, paths.filter(wanted)])
         return kept
 
     def _staged_keys(self, path: str, model_id: str) -> pa.Table | None:
@@ -438,6 +442,11 @@ class Dataset:
         if not pc.all(pc.equal(table["model_id"], model_id)).as_py():
             return None
         return table
+
+    def _staged_runs(self) -> list[str]:
+        """Run ids with a staging folder, oldest first (run ids sort by start time)."""
+        return [e.base_name for e in self._entries(STAGING) if e.type == pafs.FileType.Directory
+                and re.fullmatch(_RUN_ID, e.base_name)]
 
     def _staged_files(self, run_id: str) -> list[str]:
         return [e.base_name for e in self._entries(STAGING, run_id)

@@ -67,6 +67,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
     info = artifact.read_info(config.model, storage_config)
     inputs = _inputs(config, storage_config)
     output = Dataset(config.output, storage_config)
+    if config.dry_run:
+        return _dry_run(config, output, info, inputs)
     with output.lock() as lock:
         finished = output.roll_forward()
         if finished:
@@ -101,6 +103,27 @@ def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: Mo
     _say(f"labelled {summary['images']} images ({summary['errors']} errors) at "
          f"{summary['images_per_s']:.1f} images/s -> {summary['output']}")
     return summary
+
+
+def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, inputs: pa.Table) -> dict[str, Any]:
+    """What this run would label, changing nothing (no lock, no Ray, no write): pending, already
+    labelled (--incremental) and already staged (--resume) images, and the time the pending ones
+    would take at the rate of the last committed run."""
+    output.check_existing(overwrite=config.overwrite, incremental=config.incremental)
+    staged = output.resumable(info.model_id, inputs) if config.resume else pa.array([], pa.string())
+    pending = _pending(inputs, staged, output.labelled_keys(info.model_id) if config.incremental else None).num_rows
+    last = max((s for s in output.successes().values() if s.get("images_per_s")),
+               key=lambda s: str(s.get("started_at")), default=None)
+    rate = last["images_per_s"] if last else None
+    plan = {"dry_run": True, "inputs": inputs.num_rows, "pending": pending, "already_staged": len(staged),
+            "already_labelled": inputs.num_rows - pending - len(staged), "model_id": info.model_id,
+            "estimated_seconds": round(pending / rate, 1) if rate else None,
+            "rate_images_per_s": rate, "rate_of_run": last["run_id"] if last else None}
+    estimate = (f"~{plan['estimated_seconds']:.0f} s at the {rate:g} images/s of run {plan['rate_of_run']}"
+                if rate else "no committed run to estimate the time from")
+    _say(f"dry run: {pending} of {inputs.num_rows} images to label ({plan['already_labelled']} already labelled, "
+         f"{len(staged)} already staged); {estimate}; nothing was started or written")
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------

@@ -313,3 +313,28 @@ def test_gpu_labels_agree_with_cpu(ray_local, tmp_path: Path, synthetic_lake, mo
     np.testing.assert_allclose(on_gpu["score"], on_cpu["score"], atol=1e-2)
     clear = on_cpu["topk_scores"].map(lambda s: s[0] - s[1] > 0.05)
     assert (on_gpu["label"][clear] == on_cpu["label"][clear]).all()
+
+
+def test_dry_run_says_what_a_run_would_label_and_changes_nothing(ray_local, tmp_path: Path, synthetic_lake,
+                                                                 model_uri: str, capsys) -> None:
+    lake = _lake(synthetic_lake, tmp_path, 2)
+    output = tmp_path / "labels"
+    images = len(list(lake.iterdir()))
+    argv = ["label", "--input", str(lake), "--model", model_uri, "--output", str(output), "--incremental", "--dry-run"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (plan["inputs"], plan["pending"], plan["estimated_seconds"]) == (images, images, None)
+    assert not output.exists()
+
+    first = label(LabelConfig(input=str(lake), model=model_uri, output=str(output), incremental=True))
+    for name in ("new-1.jpg", "new-2.jpg"):
+        shutil.copy(lake / "img-000000.jpg", lake / name)
+    before = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in output.rglob("*"))
+    capsys.readouterr()
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    plan = json.loads(out.strip().splitlines()[-1])
+    assert (plan["pending"], plan["already_labelled"], plan["rate_of_run"]) == (2, images, first["run_id"])
+    assert plan["estimated_seconds"] == pytest.approx(2 / first["images_per_s"], abs=0.1)
+    assert "2 of" in err and "nothing was started or written" in err
+    assert sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in output.rglob("*")) == before

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -68,6 +68,14 @@ class TrainConfig(StorageConfig):
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
     gpu: bool = Field(False, description="One GPU per worker, NCCL, mixed precision. Falls back to CPU is never silent: needs GPUs in the cluster.")
+    cache: Literal["memory", "none", "auto"] = Field(
+        "auto", description="memory: each worker decodes its shard once and keeps it in RAM; none: every epoch "
+                            "streams the lake through Ray Data, decoded images held nowhere; auto: memory when the "
+                            "decoded lake (images x size^2 x 3 bytes) fits in a quarter of the smallest CPU node's "
+                            "Ray memory, else none.")
+    decode_cpus: float | None = Field(
+        None, gt=0, description="CPUs Ray Data may use to decode while training runs; default: the CPUs the "
+                                "training workers leave free, or 0.5 shared with them when they leave less than one.")
     seed: int = Field(0, description="Seed for the split, initialisation and augmentation order.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed before the run fails (-1: unlimited).")
     name: str = Field("distcls-train", description="Run name; rerunning with the same name and output resumes.")

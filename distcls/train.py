@@ -39,7 +39,7 @@ from distcls.runtime import cluster_cpus, cluster_gpus, ensure_ray
 
 STATE_FILE = "state.pt"
 ROWS_PER_BLOCK = 256  # one decode task; small blocks reshuffle well and keep a block's pixels small
-STATS_IMAGES = 2048  # images sampled for the normalisation mean/std: enough for 3 means to +-0.5/255
+STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary ~30/255, so ~1/255 error
 # Decoding needs some CPU to be scheduled on. When the workers take every CPU (2 workers on this
 # 2-core machine), they reserve this much less between them and decode tasks ask for it: the cores
 # are shared by the OS either way; the reservation only has to let Ray schedule the tasks.

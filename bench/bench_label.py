@@ -183,11 +183,15 @@ def ray_recipe(lake: str, model_uri: str, output: str) -> dict:
 class ProcessSampler:
     """Every 0.5 s: RSS of a process tree (peak of the root, peak of the sum, peak of the sum less
     shared pages: the object store and libraries count once per process in the plain sum) and the
-    CPU seconds used by processes outside it: other people's work on a shared machine shows up as noise."""
+    CPU seconds used by processes outside it: other people's work on a shared machine shows up as noise.
+    With ``worker_tag``, also the peak RSS (and RSS less shared pages) of the largest single process
+    of the tree whose command line contains it (e.g. "RayTrainWorker")."""
 
-    def __init__(self, root_pid: int) -> None:
+    def __init__(self, root_pid: int, worker_tag: str | None = None) -> None:
         self.root = psutil.Process(root_pid)
+        self.worker_tag = worker_tag
         self.peak_root_rss = self.peak_tree_rss = self.peak_tree_private = 0
+        self.peak_worker_rss = self.peak_worker_private = 0
         self.other_cpu_s = 0.0
         self._cpu: dict[int, float] = {}  # CPU seconds of each process outside the tree, last sample
         self._first = True
@@ -211,6 +215,9 @@ class ProcessSampler:
                 tree_private += memory.rss - memory.shared
                 if pid == self.root.pid:
                     self.peak_root_rss = max(self.peak_root_rss, memory.rss)
+                if self.worker_tag and any(self.worker_tag in part for part in _cmdline(proc)):
+                    self.peak_worker_rss = max(self.peak_worker_rss, memory.rss)
+                    self.peak_worker_private = max(self.peak_worker_private, memory.rss - memory.shared)
             elif pid != os.getpid():
                 # A process first seen after the first sample started during the run: count all of it.
                 self.other_cpu_s += used - self._cpu.get(pid, used if self._first else 0.0)
@@ -218,6 +225,13 @@ class ProcessSampler:
         self._first = False
         self.peak_tree_rss = max(self.peak_tree_rss, tree_rss)
         self.peak_tree_private = max(self.peak_tree_private, tree_private)
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
 
 
 def wait_quiet(max_wait_s: float = 120, busy_percent: float = 15) -> float:
@@ -232,9 +246,10 @@ def wait_quiet(max_wait_s: float = 120, busy_percent: float = 15) -> float:
     return time.time() - started
 
 
-def run_timed(command: list[str]) -> dict:
+def run_timed(command: list[str], worker_tag: str | None = None) -> dict:
     """Run ``command`` in a new process once the machine is idle: its wall time, peak RSS of the
-    process and of its tree, other processes' CPU seconds meanwhile, plus the JSON it prints last."""
+    process and of its tree (and of its largest ``worker_tag`` process), other processes' CPU seconds
+    meanwhile, plus the JSON it prints last."""
     waited = wait_quiet()
     started = time.time()
     # RAY_ADDRESS=local: a Ray of our own, even when a cluster started by someone else runs here.
@@ -243,7 +258,7 @@ def run_timed(command: list[str]) -> dict:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=REPO,
                                  env={**os.environ, "RAY_ADDRESS": "local"})
-        sampler = ProcessSampler(child.pid)
+        sampler = ProcessSampler(child.pid, worker_tag)
         while child.poll() is None:
             sampler.sample()
             time.sleep(0.5)
@@ -255,6 +270,7 @@ def run_timed(command: list[str]) -> dict:
     return {"wall_s": wall, "waited_s": waited, "other_cpu_s": sampler.other_cpu_s,
             "driver_rss_gib": sampler.peak_root_rss / 2**30, "tree_rss_gib": sampler.peak_tree_rss / 2**30,
             "tree_private_gib": sampler.peak_tree_private / 2**30,
+            "worker_rss_gib": sampler.peak_worker_rss / 2**30, "worker_private_gib": sampler.peak_worker_private / 2**30,
             **json.loads(stdout.strip().splitlines()[-1])}
 
 

@@ -1,8 +1,10 @@
-"""Training benchmarks on this machine: Ray Train vs a plain loop, and time-to-accuracy.
+"""Training benchmarks on this machine: Ray Train vs a plain loop, time-to-accuracy, and photos
+cached vs streamed.
 
     python bench/bench_train.py throughput [--images 10000] [--epochs 3]
     python bench/bench_train.py accuracy  [--config jobs/configs/cifar10_train.yaml] [distcls train flags]
     python bench/bench_train.py accuracy  --model simple_cnn --epochs 10 --lr 0.05
+    python bench/bench_train.py photos    [--sizes 10000 50000] [--epochs 2] [--batch-size 128]
 
 `throughput`: images/s of `distcls train` (Ray Train, 2 workers x 1 thread, DDP over gloo) against
 a plain single-process loop with 2 torch threads, on the same model, decoded data, global batch
@@ -14,6 +16,16 @@ plain) so that machine noise hits both. Ratio = Ray / plain (target >= 0.95).
 ../shared/data (45,000 train / 5,000 held out, stratified, seed 0): wall time of the whole
 `distcls train` command (Ray start, decode, training, artifact), then `distcls evaluate` on the
 held-out manifest it wrote. Target: >= 85% held-out accuracy within 15 minutes.
+
+`photos`: a photo lake per size (the first N/10 CIFAR-10 JPEGs of each class, upscaled by this
+script to 256x256 and re-encoded at JPEG quality 90: `bench_label.make_lake`), trained with
+`distcls train --model resnet18 --image-size 128 --workers 2 --cache memory|none`, each run in its
+own process with a private local Ray (`bench_label.run_timed`: waits for a quiet machine, then
+samples RSS every 0.5 s). Reported per run: images/s of each epoch (from metrics.jsonl: images
+trained / (train + eval seconds); with --cache memory epoch 1 also decodes the shard), the peak RSS
+of the largest RayTrainWorker process (and that less shared pages: Ray's object store is shared
+memory a streaming worker maps) and of the driver. Targets: streaming >= 0.8x cached (mean of the
+epochs after the first), streaming worker peak at the larger lake <= 1.25x the smaller's.
 """
 from __future__ import annotations
 
@@ -61,7 +73,7 @@ def plain_epoch_rate(lake: Path, epochs: int, batch: int) -> float:
     from distcls.config import StorageConfig, TrainConfig
     from distcls.images import read_batch
     from distcls.models import create_model
-    from distcls.train import eval_epoch, train_epoch
+    from distcls.train import CachedShard, eval_epoch, train_epoch
 
     torch.set_num_threads(2)
     config = TrainConfig(data=str(lake), output="unused", epochs=epochs, batch_size=batch, workers=1)
@@ -75,11 +87,13 @@ def plain_epoch_rate(lake: Path, epochs: int, batch: int) -> float:
     state = {"mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)}
     steps = len(train_idx) // batch
     generator, device = torch.Generator().manual_seed(0), torch.device("cpu")
+    train_data = CachedShard(images[train_idx], labels[train_idx])
+    val_data = CachedShard(images[val_idx], labels[val_idx])
     rates = []
     for epoch in range(epochs):
         started = time.time()
-        train_epoch(model, optimizer, images[train_idx], labels[train_idx], state, config, epoch, steps, batch, generator, device)
-        eval_epoch(model, images[val_idx], labels[val_idx], state, device)
+        train_epoch(model, optimizer, train_data.batches(batch, generator), state, config, epoch, steps, generator, device)
+        eval_epoch(model, val_data.batches(1000), state, device)
         rates.append(steps * batch / (time.time() - started))
     return float(np.mean(rates[1:]))
 
@@ -121,6 +135,39 @@ def accuracy(args: argparse.Namespace) -> None:
           f"{scores['accuracy']:.4f} (target >= 0.85)")
 
 
+def photos(args: argparse.Namespace) -> None:
+    from bench_label import make_lake, run_timed
+
+    runs = {}
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        for n in args.sizes:
+            lake = make_lake(Path(tmp) / f"lake{n}", n, (256, 256))
+            for cache in ("memory", "none"):
+                out = Path(tmp) / f"run{n}-{cache}"
+                got = run_timed([sys.executable, "-m", "distcls", "train", "--data", str(lake), "--output", str(out),
+                                 "--model", "resnet18", "--image-size", "128", "--workers", "2", "--cache", cache,
+                                 "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)],
+                                worker_tag="RayTrainWorker")
+                history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                runs[n, cache] = {**got, "rates": [row["images_per_s"] for row in history]}
+    print(f"machine: {machine()}")
+    print(f"command: python bench/bench_train.py {' '.join(sys.argv[1:])}")
+    print(f"input: CIFAR-10 JPEGs upscaled to 256x256 (q90); resnet18 at 128x128, 2 workers x 1 thread, "
+          f"global batch {args.batch_size}, {args.epochs} epochs, one run each")
+    print(f"{'lake':>7s} {'cache':>7s} {'images/s per epoch':>28s} {'worker GiB':>11s} {'less shared':>12s} "
+          f"{'driver GiB':>11s} {'wall s':>7s} {'noise CPU-s':>12s}")
+    for (n, cache), r in runs.items():
+        rates = " ".join(f"{rate:.1f}" for rate in r["rates"])
+        print(f"{n:7d} {cache:>7s} {rates:>28s} {r['worker_rss_gib']:11.2f} {r['worker_private_gib']:12.2f} "
+              f"{r['driver_rss_gib']:11.2f} {r['wall_s']:7.0f} {r['other_cpu_s']:12.0f}")
+    for n in args.sizes:
+        streamed, cached = (float(np.mean(runs[n, cache]["rates"][1:] or runs[n, cache]["rates"])) for cache in ("none", "memory"))
+        print(f"{n} images: streaming / cached = {streamed / cached:.2f}x (epochs after the first; target >= 0.8x)")
+    small, big = (runs[n, "none"] for n in args.sizes[:2])
+    for key, what in (("worker_rss_gib", "RSS"), ("worker_private_gib", "RSS less shared")):
+        print(f"streaming worker peak {what}: {args.sizes[1]} / {args.sizes[0]} = {big[key] / small[key]:.2f}x (target <= 1.25x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -131,9 +178,13 @@ def main() -> None:
     t.add_argument("--trials", type=int, default=2)
     a = sub.add_parser("accuracy")
     a.add_argument("--config", default=str(REPO / "jobs/configs/cifar10_train.yaml"))
+    p = sub.add_parser("photos")
+    p.add_argument("--sizes", type=int, nargs=2, default=[10_000, 50_000], help="the two lake sizes")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
     args, extra = parser.parse_known_args()
     args.extra = extra  # accuracy: further `distcls train` flags, e.g. --model simple_cnn --lr 0.02
-    {"throughput": throughput, "accuracy": accuracy}[args.bench](args)
+    {"throughput": throughput, "accuracy": accuracy, "photos": photos}[args.bench](args)
 
 
 if __name__ == "__main__":

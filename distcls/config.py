@@ -107,6 +107,14 @@ class TrainConfig(StorageConfig):
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
     gpu: bool = Field(False, description="One GPU per worker, NCCL, mixed precision. Needs GPUs in the cluster or an "
                                          "autoscaler that can add GPU nodes; a worker without a usable CUDA device fails the run.")
+    cache: Literal["memory", "none", "auto"] = Field(
+        "auto", description="memory: each worker decodes its shard once and keeps it in RAM; none: every epoch "
+                            "streams the lake through Ray Data, decoded images held nowhere; auto: memory when the "
+                            "decoded lake (images x size^2 x 3 bytes) fits in a quarter of the smallest CPU node's "
+                            "Ray memory, else none.")
+    decode_cpus: float | None = Field(
+        None, gt=0, description="CPUs Ray Data may use to decode while training runs; default: the CPUs the "
+                                "training workers leave free, or 0.5 shared with them when they leave less than one.")
     seed: int = Field(0, description="Seed for the split, initialisation and augmentation order.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed before the run fails (-1: unlimited).")
     name: str = Field("distcls-train", description="Run name; rerunning with the same name and output resumes.")

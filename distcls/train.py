@@ -1,9 +1,11 @@
 """``distcls train``: data-parallel training with Ray Train, ending in a model artifact.
 
-The driver lists and splits the lake, builds two Ray Datasets that fetch and decode each image
-once (``images.read_batch``, the same function labeling uses), and hands them to a TorchTrainer.
-Each worker keeps its decoded uint8 shard in memory and augments per batch, so an epoch costs
-only the model's compute. Every epoch is reported with a checkpoint; Ray Train restarts failed
+The driver lists and splits the lake and hands a TorchTrainer lazy Ray Datasets of (path, label)
+rows that Ray Data fetches and decodes (``images.read_batch``, the same function labeling uses) on
+the CPUs set aside for decoding, streaming into the workers. With ``--cache memory`` each worker
+keeps its decoded uint8 shard after the first pass, so an epoch costs only the model's compute;
+with ``--cache none`` every epoch streams the lake again and nothing holds it decoded. Workers
+augment per batch either way. Every epoch is reported with a checkpoint; Ray Train restarts failed
 workers from the latest one, and rerunning the same command on the same output resumes.
 """
 from __future__ import annotations
@@ -14,7 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -32,9 +35,16 @@ from distcls.config import StorageConfig, TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
 from distcls.images import augment, normalize, read_batch
 from distcls.models import create_model
-from distcls.runtime import autoscaling, can_get, cluster_gpus, ensure_ray, require_cuda_on_a_gpu_node
+from distcls.runtime import (autoscaling, can_get, cluster_cpus, cluster_gpus, ensure_ray,
+                             require_cuda_on_a_gpu_node)
 
 STATE_FILE = "state.pt"
+ROWS_PER_BLOCK = 256  # one decode task; small blocks reshuffle well and keep a block's pixels small
+STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary ~30/255, so ~1/255 error
+# Decoding needs some CPU to be scheduled on. When the workers take every CPU (2 workers on this
+# 2-core machine), they reserve this much less between them and decode tasks ask for it: the cores
+# are shared by the OS either way; the reservation only has to let Ray schedule the tasks.
+SHARED_DECODE_CPUS = 0.5
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -50,20 +60,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_rows, val_rows, classes = _split(config)
     if config.init_weights:
         _check_init_weights(config, len(classes))
-    if not config.val_data:  # written only once the run is known to start: no output from a usage error
-        _write_val_manifest(val_rows, classes, config)
     ensure_ray()
-    # One line per epoch is the progress report; Ray Data's bars from every worker would bury it.
+    # One line per epoch is the progress report; Ray Data's bars and plans (per epoch when
+    # streaming) would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
     # GPUs on demand: an autoscaler that launches a GPU node for us will add the rest as the workers wait.
     if config.gpu and cluster_gpus() < config.workers and not (autoscaling() and can_get({"GPU": 1.0})):
         raise UsageError(f"--gpu needs {config.workers} GPUs, the Ray cluster has {cluster_gpus()} and cannot add GPU nodes")
     if config.gpu:
         # On a GPU node, before the workers: their NCCL setup would fail first, naming no node.
         require_cuda_on_a_gpu_node("a training worker")
+    worker_cpus, decode_cpus = plan_cpus(config, cluster_cpus(), can_grow=autoscaling())
+    cache = choose_cache(config, train_rows.num_rows + val_rows.num_rows, _smallest_node_memory())
+    if not config.val_data:  # written only once the run is known to start: no output from a usage error
+        _write_val_manifest(val_rows, classes, config)
     print(f"training {config.model} on {train_rows.num_rows} images ({val_rows.num_rows} held out), "
-          f"{len(classes)} classes, {config.workers} workers")
-    result = _trainer(config, classes, train_rows, val_rows).fit()
+          f"{len(classes)} classes, {config.workers} workers x {worker_cpus:g} CPUs, decoding on {decode_cpus:g} CPUs")
+    result = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus).fit()
     if result.error is not None:
         raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
@@ -73,7 +87,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 
 def _split(config: TrainConfig) -> tuple[pa.Table, pa.Table, list[str]]:
-    """(training rows in a seeded random order, held-out rows, class names)."""
+    """(training rows in a seeded random order, held-out rows, class names). Writes nothing: the
+    held-out manifest is written once the run's settings have been checked against the cluster."""
     rows, classes = lake.labelled_images(config.data, config.storage())
     rng = np.random.default_rng(config.seed)
     if config.val_data:
@@ -100,15 +115,58 @@ def _write_val_manifest(val_rows: pa.Table, classes: list[str], config: TrainCon
     storage.write_bytes(storage.join(config.output, "val.parquet"), sink.getvalue().to_pybytes(), config.storage())
 
 
-def _dataset(rows: pa.Table, config: TrainConfig) -> ray.data.Dataset:
-    """Decoded images as a Ray Dataset: fixed-shape uint8 tensors + int labels (Arrow-native)."""
-    slices = [rows.slice(start, 1000) for start in range(0, rows.num_rows, 1000)]
-    # Decoded up front, before the workers take their CPUs: on a cluster with no CPUs beyond the
-    # training workers' (this 2-core machine with 2 workers), streaming decode would never be
-    # scheduled. uint8 images are small; what does not fit in the object store spills to disk.
-    return ray.data.from_arrow(slices).map_batches(
+def plan_cpus(config: TrainConfig, total_cpus: float, can_grow: bool = False) -> tuple[float, float]:
+    """(CPUs each training worker reserves, CPUs Ray Data may decode on) on a cluster of ``total_cpus``
+    now; ``can_grow``: an autoscaler may add more, so no --decode-cpus is too many for it.
+
+    Decoding takes the CPUs the workers leave free. When they leave less than one (a full fixed
+    cluster), the workers give up SHARED_DECODE_CPUS between them. A cluster smaller than the
+    workers need (an autoscaling one still at its minimum) gets one CPU's worth of decode tasks,
+    which the autoscaler can add, and nothing is taken from the workers."""
+    spare = total_cpus - config.workers * config.cpus_per_worker
+    if config.decode_cpus is not None and config.decode_cpus > total_cpus and not can_grow:
+        raise UsageError(f"--decode-cpus {config.decode_cpus:g} is more than the {total_cpus:g} CPUs of the Ray cluster")
+    decode = config.decode_cpus or (spare if spare >= 1 else SHARED_DECODE_CPUS if spare >= 0 else 1.0)
+    if spare < 0 or decode <= spare:
+        return float(config.cpus_per_worker), decode
+    per_worker = config.cpus_per_worker - (decode - spare) / config.workers
+    if per_worker < 0.1:
+        raise UsageError(f"--decode-cpus {decode:g} leaves the {config.workers} training workers no CPUs "
+                         f"on a cluster of {total_cpus:g} CPUs")
+    return per_worker, decode
+
+
+def choose_cache(config: TrainConfig, images: int, node_memory: float) -> str:
+    """``memory`` or ``none``. auto keeps images in memory when the decoded lake (train + held out,
+    uint8) takes at most a quarter of the smallest CPU node's Ray memory: all workers may share that
+    node, a shard is briefly held twice while its batches are concatenated, and the rest is for the
+    model, activations and Ray Data's blocks in flight."""
+    if config.cache != "auto":
+        return config.cache
+    decoded = images * config.image_size ** 2 * 3
+    cache = "memory" if decoded <= node_memory / 4 else "none"
+    print(f"cache: {cache} (decoded lake {decoded / 2**30:.2f} GiB {'<=' if cache == 'memory' else '>'} a quarter "
+          f"of {node_memory / 2**30:.1f} GiB, the smallest CPU node's Ray memory)")
+    return cache
+
+
+def _smallest_node_memory() -> float:
+    """Bytes of Ray's ``memory`` resource on the smallest alive node with CPUs; 0 when there is none
+    yet (an autoscaling cluster at zero workers), which makes auto stream."""
+    sizes = [node["Resources"].get("memory", 0.0) for node in ray.nodes()
+             if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
+    return min(sizes, default=0.0)
+
+
+def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.data.Dataset:
+    """Decoded images as a lazy Ray Dataset: fixed-shape uint8 tensors + int labels (Arrow-native).
+    Each execution (each epoch, when streaming) visits the blocks in a new seeded order, so the
+    blocks a worker gets change from epoch to epoch; the rows within them were shuffled by _split."""
+    slices = [rows.slice(start, ROWS_PER_BLOCK) for start in range(0, rows.num_rows, ROWS_PER_BLOCK)]
+    return ray.data.from_arrow(slices).randomize_block_order(
+        seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).map_batches(
         _decode_rows, fn_kwargs={"storage_config": config.storage(), "size": config.image_size},
-        batch_format="numpy", batch_size=1000).materialize()
+        batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=min(1.0, decode_cpus))
 
 
 def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:
@@ -119,15 +177,24 @@ def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, si
     return {"image": decoded["image"][ok], "label": batch["label"][ok].astype(np.int64)}
 
 
-def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_rows: pa.Table) -> ray.train.torch.TorchTrainer:
+def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_rows: pa.Table, cache: str,
+             worker_cpus: float, decode_cpus: float) -> ray.train.torch.TorchTrainer:
     fs, path = storage.arrow_filesystem(config.output, config.storage())
-    loop_config = {"config": config.model_dump(), "classes": classes}
+    loop_config = {"config": config.model_dump(), "classes": classes, "cache": cache, "train_images": train_rows.num_rows}
+    stats_rows = train_rows.slice(0, STATS_IMAGES)  # already in a seeded random order
+    datasets = {name: _dataset(rows, config, decode_cpus)
+                for name, rows in (("train", train_rows), ("val", val_rows), ("stats", stats_rows))}
+    # Ray Data's limit is what keeps decoding off the workers' reserved CPUs: without it, it sizes
+    # itself by the whole cluster, CPUs the workers hold included.
+    limits = ray.data.ExecutionOptions(resource_limits=ray.data.ExecutionResources(cpu=decode_cpus))
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        datasets={"train": _dataset(train_rows, config), "val": _dataset(val_rows, config)},
+        datasets=datasets,
+        # "stats" is not split: every worker reads the same sample and gets the same mean/std.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=limits),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.workers, use_gpu=config.gpu, resources_per_worker={"CPU": config.cpus_per_worker}),
+            num_workers=config.workers, use_gpu=config.gpu, resources_per_worker={"CPU": worker_cpus}),
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
@@ -143,9 +210,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     classes: list[str] = loop_config["classes"]
     torch.set_num_threads(config.cpus_per_worker)
     device = ray.train.torch.get_device()
-    train_x, train_y = _cache_shard("train")
-    val_x, val_y = _cache_shard("val")
-    state = _restore(ray.train.get_checkpoint()) or _fresh_state(config, classes, train_x)
+    local_batch = max(1, config.batch_size // config.workers)
+    train_data, val_data = (_shard(name, loop_config["cache"], local_batch) for name in ("train", "val"))
+    state = _restore(ray.train.get_checkpoint()) or _fresh_state(config, classes)
     plain = create_model(config.model, num_classes=len(classes)).to(memory_format=torch.channels_last)
     plain.load_state_dict(state["model"])
     # Every parameter is in the optimizer from the start, frozen or not: its state_dict then has the
@@ -156,54 +223,58 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = _prepare(plain, state, frozen=first_epoch < config.freeze_epochs)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
-    local_batch = max(1, config.batch_size // config.workers)
-    steps_per_epoch = _min_across_workers(len(train_x) // local_batch, device)
+    # From the listing, for the schedule; the shards are equal (Ray Train splits with equal=True),
+    # so every worker takes the same number of steps, as DDP needs.
+    steps_per_epoch = max(1, loop_config["train_images"] // config.workers // local_batch)
     generator = torch.Generator().manual_seed(config.seed * 1000 + ray.train.get_context().get_world_rank())
     for epoch in range(first_epoch, config.epochs):
         if epoch == config.freeze_epochs and epoch > first_epoch:
             print0(f"epoch {epoch + 1}: unfreezing the pretrained layers")
             model = _prepare(plain, state, frozen=False)
         started = time.time()
-        train_loss = train_epoch(model, optimizer, train_x, train_y, state, config, epoch, steps_per_epoch, local_batch, generator, device)
-        val_loss, val_accuracy = eval_epoch(model, val_x, val_y, state, device)
+        train_loss, images = train_epoch(model, optimizer, train_data.batches(local_batch, generator), state, config,
+                                         epoch, steps_per_epoch, generator, device)
+        val_loss, val_accuracy = eval_epoch(model, val_data.batches(1000), state, device)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
-               "images_per_s": steps_per_epoch * local_batch * config.workers / (time.time() - started),
+               "images_per_s": images / (time.time() - started),
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
         state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row])
         _report(row, model, optimizer, state, config)
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                state: dict[str, Any], config: TrainConfig, epoch: int, steps: int, batch: int,
-                generator: torch.Generator, device: torch.device) -> float:
-    """One pass over ``steps`` random batches of this worker's shard; returns the mean loss (all workers)."""
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (uint8 NHWC images, int64 labels)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, state: dict[str, Any],
+                config: TrainConfig, epoch: int, steps: int, generator: torch.Generator,
+                device: torch.device) -> tuple[float, int]:
+    """One pass over ``batches`` (``steps`` of them planned, for the schedule); returns the mean loss
+    and the number of images, both over all workers."""
     model.train()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    order = torch.randperm(len(images), generator=generator)
     total = torch.zeros(2, device=device)
-    for step in range(steps):
+    for step, (images, labels) in enumerate(batches):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * one_cycle((epoch * steps + step) / (config.epochs * steps))
-        idx = order[step * batch:(step + 1) * batch]
-        x = normalize(augment(images[idx], generator).to(device), state["mean"], state["std"])
+            group["lr"] = config.lr * one_cycle(min(1.0, (epoch * steps + step) / (config.epochs * steps)))
+        x = normalize(augment(images, generator).to(device), state["mean"], state["std"])
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(model(x), labels[idx].to(device))
+            loss = loss_fn(model(x), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += torch.stack([loss.detach().float() * len(idx), torch.tensor(float(len(idx)), device=device)])
-    return _sum_across_workers(total)[0].item() / max(1.0, _sum_across_workers(total)[1].item())
+        total += torch.stack([loss.detach().float() * len(labels), torch.tensor(float(len(labels)), device=device)])
+    loss_sum, count = _sum_across_workers(total).tolist()
+    return loss_sum / max(1.0, count), int(count)
 
 
 @torch.no_grad()
-def eval_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, state: dict[str, Any],
-               device: torch.device, batch: int = 1000) -> tuple[float, float]:
+def eval_epoch(model: nn.Module, batches: Batches, state: dict[str, Any], device: torch.device) -> tuple[float, float]:
     """(mean loss, accuracy) over every worker's validation shard."""
     model.eval()
     total = torch.zeros(3, device=device)
-    for start in range(0, len(images), batch):
-        x = normalize(images[start:start + batch].to(device), state["mean"], state["std"])
-        y = labels[start:start + batch].to(device)
+    for images, labels in batches:
+        x = normalize(images.to(device), state["mean"], state["std"])
+        y = labels.to(device)
         logits = model(x).float()
         total += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"),
                               (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
@@ -219,10 +290,53 @@ def one_cycle(progress: float, warmup: float = 0.2) -> float:
     return max(0.0, (1.0 - progress) / (1.0 - warmup))
 
 
-def _cache_shard(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode this worker's shard once and keep it as uint8 NHWC + int64 labels."""
+def _shard(name: str, cache: str, batch: int) -> CachedShard | StreamedShard:
+    shard = ray.train.get_dataset_shard(name)
+    return CachedShard(*_cache_shard(shard)) if cache == "memory" else StreamedShard(shard, shuffle_buffer=4 * batch)
+
+
+@dataclass
+class CachedShard:
+    """This worker's shard, decoded once, as uint8 NHWC + int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def batches(self, size: int, generator: torch.Generator | None = None) -> Batches:
+        """Whole batches in a new random order (training, with ``generator``), else every image in order."""
+        if generator is None:
+            for start in range(0, len(self.labels), size):
+                yield self.images[start:start + size], self.labels[start:start + size]
+            return
+        order = torch.randperm(len(self.labels), generator=generator)
+        for start in range(0, len(order) - size + 1, size):
+            idx = order[start:start + size]
+            yield self.images[idx], self.labels[idx]
+
+
+@dataclass
+class StreamedShard:
+    """This worker's shard streamed from Ray Data on every pass; decoding runs ahead of training
+    on the decode CPUs. Training batches come through a local shuffle buffer (mixing the blocks,
+    whose order changes every epoch) and are whole: the split is equal, so every worker gets the
+    same number of them."""
+
+    shard: ray.data.DataIterator
+    shuffle_buffer: int
+
+    def batches(self, size: int, generator: torch.Generator | None = None) -> Batches:
+        training = generator is not None
+        for batch in self.shard.iter_torch_batches(
+                batch_size=size, device="cpu", drop_last=training, prefetch_batches=2,
+                local_shuffle_buffer_size=self.shuffle_buffer if training else None,
+                local_shuffle_seed=int(torch.randint(2**31, (1,), generator=generator)) if training else None):
+            yield batch["image"], batch["label"]
+
+
+def _cache_shard(shard: ray.data.DataIterator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a shard once and keep it as uint8 NHWC + int64 labels."""
     images, labels = [], []
-    for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=2048, batch_format="numpy"):
+    for batch in shard.iter_batches(batch_size=2048, batch_format="numpy"):
         images.append(batch["image"])
         labels.append(batch["label"])
     if not images:
@@ -260,7 +374,7 @@ def _check_init_weights(config: TrainConfig, num_classes: int) -> None:
                          f"{config.init_weights}, so nothing would train while they are frozen")
 
 
-def _fresh_state(config: TrainConfig, classes: list[str], train_x: torch.Tensor) -> dict[str, Any]:
+def _fresh_state(config: TrainConfig, classes: list[str]) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # identical initial weights on every worker before DDP's broadcast
     model = create_model(config.model, num_classes=len(classes))
     pretrained: list[str] = []
@@ -268,13 +382,22 @@ def _fresh_state(config: TrainConfig, classes: list[str], train_x: torch.Tensor)
         match = _init_match(config, model)
         model.load_state_dict(match.loaded, strict=False)
         pretrained = sorted(match.loaded)
-    sums = torch.stack([train_x.double().sum((0, 1, 2)), (train_x.double() ** 2).sum((0, 1, 2))])
-    count = float(train_x.shape[0] * train_x.shape[1] * train_x.shape[2])
-    totals = _sum_across_workers(torch.cat([sums.flatten(), torch.tensor([count], dtype=torch.float64)]))
-    mean = totals[:3] / totals[6]
-    std = (totals[3:6] / totals[6] - mean ** 2).clamp_min(1e-6).sqrt()
+    mean, std = _pixel_statistics(ray.train.get_dataset_shard("stats"))
     return {"model": model.state_dict(), "epoch": 0, "elapsed_s": 0.0, "history": [], "restores": 0,
-            "mean": tuple((mean / 255).tolist()), "std": tuple((std / 255).tolist()), "pretrained": pretrained}
+            "mean": mean, "std": std, "pretrained": pretrained}
+
+
+def _pixel_statistics(sample: ray.data.DataIterator) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (in [0, 1] units) of the sampled training images. Every worker reads
+    the same unsplit sample, so all get the same values whether or not the lake is cached."""
+    sums, count = np.zeros(6), 0
+    for batch in sample.iter_batches(batch_size=64, batch_format="numpy"):
+        pixels = batch["image"].reshape(-1, 3).astype(np.float64)
+        sums += np.concatenate([pixels.sum(0), (pixels ** 2).sum(0)])
+        count += len(pixels)
+    mean = sums[:3] / max(1, count)
+    std = np.sqrt(np.maximum(sums[3:] / max(1, count) - mean ** 2, 1e-6))
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
 def _restore(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
@@ -314,14 +437,6 @@ def print0(message: str) -> None:
     the real stdout: Ray Train's patched print would also log it, and the driver would show it twice."""
     if ray.train.get_context().get_world_rank() == 0:
         print(message, file=sys.__stdout__, flush=True)
-
-
-def _min_across_workers(value: int, device: torch.device) -> int:
-    """DDP hangs if workers take different numbers of steps; every worker takes the smallest."""
-    tensor = torch.tensor([value], device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
-    return int(tensor.item())
 
 
 def _sum_across_workers(tensor: torch.Tensor) -> torch.Tensor:

@@ -218,6 +218,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A briefly trained simple_cnn artifact (confident enough for label comparisons), made once
+    per session for every labeling test."""
+    from oddfiles import tiny_model as trained_tiny_model
+
+    return trained_tiny_model(tmp_path_factory.getbasetemp() / "label-model")
+
+
 @pytest.fixture()
 def s3_auth(s3_endpoint: str) -> Iterator[dict[str, str]]:
     """Make the moto server check signatures against its IAM users (it accepts any keys by

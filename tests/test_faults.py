@@ -35,12 +35,6 @@ from distcls.dataset import COMMITTING, STAGING
 from distcls.errors import JobError, UsageError
 from distcls.images import read_batch
 from distcls.label import label
-from oddfiles import tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return tiny_model(tmp_path_factory.getbasetemp() / "label-model")
 
 
 class _Run:

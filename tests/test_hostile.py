@@ -26,7 +26,6 @@ from distcls.config import LabelConfig, StorageConfig
 from distcls.images import ImageError, decode, read_batch
 from distcls.label import label
 from hostile_corpus import Expect
-from oddfiles import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 # Bounds for any single hostile file: it decodes or fails within these, or the file can stall
@@ -39,11 +38,6 @@ MAX_RSS_GROWTH = 500 * 2**20
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Expect]]:
     root = tmp_path_factory.mktemp("hostile")
     return root, hostile_corpus.build(root)
-
-
-@pytest.fixture(scope="module")
-def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return tiny_model(tmp_path_factory.getbasetemp() / "label-model")
 
 
 def _measure(folder: Path) -> dict[str, dict]:

@@ -32,17 +32,11 @@ from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
 from distcls.images import decode
 from distcls.label import OUTPUT_SCHEMA, label
-from oddfiles import tiny_model
 
 # By name: the package re-exports a label() function under the same name as this module.
 label_module = importlib.import_module("distcls.label")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return tiny_model(tmp_path_factory.getbasetemp() / "label-model")
 
 
 def _lake(synthetic_lake, tmp_path: Path, per_class: int) -> Path:
@@ -267,13 +261,14 @@ def test_incremental_labels_only_new_files_and_runs_lists_them(ray_local, tmp_pa
     for name in ("new-1.jpg", "new-2.jpg", "new-3.jpg"):
         shutil.copy(lake / "img-000000.jpg", lake / name)
     (lake / "new-4.jpg").write_bytes(b"not a jpeg")
-    (output / "run=unfinished").mkdir()
-    (output / "run=unfinished" / "part-00000.parquet").write_bytes(b"half")
+    unfinished = output / "run=20260101T000000Z-abcdef"  # a killed run's partition: no _SUCCESS
+    unfinished.mkdir()
+    (unfinished / "part-00000.parquet").write_bytes(b"half")
 
     second = label(config)
     new = pd.read_parquet(output / f"run={second['run_id']}")
     assert sorted(Path(p).name for p in new["path"]) == ["new-1.jpg", "new-2.jpg", "new-3.jpg", "new-4.jpg"]
-    assert not (output / "run=unfinished").exists()
+    assert not unfinished.exists()
     frame = _assert_exactly_once(output, lake)
     assert sorted(frame["run"].unique()) == sorted([first["run_id"], second["run_id"]])
 

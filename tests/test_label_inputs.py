@@ -20,15 +20,10 @@ from distcls.errors import UsageError
 from distcls.cli import main
 from distcls.label import OUTPUT_SCHEMA, label
 from distcls.lake import list_files
-from oddfiles import odd_files, tiny_model
+from oddfiles import odd_files
 
 # By name: the package re-exports a label() function under the same name as this module.
 label_module = importlib.import_module("distcls.label")
-
-
-@pytest.fixture(scope="module")
-def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return tiny_model(tmp_path_factory.getbasetemp() / "label-model")
 
 
 def _listing(root: Path) -> pa.Table:

@@ -31,7 +31,6 @@ from distcls.cli import main
 from distcls.config import LabelConfig
 from distcls.images import ImageError, decode
 from distcls.label import label
-from oddfiles import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "testing-secret-canary-7f3a9"  # conftest's AWS_SECRET_ACCESS_KEY
@@ -39,11 +38,6 @@ CANARY = "testing-secret-canary-7f3a9"  # conftest's AWS_SECRET_ACCESS_KEY
 CANARIES = {"AWS_ACCESS_KEY_ID": "keyid-canary-3c1e8", "AWS_SECRET_ACCESS_KEY": CANARY,
             "AWS_SESSION_TOKEN": "token-canary-5d27b"}
 USERINFO = ("userinfo-canary-9a4f", "pass/canary+0b6d")  # the secret holds '/', as AWS secret keys may
-
-
-@pytest.fixture(scope="module")
-def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return tiny_model(tmp_path_factory.getbasetemp() / "label-model")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,9 +166,11 @@ def test_decode_cpus_leave_the_workers_some(tmp_path) -> None:
     assert plan(8, decode_cpus=2) == (1.0, 2)
     assert plan(4, decode_cpus=3) == (0.5, 3)
     assert plan(0) == (1.0, 1.0)  # an autoscaling cluster still at zero: nothing to take from
-    for total, decode, message in ((2, 3, "more than the 2 CPUs"), (2, 2, "leaves the 2 training workers no CPUs")):
+    for total, decode_cpus, message in ((2, 3, "more than the 2 CPUs"), (2, 2, "leaves the 2 training workers no CPUs")):
         with pytest.raises(UsageError, match=message):
-            plan(total, decode_cpus=decode)
+            plan(total, decode_cpus=decode_cpus)
+    # An autoscaler may add CPUs: no --decode-cpus is too many for a cluster that can grow.
+    assert plan_cpus(TrainConfig(data="lake", output="out", workers=2, decode_cpus=3), 0, can_grow=True) == (1.0, 3)
 
 
 def test_auto_caches_a_lake_that_fits_a_quarter_of_a_node(capsys) -> None:
@@ -185,7 +187,7 @@ def test_auto_caches_a_lake_that_fits_a_quarter_of_a_node(capsys) -> None:
 def test_an_unknown_cache_is_a_usage_error(tmp_path, capsys) -> None:
     assert main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "out"), "--cache", "disk"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "'cache'" in err and "'disk'" in err and len(err.splitlines()) == 1
+    assert "--cache" in err and "'disk'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 

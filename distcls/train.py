@@ -205,7 +205,12 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker loop: restore, then per epoch train, evaluate, report + checkpoint."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # the epoch line is the progress report
+    # The epoch line is the progress report. Ray Train 2.60 logs every report (its metrics dict per
+    # worker per epoch) at INFO from a logger named after its own file, outside the "ray.train" tree.
+    from ray.train.v2._internal.execution import context as train_context
+
+    for name in ("ray.train", train_context.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
     config = TrainConfig.model_validate(loop_config["config"])
     classes: list[str] = loop_config["classes"]
     torch.set_num_threads(config.cpus_per_worker)

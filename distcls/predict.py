@@ -49,6 +49,11 @@ _DECODE_BASE_MEMORY = 2**30
 # grow (Ray's own in 2.60): enough to keep 64 CPUs or GPUs busy; the autoscaler's node limits
 # (max_workers, maxReplicas) still bound what it launches.
 _AUTOSCALE_MAX_ACTORS = 64
+# Ray Data restarts a dead inference actor for ever by default (max_restarts=-1), re-running the
+# batch that killed it each time. A file whose decoding kills the actor is marked after two
+# attempts (crashes.py); anything else that keeps killing one actor fails the run after this many
+# restarts of it, rather than looping. Lost nodes and killed workers restart far fewer times.
+_ACTOR_RESTARTS = 8
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,7 @@ def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows:
     dataset = dataset.map_batches(
         Predictor, batch_format="pyarrow", batch_size=config.batch_size, fn_constructor_kwargs=predictor_args,
         compute=ray.data.ActorPoolStrategy(min_size=sizing.min_actors, max_size=sizing.max_actors),
-        num_cpus=sizing.cpus, num_gpus=sizing.gpus, **_memory(sizing.memory))
+        num_cpus=sizing.cpus, num_gpus=sizing.gpus, max_restarts=_ACTOR_RESTARTS, **_memory(sizing.memory))
     try:
         yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
     except Exception as exc:

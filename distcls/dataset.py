@@ -29,8 +29,12 @@ The protocol, in the order a run meets it; each step is one method of ``Dataset`
    A ``run=<id>/`` folder of only ``part-*.parquet`` files and no ``_SUCCESS`` (left when a plan was
    lost) is deleted.
 5. ``write_staged()``: output rows -> Parquet files in the run's staging folder. The handle is
-   picklable (URI + StorageConfig), so a Ray worker can write through it and return (name, rows).
-6. ``staged_counts()``: one staged row per input (row count and distinct paths), or no commit.
+   picklable (URI + StorageConfig): ``StagedWriter``, the last stage of the label pipeline, writes
+   through it on the workers and returns only (file, rows), so no output row reaches the driver.
+6. ``staged_counts()``: the files the run was told about (those its writers reported, plus those a
+   resumed run kept) hold one row per input (row count and distinct paths, checked file by file
+   with 64-bit hashes of the paths), or no commit. A file in staging that nobody reported (written by
+   a task attempt that died before it reported, then retried) is neither counted nor committed.
 7. ``commit()``: the plan (old files to delete on --overwrite, staged -> final names, the summary)
    is written to ``_COMMITTING`` and applied: retire the old ``_SUCCESS`` files into staging (readers
    stop trusting the old data first), delete the files they list, move the staged files, write
@@ -83,7 +87,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError
 
-from distcls import storage
+from distcls import dedup, storage
 from distcls.config import StorageConfig
 from distcls.errors import JobError, UsageError
 
@@ -110,10 +114,12 @@ _KEY_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", 
 
 @dataclass(frozen=True)
 class Run:
-    """A run's staging: its id and the paths whose rows are already staged (kept by --resume)."""
+    """A run's staging: its id, the paths whose rows are already staged (kept by --resume) and the
+    staged files that hold them."""
 
     run_id: str
     staged: pa.Array
+    files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -212,9 +218,9 @@ class Dataset:
         if resume and runs:
             for stale in runs[:-1]:
                 self._delete_tree(STAGING, stale)
-            staged = self._usable_staged(runs[-1], model_id, inputs)
+            staged, files = self._usable_staged(runs[-1], model_id, inputs)
             _say(f"resuming run {runs[-1]}: {len(staged)} rows already staged")
-            return Run(runs[-1], staged)
+            return Run(runs[-1], staged, tuple(files))
         if runs:
             _say(f"discarding staged files of unfinished run(s) {', '.join(runs)} (--resume reuses them)")
         self._delete_tree(STAGING)
@@ -259,29 +265,33 @@ class Dataset:
 
     # -- 6. Check what is staged ------------------------------------------------------------------
 
-    def staged_counts(self, run_id: str, expected: int) -> dict[str, int]:
-        """images, labelled and errors in the run's staged files, after checking that they hold
-        ``expected`` rows of distinct paths: a run that lost or doubled rows is never committed."""
-        files = [self._path(STAGING, run_id, name) for name in self._staged_files(run_id)]
-        staged = pads.dataset(files, filesystem=self._fs, format="parquet").to_table(columns=["path", "error"])
-        distinct = pc.count_distinct(staged["path"]).as_py()
-        if staged.num_rows != expected or distinct != expected:
-            raise JobError(f"staged output of run {run_id} has {staged.num_rows} rows ({distinct} distinct paths), "
+    def staged_counts(self, run_id: str, expected: int, files: Iterable[str] | None = None) -> dict[str, int]:
+        """images, labelled and errors in the run's staged ``files`` (default: every staged file),
+        after checking that they hold ``expected`` rows of distinct paths: a run that lost or
+        doubled rows is never committed. Reads one file's paths at a time and keeps 8 bytes per row."""
+        names = self._staged_files(run_id) if files is None else list(files)
+        first, rows, distinct, errors = dedup.Distinct(), 0, 0, 0
+        for staged in self._staged_columns(run_id, names):
+            rows += staged.num_rows
+            errors += staged.num_rows - pc.count(staged["error"], mode="only_null").as_py()
+            distinct += int(first.keep(staged["path"]).sum())
+        distinct += len(first.collided(lambda: (t["path"] for t in self._staged_columns(run_id, names))))
+        if rows != expected or distinct != expected:
+            raise JobError(f"staged output of run {run_id} has {rows} rows ({distinct} distinct paths), "
                            f"expected {expected}; not committed")
-        errors = staged.num_rows - pc.count(staged["error"], mode="only_null").as_py()
-        return {"images": staged.num_rows, "labelled": staged.num_rows - errors, "errors": errors}
+        return {"images": rows, "labelled": rows - errors, "errors": errors}
 
     # -- 7. Commit --------------------------------------------------------------------------------
 
     def commit(self, run_id: str, summary: dict[str, Any], *, incremental: bool, overwrite: bool,
-               lock: Lock) -> dict[str, Any]:
-        """Make the run's staged files the dataset (a ``run=<id>/`` partition with ``incremental``;
-        replacing what distcls committed before with ``overwrite``). Returns the summary written to
-        ``_SUCCESS``: ``summary`` plus the committed ``files``."""
+               lock: Lock, files: Iterable[str] | None = None) -> dict[str, Any]:
+        """Make the run's staged ``files`` (default: every staged file) the dataset (a ``run=<id>/``
+        partition with ``incremental``; replacing what distcls committed before with ``overwrite``).
+        Returns the summary written to ``_SUCCESS``: ``summary`` plus the committed ``files``."""
         lock.require_held()
         prefix = f"run={run_id}/part-" if incremental else f"part-{run_id}-"
-        moves = [[f"{STAGING}/{run_id}/{name}", f"{prefix}{i:05d}.parquet"]
-                 for i, name in enumerate(self._staged_files(run_id))]
+        names = self._staged_files(run_id) if files is None else sorted(files)
+        moves = [[f"{STAGING}/{run_id}/{name}", f"{prefix}{i:05d}.parquet"] for i, name in enumerate(names)]
         old = self.successes() if overwrite else {}
         delete = [name for success, committed in sorted(old.items()) for name in (success, *_files(committed))]
         plan = {"run_id": run_id, "delete": delete, "moves": moves,
@@ -378,12 +388,13 @@ class Dataset:
 
     # -- Staging, inside --------------------------------------------------------------------------
 
-    def _usable_staged(self, run_id: str, model_id: str, inputs: pa.Array) -> pa.Array:
+    def _usable_staged(self, run_id: str, model_id: str, inputs: pa.Array) -> tuple[pa.Array, list[str]]:
         """Paths in the run's staged files that can be kept. Files that are unreadable (cut off by a
         kill), made by another model, or repeating rows of a kept file (a write of the killed run
         that landed late) are deleted, so that their inputs get labelled again; rows of paths that
-        are not inputs of this run are dropped (the file is rewritten without them)."""
-        kept = pa.array([], pa.string())
+        are not inputs of this run are dropped (the file is rewritten without them). Returns the
+        kept paths and the files that hold them."""
+        kept, files = pa.array([], pa.string()), []
         for name in self._staged_files(run_id):
             path = self._path(STAGING, run_id, name)
             paths = self._staged_paths(path, model_id)
@@ -396,11 +407,22 @@ class Dataset:
                      "whose paths are not inputs of this run")
                 rows = pq.read_table(path, filesystem=self._fs).filter(wanted)
                 if rows.num_rows:  # written before the old file goes: a kill in between loses nothing
-                    self.write_staged(run_id, [rows], rows.num_rows)
+                    files += [written for written, _ in self.write_staged(run_id, [rows], rows.num_rows)]
                 self._fs.delete_file(path)
                 paths = paths.filter(wanted)
+            else:
+                files.append(name)
             kept = pa.concat_arrays([kept, paths])
-        return kept
+        return kept, files
+
+    def _staged_columns(self, run_id: str, names: list[str]) -> Iterator[pa.Table]:
+        """path and error of each staged file in turn; JobError naming a file that cannot be read."""
+        for name in names:
+            try:
+                yield pq.read_table(self._path(STAGING, run_id, name), columns=["path", "error"], filesystem=self._fs)
+            except (OSError, pa.ArrowException) as exc:
+                raise JobError(f"staged file {name} of run {run_id} cannot be read "
+                               f"({str(exc).splitlines()[0][:160]}); not committed") from None
 
     def _staged_paths(self, path: str, model_id: str) -> pa.Array | None:
         """The paths in one staged file; None when it is unreadable or was made by another model."""
@@ -510,6 +532,22 @@ class Dataset:
             self._fs.delete_dir(info.path)
         elif info.type == pafs.FileType.File:
             self._fs.delete_file(info.path)
+
+
+WRITTEN_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64())])
+
+
+class StagedWriter:
+    """The last stage of the label pipeline, a Ray actor: each batch of output rows -> Parquet files
+    in the run's staging folder (``Dataset.write_staged``); returns one (file, rows) row per file.
+    The driver gets these back, never the output rows themselves."""
+
+    def __init__(self, dataset: Dataset, run_id: str, rows_per_file: int) -> None:
+        self.dataset, self.run_id, self.rows_per_file = dataset, run_id, rows_per_file
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        written = self.dataset.write_staged(self.run_id, [batch], self.rows_per_file) if batch.num_rows else []
+        return pa.Table.from_pylist([{"file": name, "rows": rows} for name, rows in written], schema=WRITTEN_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """``distcls label``: every image of a lake (or manifest) -> one Parquet row, with Ray Data, streaming.
 
 Pipeline: the listing (an Arrow table) goes through the inference stage of ``distcls.predict``
-(a pool of actors that load the model once, decode and predict; ``_rows`` shapes their output);
-the driver streams the output rows into Parquet files of ``rows_per_file`` rows in
-``<output>/_staging/<run_id>/``.
+(a pool of actors that load the model once, decode and predict; ``_rows`` shapes their output),
+then a pool of writer actors (``dataset.StagedWriter``) writes Parquet files of about
+``rows_per_file`` rows into ``<output>/_staging/<run_id>/`` and tells the driver only each file's
+name and row count: no output row goes through the driver.
 A file that cannot be read or decoded becomes a row with ``error`` set: one bad file never fails the run.
 
 Output columns: path, label, label_id, score, topk_labels, topk_scores, width, height (as displayed),
@@ -28,7 +29,7 @@ import ray
 from distcls import artifact, lake, predict, runtime, storage
 from distcls.artifact import ModelInfo
 from distcls.config import LabelConfig, StorageConfig, public_dict
-from distcls.dataset import Dataset, Lock
+from distcls.dataset import Dataset, Lock, StagedWriter
 from distcls.errors import JobError, UsageError
 
 OUTPUT_SCHEMA = pa.schema([
@@ -88,14 +89,15 @@ def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: Mo
     if todo.num_rows == 0 and len(run.staged) == 0:
         return _nothing_new(config, output, info, started)
     labelling = time.time()
+    files = list(run.files)
     if todo.num_rows:
-        _run_pipeline(todo, config, info, run.run_id, output)
-    counts = output.staged_counts(run.run_id, expected=todo.num_rows + len(run.staged))
+        files += _run_pipeline(todo, config, info, run.run_id, output)
+    counts = output.staged_counts(run.run_id, expected=todo.num_rows + len(run.staged), files=files)
     # The pipeline's own rate: connecting to Ray and listing the lake are not labeling.
     counts.update(resumed=len(run.staged),
                   images_per_s=round(todo.num_rows / max(time.time() - labelling, 1e-9), 2))
     summary = output.commit(run.run_id, _summary(config, output, info, run.run_id, started, counts),
-                            incremental=config.incremental, overwrite=config.overwrite, lock=lock)
+                            incremental=config.incremental, overwrite=config.overwrite, lock=lock, files=files)
     _say(f"labelled {summary['images']} images ({summary['errors']} errors) at "
          f"{summary['images_per_s']:.1f} images/s -> {summary['output']}")
     return summary
@@ -168,16 +170,18 @@ def _keys(table: pa.Table) -> pa.Table:
 # The Ray Data pipeline
 
 
-def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: str, output: Dataset) -> None:
+def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: str, output: Dataset) -> list[str]:
     """Read, decode and predict (the shared inference stage), then write Parquet into the run's
-    staging folder."""
+    staging folder from the workers (``StagedWriter``); returns the names of the files written."""
     ray.data.DataContext.get_current().enable_progress_bars = True
-    rows = predict.predict(todo, config, info, functools.partial(_rows, top_k=config.top_k, run_id=run_id),
-                           max_pixels=config.max_image_pixels)
+    # Batches of rows_per_file rows: each writer call writes one file of that many rows, except
+    # the last of a bundle (Ray Data bundles whole blocks, so a bundle overshoots by under a block).
+    writer = predict.Stage(StagedWriter, {"dataset": output, "run_id": run_id, "rows_per_file": config.rows_per_file},
+                           batch_size=config.rows_per_file)
+    written = predict.predict(todo, config, info, functools.partial(_rows, top_k=config.top_k, run_id=run_id),
+                              max_pixels=config.max_image_pixels, then=writer)
     try:
-        # The driver writes: an output row is a few hundred bytes, far less than its image, whereas
-        # Ray Data's write task waited seconds at the end of a run for a fresh worker process.
-        output.write_staged(run_id, rows, config.rows_per_file)
+        return [name for table in written for name in table["file"].to_pylist()]
     except JobError as exc:
         raise JobError(f"{exc}; nothing was committed") from None
 

@@ -139,11 +139,23 @@ def _fits(resources: dict[str, float], need: dict[str, float]) -> int:
     return min(counts) if counts else 0
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A last stage after the inference actors, on a pool of actors that reserve no CPU (so that
+    it fits beside them): ``fn`` (a callable class, built with ``kwargs``) gets batches of
+    ``batch_size`` rows, and what it returns is what ``predict`` yields."""
+
+    fn: type
+    kwargs: dict[str, Any]
+    batch_size: int
+
+
 def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows: RowMaker,
-            max_pixels: int = 89_478_485) -> Iterator[pa.Table]:
+            max_pixels: int = 89_478_485, then: Stage | None = None) -> Iterator[pa.Table]:
     """``to_rows``' output for every row of ``inputs`` (a ``path`` column, an optional ``error``
     column preset for rows never to be read, and any columns ``to_rows`` wants back), batch by
-    batch as they finish, in no particular order. Raises JobError when the run cannot finish."""
+    batch as they finish, in no particular order; with ``then``, that stage's output instead.
+    Raises JobError when the run cannot finish."""
     sizing = pool(config, info, inputs.num_rows)
     print(f"distcls: {inputs.num_rows} images on {sizing}", file=sys.stderr, flush=True)
     storage_config = config.storage()
@@ -164,6 +176,14 @@ def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows:
         Predictor, batch_format="pyarrow", batch_size=config.batch_size, fn_constructor_kwargs=predictor_args,
         compute=ray.data.ActorPoolStrategy(min_size=sizing.min_actors, max_size=sizing.max_actors),
         num_cpus=sizing.cpus, num_gpus=sizing.gpus, **_memory(sizing.memory))
+    if then is not None:
+        # Actors, not tasks: Ray Data starts them with the pipeline, beside the inference actors,
+        # whereas a task stage's first worker process would start only when its first batch is
+        # ready, at the end of a small run. One writes far faster than an inference actor labels.
+        dataset = dataset.map_batches(
+            then.fn, batch_format="pyarrow", batch_size=then.batch_size, fn_constructor_kwargs=then.kwargs,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, math.ceil(sizing.max_actors / 8))),
+            num_cpus=0)
     try:
         yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
     except Exception as exc:

@@ -113,6 +113,21 @@ def test_staged_rows_lost_or_doubled_are_never_committed(tmp_path: Path) -> None
         output.staged_counts(RUN_A, expected=3)
 
 
+def test_only_the_staged_files_reported_are_counted_and_committed(tmp_path: Path) -> None:
+    """A file a retried write left in staging (its attempt never reported) is neither counted nor
+    committed; the reported files are."""
+    output = Dataset(str(tmp_path / "out"), StorageConfig())
+    with output.lock() as lock:
+        run = output.start_run(resume=False, model_id="m", inputs=pa.array(["a", "b"]))
+        reported = [name for name, _ in output.write_staged(run.run_id, [_rows(["a", "b"])], rows_per_file=1)]
+        output.write_staged(run.run_id, [_rows(["b"])], rows_per_file=10)  # the attempt that died
+        assert output.staged_counts(run.run_id, expected=2, files=reported)["images"] == 2
+        summary = output.commit(run.run_id, {"run_id": run.run_id}, incremental=False, overwrite=False, lock=lock,
+                                files=reported)
+    assert len(summary["files"]) == 2
+    assert sorted(pd.read_parquet(tmp_path / "out")["path"]) == ["a", "b"]
+
+
 def test_the_handle_pickles_and_a_ray_worker_writes_staged_files_into_s3(ray_local, s3_bucket: str) -> None:
     """The S3 case end to end through the interface: lock (a conditional create the moto server
     honours: a second lock is refused), staged files written inside a Ray task from a pickled

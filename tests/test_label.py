@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from distcls import predict, storage
-from distcls.dataset import COMMITTING, STAGING
+from distcls.cli import main
+from distcls.dataset import COMMITTING, STAGING, Dataset
 from distcls.artifact import load_model, predict_proba
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
@@ -275,6 +276,33 @@ def test_incremental_labels_only_new_files(ray_local, tmp_path: Path, synthetic_
 
     third = label(config)
     assert third["skipped"] == "nothing new" and len(list(output.glob("run=*"))) == 2
+
+
+def test_no_output_row_reaches_the_driver(ray_local, tmp_path: Path, synthetic_lake, model_uri: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers write the staged files: writing from this (the driver) process fails, and what
+    the driver iterates over holds file names and row counts only."""
+    import ray.data
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Dataset.write_staged called in the driver")
+
+    seen: list[list[str]] = []
+    iter_batches = ray.data.Dataset.iter_batches
+
+    def recording(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            seen.append(batch.column_names)
+            yield batch
+
+    monkeypatch.setattr(Dataset, "write_staged", refuse)
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", recording)
+    lake = _lake(synthetic_lake, tmp_path, 3)
+    output = tmp_path / "labels"
+    assert main(["label", "--input", str(lake), "--model", model_uri, "--output", str(output),
+                 "--rows-per-file", "4"]) == 0
+    assert seen and all(columns == ["file", "rows"] for columns in seen)
+    _assert_exactly_once(output, lake)
 
 
 @pytest.mark.gpu

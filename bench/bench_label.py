@@ -185,7 +185,7 @@ class ProcessSampler:
 
     def __init__(self, root_pid: int) -> None:
         self.root = psutil.Process(root_pid)
-        self.peak_root_rss = self.peak_tree_rss = self.peak_tree_private = 0
+        self.peak_root_rss = self.peak_root_private = self.peak_tree_rss = self.peak_tree_private = 0
         self.other_cpu_s = 0.0
         self._cpu: dict[int, float] = {}  # CPU seconds of each process outside the tree, last sample
         self._first = True
@@ -209,6 +209,7 @@ class ProcessSampler:
                 tree_private += memory.rss - memory.shared
                 if pid == self.root.pid:
                     self.peak_root_rss = max(self.peak_root_rss, memory.rss)
+                    self.peak_root_private = max(self.peak_root_private, memory.rss - memory.shared)
             elif pid != os.getpid():
                 # A process first seen after the first sample started during the run: count all of it.
                 self.other_cpu_s += used - self._cpu.get(pid, used if self._first else 0.0)
@@ -251,7 +252,8 @@ def run_timed(command: list[str]) -> dict:
     if child.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
     return {"wall_s": wall, "waited_s": waited, "other_cpu_s": sampler.other_cpu_s,
-            "driver_rss_gib": sampler.peak_root_rss / 2**30, "tree_rss_gib": sampler.peak_tree_rss / 2**30,
+            "driver_rss_gib": sampler.peak_root_rss / 2**30, "driver_private_gib": sampler.peak_root_private / 2**30,
+            "tree_rss_gib": sampler.peak_tree_rss / 2**30,
             "tree_private_gib": sampler.peak_tree_private / 2**30,
             **json.loads(stdout.strip().splitlines()[-1])}
 

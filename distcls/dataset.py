@@ -74,7 +74,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -195,20 +195,32 @@ class Dataset:
         """(path, size, mtime) of the rows committed partitions hold for ``model_id``, without rows
         whose ``error_kind`` is passing (not_found, transient). Files written before that column
         existed count every row as labelled."""
+        tables = list(self._labelled_tables(model_id))
+        return pa.concat_tables(tables) if tables else _KEY_SCHEMA.empty_table().select(["path", "size", "mtime"])
+
+    def labelled_key_set(self, model_id: str) -> dedup.KeySet:
+        """The keys of ``labelled_keys`` as a set of 128-bit hashes (see ``keys``), read one file at a
+        time: 16 bytes per committed row, however many there are."""
+        found = dedup.KeySet()
+        for table in self._labelled_tables(model_id):
+            found.add(keys(table))
+        return found
+
+    def _labelled_tables(self, model_id: str) -> Iterator[pa.Table]:
         files = [e.path for name in self.successes() if name != SUCCESS
                  for e in self._entries(name.split("/")[0]) if e.base_name.endswith(".parquet")]
-        if not files:
-            return _KEY_SCHEMA.empty_table().select(["path", "size", "mtime"])
-        # An explicit schema: files without error_kind read it as null.
-        found = pads.dataset(files, schema=_KEY_SCHEMA, filesystem=self._fs, format="parquet")
         final = pc.field("error_kind").is_null() | ~pc.field("error_kind").isin(PASSING_ERROR_KINDS)
-        return found.to_table(columns=["path", "size", "mtime"], filter=(pc.field("model_id") == model_id) & final)
+        for file in files:
+            # An explicit schema: files without error_kind read it as null.
+            found = pads.dataset(file, schema=_KEY_SCHEMA, filesystem=self._fs, format="parquet")
+            yield found.to_table(columns=["path", "size", "mtime"], filter=(pc.field("model_id") == model_id) & final)
 
     # -- 4. Start or resume a run -----------------------------------------------------------------
 
-    def start_run(self, *, resume: bool, model_id: str, inputs: pa.Array) -> Run:
+    def start_run(self, *, resume: bool, model_id: str, inputs: pa.Array | Callable[[pa.Array], pa.Array]) -> Run:
         """A new run with empty staging, or with ``resume`` the newest staged run, keeping its rows
-        that are readable, made by ``model_id`` and of paths in ``inputs``. Also deletes partitions
+        that are readable, made by ``model_id`` and of paths in ``inputs`` (the paths, or a function
+        of paths -> boolean mask, for inputs too many to list). Also deletes partitions
         an unfinished run left without ``_SUCCESS``."""
         for leftover in self._survey()[2]:
             _say(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
@@ -388,7 +400,8 @@ class Dataset:
 
     # -- Staging, inside --------------------------------------------------------------------------
 
-    def _usable_staged(self, run_id: str, model_id: str, inputs: pa.Array) -> tuple[pa.Array, list[str]]:
+    def _usable_staged(self, run_id: str, model_id: str,
+                       inputs: pa.Array | Callable[[pa.Array], pa.Array]) -> tuple[pa.Array, list[str]]:
         """Paths in the run's staged files that can be kept. Files that are unreadable (cut off by a
         kill), made by another model, or repeating rows of a kept file (a write of the killed run
         that landed late) are deleted, so that their inputs get labelled again; rows of paths that
@@ -401,7 +414,7 @@ class Dataset:
             if paths is None or pc.any(pc.is_in(paths, value_set=kept)).as_py():
                 self._fs.delete_file(path)
                 continue
-            wanted = pc.is_in(paths, value_set=inputs)
+            wanted = inputs(paths) if callable(inputs) else pc.is_in(paths, value_set=inputs)
             if not pc.all(wanted).as_py():
                 _say(f"resume: dropping {len(paths) - pc.sum(wanted).as_py()} staged rows of {name} "
                      "whose paths are not inputs of this run")
@@ -792,6 +805,14 @@ def _is_success_name(name: str) -> bool:
 
 def _is_partition(entry: pafs.FileInfo) -> bool:
     return entry.type == pafs.FileType.Directory and entry.base_name.startswith("run=")
+
+
+def keys(table: pa.Table) -> pa.Array:
+    """The key of ``--incremental`` for each row of a table with path, size and mtime, as one string
+    ``path NUL size NUL mtime-in-us``; a null size or mtime (a manifest row) is ``-1``."""
+    size = pc.cast(pc.fill_null(table["size"], -1), pa.string())
+    mtime = pc.cast(pc.fill_null(pc.cast(table["mtime"], pa.int64()), -1), pa.string())
+    return pc.binary_join_element_wise(table["path"], size, mtime, "\x00")
 
 
 def _regroup(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,10 @@ import pyarrow.compute as pc
 import ray
 import torch
 from ray.actor import ActorHandle
+from ray.data._internal.logical.interfaces import LogicalPlan
+from ray.data._internal.logical.operators import FromBlocks
+from ray.data._internal.stats import DatasetStats
+from ray.data.block import BlockMetadataWithSchema
 from ray.data.extensions import ArrowTensorArray
 
 from distcls import artifact, crashes, images, runtime
@@ -140,6 +144,54 @@ def _fits(resources: dict[str, float], need: dict[str, float]) -> int:
 
 
 @dataclass(frozen=True)
+class Blocks:
+    """Input rows already in the object store: refs to Arrow tables (their metadata beside them),
+    and the number of rows in all. The driver holds refs, not rows."""
+
+    refs: list[ray.ObjectRef]
+    metadata: list[BlockMetadataWithSchema]
+    rows: int
+
+
+def put_blocks(tables: Iterable[pa.Table], workers: int) -> Blocks:
+    """The rows of ``tables`` as blocks in the object store, put as they come so that the driver
+    holds about one table at a time. While the rows fit in ~4 blocks of ``_MAX_SLICE_ROWS`` per
+    worker they are held back and cut finer (``_slices``): a small input still spreads over every
+    worker; a large one is cut into blocks of ``_MAX_SLICE_ROWS``."""
+    refs: list[ray.ObjectRef] = []
+    metadata: list[BlockMetadataWithSchema] = []
+
+    def put(block: pa.Table) -> None:
+        if block.num_rows:
+            refs.append(ray.put(block))
+            metadata.append(BlockMetadataWithSchema.from_block(block))
+
+    rows, held = 0, []
+    for table in tables:
+        rows += table.num_rows
+        held.append(table)
+        if rows > 4 * max(1, workers) * _MAX_SLICE_ROWS:
+            for block in held:
+                for start in range(0, block.num_rows, _MAX_SLICE_ROWS):
+                    put(block.slice(start, _MAX_SLICE_ROWS))
+            held = []
+    if held:
+        for block in _slices(pa.concat_tables(held), workers):
+            put(block)
+    return Blocks(refs, metadata, rows)
+
+
+def _dataset(blocks: Blocks) -> ray.data.Dataset:
+    """``ray.data.from_blocks`` for blocks already put: what it does after its own ``ray.put``.
+    Not ``from_arrow_refs``: that runs a Ray task per block just to read its metadata, which costs
+    a fresh worker process (~1 s) before the pipeline starts and a task per 2,000 inputs."""
+    context = ray.data.DataContext.get_current().copy()
+    stats = DatasetStats(metadata={"FromBlocks": blocks.metadata}, parent=None)
+    plan = LogicalPlan(FromBlocks(blocks.refs, blocks.metadata), context)
+    return ray.data.dataset.MaterializedDataset(plan, context, stats)
+
+
+@dataclass(frozen=True)
 class Stage:
     """A last stage after the inference actors, on a pool of actors that reserve no CPU (so that
     it fits beside them): ``fn`` (a callable class, built with ``kwargs``) gets batches of
@@ -150,14 +202,15 @@ class Stage:
     batch_size: int
 
 
-def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows: RowMaker,
+def predict(inputs: pa.Table | Blocks, config: InferenceConfig, info: ModelInfo, to_rows: RowMaker,
             max_pixels: int = 89_478_485, then: Stage | None = None) -> Iterator[pa.Table]:
-    """``to_rows``' output for every row of ``inputs`` (a ``path`` column, an optional ``error``
+    """``to_rows``' output for every row of ``inputs`` (a table or blocks with a ``path`` column, an optional ``error``
     column preset for rows never to be read, and any columns ``to_rows`` wants back), batch by
     batch as they finish, in no particular order; with ``then``, that stage's output instead.
     Raises JobError when the run cannot finish."""
-    sizing = pool(config, info, inputs.num_rows)
-    print(f"distcls: {inputs.num_rows} images on {sizing}", file=sys.stderr, flush=True)
+    rows = inputs.rows if isinstance(inputs, Blocks) else inputs.num_rows
+    sizing = pool(config, info, rows)
+    print(f"distcls: {rows} images on {sizing}", file=sys.stderr, flush=True)
     storage_config = config.storage()
     registry = crashes.start_registry()
     decode_args = {"storage_config": storage_config, "size": info.image_size, "max_pixels": max_pixels,
@@ -165,9 +218,12 @@ def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows:
     predictor_args = {"model_uri": config.model, "storage_config": storage_config, "to_rows": to_rows,
                       "threads": max(1, round(sizing.cpus)), "gpu": config.gpu,
                       "decode_args": None if config.gpu else decode_args}
-    # from_blocks, not from_arrow: that runs a Ray task per slice just to read its schema, which
-    # costs the first worker process ~1 s before the pipeline starts.
-    dataset = ray.data.from_blocks(_slices(inputs, max(sizing.max_actors, runtime.cluster_cpus())))
+    if isinstance(inputs, Blocks):
+        dataset = _dataset(inputs)
+    else:
+        # from_blocks, not from_arrow: that runs a Ray task per slice just to read its schema, which
+        # costs the first worker process ~1 s before the pipeline starts.
+        dataset = ray.data.from_blocks(_slices(inputs, max(sizing.max_actors, runtime.cluster_cpus())))
     if config.gpu:
         dataset = dataset.map_batches(
             read_and_decode, batch_format="pyarrow", batch_size=config.batch_size, fn_kwargs=decode_args,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from distcls.dedup import Distinct, Seen, hash64
+from distcls.dedup import Distinct, KeySet, Seen, hash64
 
 
 def _first_occurrences(chunks: list[list[str]], distinct: Distinct) -> list[str]:
@@ -33,3 +33,9 @@ def test_the_hash_set_grows_in_sorted_levels_and_finds_every_member() -> None:
         seen.add(hashes[start:start + 300])
     assert len(seen) == 5000 and seen.contains(hashes).all()
     assert not seen.contains(hash64(pa.array(["s3://bucket/5000.jpg"]))).any()
+
+
+def test_a_key_set_holds_what_was_added_and_nothing_else() -> None:
+    keys = KeySet()
+    keys.add(pa.array(["a\x001\x002", "b\x00-1\x00-1"]))
+    assert keys.contains(pa.array(["b\x00-1\x00-1", "a\x001\x003", "a\x001\x002"])).tolist() == [True, False, True]

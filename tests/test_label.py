@@ -32,6 +32,7 @@ from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
 from distcls.images import decode
 from distcls.label import OUTPUT_SCHEMA, label
+from distcls.lake import list_files
 from oddfiles import tiny_model
 
 # By name: the package re-exports a label() function under the same name as this module.
@@ -180,7 +181,9 @@ def test_resume_reuses_readable_staged_files_and_relabels_the_rest(ray_local, tm
 
 def _rows_as_a_run_would_stage(config: LabelConfig) -> pa.Table:
     """Output rows made by the pipeline's own functions, called in-process without Ray."""
-    inputs = label_module._inputs(config, StorageConfig())
+    listing = list_files(config.input, StorageConfig())
+    inputs = label_module._input_table(listing["path"], listing["size"], listing["mtime"],
+                                       pa.nulls(listing.num_rows, pa.string()))
     decoded = predict.read_and_decode(inputs, StorageConfig(), 32, config.max_image_pixels)
     threads = torch.get_num_threads()  # the predictor pins its process to one thread
     try:

@@ -189,8 +189,8 @@ def _outside_errors(paths: pa.Array, allowed_roots: list[str]) -> pa.Array:
     """"outside allowed roots" for each path outside them, else null."""
     if not allowed_roots:
         return pa.nulls(len(paths), pa.string())
-    outside = [not any(storage.inside(p, r) for r in allowed_roots) for p in paths.to_pylist()]
-    return pa.array(["outside allowed roots" if o else None for o in outside], pa.string())
+    inside = storage.inside_any(paths.to_pylist(), allowed_roots)
+    return pa.array([None if i else "outside allowed roots" for i in inside], pa.string())
 
 
 def _workers(config: LabelConfig, info: ModelInfo) -> int:

@@ -133,6 +133,17 @@ def test_inside_compares_normalised_paths(tmp_path: Path) -> None:
     (tmp_path / "lake").mkdir()
     (tmp_path / "lake" / "link").symlink_to("/etc")
     assert not inside(str(tmp_path / "lake" / "link" / "passwd"), str(tmp_path / "lake"))
+    (tmp_path / "lake" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "to-a.jpg").symlink_to(tmp_path / "lake" / "a.jpg")
+    (tmp_path / "elsewhere" / "to-lake").symlink_to(tmp_path / "lake")
+    uris = ["s3://b/lake/x.jpg", "s3://b/lakeside/x.jpg", "s3://b/lake/../x.jpg", "/data/lake/a.png", "/data/lake/../a",
+            str(tmp_path / "lake" / "link" / "passwd"), str(tmp_path / "elsewhere" / "to-a.jpg"),
+            str(tmp_path / "elsewhere" / "to-lake" / "b.jpg"), str(tmp_path / "elsewhere" / "b.jpg"),
+            str(tmp_path / "lake" / "a.jpg")]
+    roots = ["s3://b/lake/", "file:///data/lake", str(tmp_path / "lake")]
+    assert storage.inside_any(uris, roots) == [any(inside(u, r) for r in roots) for u in uris]
+    assert storage.inside_any(uris, roots) == [True, False, False, True, False, False, True, True, False, True]
 
 
 def test_an_object_key_with_dot_segments_is_a_refused_row_never_read() -> None:

@@ -182,7 +182,8 @@ def put_blocks(tables: Iterable[pa.Table], workers: int) -> Blocks:
 
 
 def _dataset(blocks: Blocks) -> ray.data.Dataset:
-    """``ray.data.from_blocks`` for blocks already put: what it does after its own ``ray.put``.
+    """``ray.data.from_blocks`` for blocks already put: what it does after its own ``ray.put``
+    (Ray's internal classes, as from_blocks uses them in Ray 2.60).
     Not ``from_arrow_refs``: that runs a Ray task per block just to read its metadata, which costs
     a fresh worker process (~1 s) before the pipeline starts and a task per 2,000 inputs."""
     context = ray.data.DataContext.get_current().copy()
@@ -204,9 +205,9 @@ class Stage:
 
 def predict(inputs: pa.Table | Blocks, config: InferenceConfig, info: ModelInfo, to_rows: RowMaker,
             max_pixels: int = 89_478_485, then: Stage | None = None) -> Iterator[pa.Table]:
-    """``to_rows``' output for every row of ``inputs`` (a table or blocks with a ``path`` column, an optional ``error``
-    column preset for rows never to be read, and any columns ``to_rows`` wants back), batch by
-    batch as they finish, in no particular order; with ``then``, that stage's output instead.
+    """``to_rows``' output for every row of ``inputs`` (a table, or blocks, with a ``path`` column,
+    an optional ``error`` column preset for rows never to be read, and any columns ``to_rows``
+    wants back), batch by batch as they finish, in no particular order; with ``then``, that stage's output instead.
     Raises JobError when the run cannot finish."""
     rows = inputs.rows if isinstance(inputs, Blocks) else inputs.num_rows
     sizing = pool(config, info, rows)

@@ -190,7 +190,7 @@ class ProcessSampler:
     def __init__(self, root_pid: int, worker_tag: str | None = None) -> None:
         self.root = psutil.Process(root_pid)
         self.worker_tag = worker_tag
-        self.peak_root_rss = self.peak_tree_rss = self.peak_tree_private = 0
+        self.peak_root_rss = self.peak_root_private = self.peak_tree_rss = self.peak_tree_private = 0
         self.peak_worker_rss = self.peak_worker_private = 0
         self.other_cpu_s = 0.0
         self._cpu: dict[int, float] = {}  # CPU seconds of each process outside the tree, last sample
@@ -215,6 +215,7 @@ class ProcessSampler:
                 tree_private += memory.rss - memory.shared
                 if pid == self.root.pid:
                     self.peak_root_rss = max(self.peak_root_rss, memory.rss)
+                    self.peak_root_private = max(self.peak_root_private, memory.rss - memory.shared)
                 if self.worker_tag and any(self.worker_tag in part for part in _cmdline(proc)):
                     self.peak_worker_rss = max(self.peak_worker_rss, memory.rss)
                     self.peak_worker_private = max(self.peak_worker_private, memory.rss - memory.shared)
@@ -268,7 +269,8 @@ def run_timed(command: list[str], worker_tag: str | None = None) -> dict:
     if child.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
     return {"wall_s": wall, "waited_s": waited, "other_cpu_s": sampler.other_cpu_s,
-            "driver_rss_gib": sampler.peak_root_rss / 2**30, "tree_rss_gib": sampler.peak_tree_rss / 2**30,
+            "driver_rss_gib": sampler.peak_root_rss / 2**30, "driver_private_gib": sampler.peak_root_private / 2**30,
+            "tree_rss_gib": sampler.peak_tree_rss / 2**30,
             "tree_private_gib": sampler.peak_tree_private / 2**30,
             "worker_rss_gib": sampler.peak_worker_rss / 2**30, "worker_private_gib": sampler.peak_worker_private / 2**30,
             **json.loads(stdout.strip().splitlines()[-1])}

@@ -29,8 +29,12 @@ The protocol, in the order a run meets it; each step is one method of ``Dataset`
    A ``run=<run_id>/`` folder of only ``part-NNNNN.parquet`` files and no ``_SUCCESS`` (left when a plan was
    lost) is deleted.
 5. ``write_staged()``: output rows -> Parquet files in the run's staging folder. The handle is
-   picklable (URI + StorageConfig), so a Ray worker can write through it and return (name, rows).
-6. ``staged_counts()``: one staged row per input (row count and distinct paths), or no commit.
+   picklable (URI + StorageConfig): ``StagedWriter``, the last stage of the label pipeline, writes
+   through it on the workers and returns only (file, rows), so no output row reaches the driver.
+6. ``staged_counts()``: the files the run was told about (those its writers reported, plus those a
+   resumed run kept) hold one row per input (row count and distinct paths, checked file by file
+   with 64-bit hashes of the paths), or no commit. A file in staging that nobody reported (written by
+   a task attempt that died before it reported, then retried) is neither counted nor committed.
 7. ``commit()``: the plan (old files to delete on --overwrite, staged -> final names, the summary)
    is written to ``_COMMITTING`` and applied: retire the old ``_SUCCESS`` files into staging (readers
    stop trusting the old data first), delete the files they list, move the staged files, write
@@ -59,6 +63,7 @@ cannot send conditional writes (apache/arrow#44281), s3fs can (``pipe_file(mode=
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import itertools
@@ -72,7 +77,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -85,7 +90,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError
 
-from distcls import storage
+from distcls import dedup, storage
 from distcls.config import StorageConfig
 from distcls.errors import JobError, UsageError
 
@@ -113,10 +118,12 @@ _KEY_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", 
 
 @dataclass(frozen=True)
 class Run:
-    """A run's staging: its id and the paths whose rows are already staged (kept by --resume)."""
+    """A run's staging: its id, the paths whose rows are already staged (kept by --resume) and the
+    staged files that hold them."""
 
     run_id: str
     staged: pa.Array
+    files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,22 +200,33 @@ class Dataset:
         """(path, size, mtime) of the rows committed partitions hold for ``model_id``, without rows
         whose ``error_kind`` is passing (not_found, transient). Files written before that column
         existed count every row as labelled."""
+        tables = list(self._labelled_tables(model_id))
+        return pa.concat_tables(tables) if tables else _KEY_SCHEMA.empty_table().select(["path", "size", "mtime"])
+
+    def labelled_key_set(self, model_id: str) -> dedup.KeySet:
+        """The keys of ``labelled_keys`` as a set of 128-bit hashes (see ``keys``), read one file at a
+        time: 16 bytes per committed row, however many there are."""
+        found = dedup.KeySet()
+        for table in self._labelled_tables(model_id):
+            found.add(keys(table))
+        return found
+
+    def _labelled_tables(self, model_id: str) -> Iterator[pa.Table]:
         files = [e.path for name in self.successes() if name != SUCCESS
                  for e in self._entries(name.split("/")[0]) if e.base_name.endswith(".parquet")]
-        if not files:
-            return _KEY_SCHEMA.empty_table().select(["path", "size", "mtime"])
-        # An explicit schema: files without error_kind read it as null.
-        found = pads.dataset(files, schema=_KEY_SCHEMA, filesystem=self._fs, format="parquet")
         final = pc.field("error_kind").is_null() | ~pc.field("error_kind").isin(PASSING_ERROR_KINDS)
-        return found.to_table(columns=["path", "size", "mtime"], filter=(pc.field("model_id") == model_id) & final)
+        for file in files:
+            # An explicit schema: files without error_kind read it as null.
+            found = pads.dataset(file, schema=_KEY_SCHEMA, filesystem=self._fs, format="parquet")
+            yield found.to_table(columns=["path", "size", "mtime"], filter=(pc.field("model_id") == model_id) & final)
 
     # -- 4. Start or resume a run -----------------------------------------------------------------
 
-    def start_run(self, *, resume: bool, model_id: str, inputs: pa.Table) -> Run:
+    def start_run(self, *, resume: bool, model_id: str, inputs: Callable[[pa.Table], pa.Array]) -> Run:
         """A new run with empty staging, or with ``resume`` the newest staged run, keeping its rows
-        that are readable, made by ``model_id`` and of an input as it is now: ``inputs`` has path,
-        size and mtime (null when unknown, as for manifests), and a staged row must match all three.
-        Also deletes partitions an unfinished run left without ``_SUCCESS``."""
+        that are readable, made by ``model_id`` and of an input as it is now: ``inputs`` maps staged
+        rows (path, size, mtime) to a mask of those that are. Also deletes partitions an unfinished
+        run left without ``_SUCCESS``."""
         self._refuse_links()
         for leftover in self._survey()[2]:
             _say(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
@@ -217,18 +235,18 @@ class Dataset:
         if resume and runs:
             for stale in runs[:-1]:
                 self._delete_tree(STAGING, stale)
-            staged = self._usable_staged(runs[-1], model_id, inputs)
+            staged, files = self._usable_staged(runs[-1], model_id, inputs)
             _say(f"resuming run {runs[-1]}: {len(staged)} rows already staged")
-            return Run(runs[-1], staged)
+            return Run(runs[-1], staged, tuple(files))
         if runs:
             _say(f"discarding staged files of unfinished run(s) {', '.join(runs)} (--resume reuses them)")
         self._delete_tree(STAGING)
         return Run(_new_run_id(), pa.array([], pa.string()))
 
-    def resumable(self, model_id: str, inputs: pa.Table) -> pa.Array:
+    def resumable(self, model_id: str, inputs: Callable[[pa.Table], pa.Array]) -> pa.Array:
         """The paths ``start_run(resume=True)`` would keep, changing nothing (for --dry-run)."""
         runs = self._staged_runs()
-        return self._usable_staged(runs[-1], model_id, inputs, apply=False) if runs else pa.array([], pa.string())
+        return self._usable_staged(runs[-1], model_id, inputs, apply=False)[0] if runs else pa.array([], pa.string())
 
     def discard_staging(self) -> None:
         """Drop every staged file: for a run that ends with nothing to commit."""
@@ -269,33 +287,35 @@ class Dataset:
 
     # -- 6. Check what is staged ------------------------------------------------------------------
 
-    def staged_counts(self, run_id: str, expected: int) -> dict[str, Any]:
-        """images, labelled, errors and errors_by_kind in the run's staged files, after checking that
-        they hold ``expected`` rows of distinct paths: a run that lost or doubled rows is never committed."""
-        files = [self._path(STAGING, run_id, name) for name in self._staged_files(run_id)]
-        # An explicit schema: files staged before error_kind existed (a resumed run) read it as null.
-        schema = pa.schema([("path", pa.string()), ("error", pa.string()), ("error_kind", pa.string())])
-        staged = pads.dataset(files, schema=schema, filesystem=self._fs, format="parquet").to_table()
-        distinct = pc.count_distinct(staged["path"]).as_py()
-        if staged.num_rows != expected or distinct != expected:
-            raise JobError(f"staged output of run {run_id} has {staged.num_rows} rows ({distinct} distinct paths), "
+    def staged_counts(self, run_id: str, expected: int, files: Iterable[str] | None = None) -> dict[str, Any]:
+        """images, labelled, errors and errors_by_kind in the run's staged ``files`` (default: every
+        staged file), after checking that they hold ``expected`` rows of distinct paths: a run that
+        lost or doubled rows is never committed. Reads one file's paths at a time and keeps 8 bytes per row."""
+        names = self._staged_files(run_id) if files is None else list(files)
+        first, rows, distinct, errors, kinds = dedup.Distinct(), 0, 0, 0, collections.Counter()
+        for staged in self._staged_columns(run_id, names):
+            rows += staged.num_rows
+            errors += staged.num_rows - pc.count(staged["error"], mode="only_null").as_py()
+            kinds.update({kind["values"]: kind["counts"]
+                          for kind in pc.value_counts(staged["error_kind"].drop_null()).to_pylist()})
+            distinct += int(first.keep(staged["path"]).sum())
+        distinct += len(first.collided(lambda: (t["path"] for t in self._staged_columns(run_id, names))))
+        if rows != expected or distinct != expected:
+            raise JobError(f"staged output of run {run_id} has {rows} rows ({distinct} distinct paths), "
                            f"expected {expected}; not committed")
-        errors = staged.num_rows - pc.count(staged["error"], mode="only_null").as_py()
-        kinds = pc.value_counts(staged["error_kind"].drop_null()).to_pylist()
-        return {"images": staged.num_rows, "labelled": staged.num_rows - errors, "errors": errors,
-                "errors_by_kind": {kind["values"]: kind["counts"] for kind in kinds}}
+        return {"images": rows, "labelled": rows - errors, "errors": errors, "errors_by_kind": dict(kinds)}
 
     # -- 7. Commit --------------------------------------------------------------------------------
 
     def commit(self, run_id: str, summary: dict[str, Any], *, incremental: bool, overwrite: bool,
-               lock: Lock) -> dict[str, Any]:
-        """Make the run's staged files the dataset (a ``run=<id>/`` partition with ``incremental``;
-        replacing what distcls committed before with ``overwrite``). Returns the summary written to
-        ``_SUCCESS``: ``summary`` plus the committed ``files``."""
+               lock: Lock, files: Iterable[str] | None = None) -> dict[str, Any]:
+        """Make the run's staged ``files`` (default: every staged file) the dataset (a ``run=<id>/``
+        partition with ``incremental``; replacing what distcls committed before with ``overwrite``).
+        Returns the summary written to ``_SUCCESS``: ``summary`` plus the committed ``files``."""
         lock.require_held()
         prefix = f"run={run_id}/part-" if incremental else f"part-{run_id}-"
-        moves = [[f"{STAGING}/{run_id}/{name}", f"{prefix}{i:05d}.parquet"]
-                 for i, name in enumerate(self._staged_files(run_id))]
+        names = self._staged_files(run_id) if files is None else sorted(files)
+        moves = [[f"{STAGING}/{run_id}/{name}", f"{prefix}{i:05d}.parquet"] for i, name in enumerate(names)]
         old = self.successes() if overwrite else {}
         delete = [name for success, committed in sorted(old.items()) for name in (success, *_files(committed))]
         plan = {"run_id": run_id, "delete": delete, "moves": moves,
@@ -405,14 +425,15 @@ class Dataset:
                     raise UsageError(f"output {self.uri} holds the symlink {link!r}; distcls never makes one and "
                                      "will not follow it out of the output: remove it or choose another output")
 
-    def _usable_staged(self, run_id: str, model_id: str, inputs: pa.Table, *, apply: bool = True) -> pa.Array:
-        """Paths in the run's staged files that can be kept. Files that are unreadable (cut off by a
-        kill), made by another model, or repeating rows of a kept file (a write of the killed run
-        that landed late) are deleted, so that their inputs get labelled again; rows that are not of
-        an input as it is now (another path, or a file rewritten since: size or mtime differ) are
-        dropped (the file is rewritten without them). ``apply=False`` only says what would be kept."""
-        kept = pa.array([], pa.string())
-        current = _input_keys(inputs)
+    def _usable_staged(self, run_id: str, model_id: str, inputs: Callable[[pa.Table], pa.Array], *,
+                       apply: bool = True) -> tuple[pa.Array, list[str]]:
+        """Paths in the run's staged files that can be kept, and the files that hold them. Files that
+        are unreadable (cut off by a kill), made by another model, or repeating rows of a kept file (a
+        write of the killed run that landed late) are deleted, so that their inputs get labelled
+        again; rows that are not of an input as it is now (another path, or a file rewritten since:
+        size or mtime differ) are dropped (the file is rewritten without them). ``apply=False``
+        only says what would be kept."""
+        kept, files = pa.array([], pa.string()), []
         for name in self._staged_files(run_id):
             path = self._path(STAGING, run_id, name)
             staged = self._staged_keys(path, model_id)
@@ -421,16 +442,31 @@ class Dataset:
                     self._fs.delete_file(path)
                 continue
             paths = staged["path"].combine_chunks()
-            wanted = pc.is_in(_input_keys(staged), value_set=current)
+            wanted = inputs(staged)
             if not pc.all(wanted).as_py() and apply:
                 _say(f"resume: dropping {len(paths) - pc.sum(wanted).as_py()} staged rows of {name} "
                      "whose files are not inputs of this run or changed since they were staged")
                 rows = pq.read_table(path, filesystem=self._fs).filter(wanted)
                 if rows.num_rows:  # written before the old file goes: a kill in between loses nothing
-                    self.write_staged(run_id, [rows], rows.num_rows)
+                    files += [written for written, _ in self.write_staged(run_id, [rows], rows.num_rows)]
                 self._fs.delete_file(path)
+            else:
+                files.append(name)
             kept = pa.concat_arrays([kept, paths.filter(wanted)])
-        return kept
+        return kept, files
+
+    def _staged_columns(self, run_id: str, names: list[str]) -> Iterator[pa.Table]:
+        """path, error and error_kind of each staged file in turn (error_kind null in files staged
+        before it existed); JobError naming a file that cannot be read."""
+        schema = pa.schema([("path", pa.string()), ("error", pa.string()), ("error_kind", pa.string())])
+        for name in names:
+            try:
+                file = pads.dataset(self._path(STAGING, run_id, name), schema=schema, filesystem=self._fs,
+                                    format="parquet")
+                yield file.to_table()
+            except (OSError, pa.ArrowException) as exc:
+                raise JobError(f"staged file {name} of run {run_id} cannot be read "
+                               f"({str(exc).splitlines()[0][:160]}); not committed") from None
 
     def _staged_keys(self, path: str, model_id: str) -> pa.Table | None:
         """path, size and mtime of one staged file's rows; None when it is unreadable or was made by
@@ -549,6 +585,22 @@ class Dataset:
             self._fs.delete_dir(info.path)
         elif info.type == pafs.FileType.File:
             self._fs.delete_file(info.path)
+
+
+WRITTEN_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64())])
+
+
+class StagedWriter:
+    """The last stage of the label pipeline, a Ray actor: each batch of output rows -> Parquet files
+    in the run's staging folder (``Dataset.write_staged``); returns one (file, rows) row per file.
+    The driver gets these back, never the output rows themselves."""
+
+    def __init__(self, dataset: Dataset, run_id: str, rows_per_file: int) -> None:
+        self.dataset, self.run_id, self.rows_per_file = dataset, run_id, rows_per_file
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        written = self.dataset.write_staged(self.run_id, [batch], self.rows_per_file) if batch.num_rows else []
+        return pa.Table.from_pylist([{"file": name, "rows": rows} for name, rows in written], schema=WRITTEN_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,15 +781,6 @@ class _ObjectLock:
             self.fs.rm_file(self.path)
 
 
-def _input_keys(table: pa.Table) -> pa.Array:
-    """"path, size, mtime" of each row as one string (null size or mtime as -1), for matching staged
-    rows against the inputs as they are now."""
-    size = pc.cast(pc.fill_null(table["size"], -1), pa.string())
-    mtime = pc.cast(pc.fill_null(pc.cast(table["mtime"], pa.int64()), -1), pa.string())
-    keys = pc.binary_join_element_wise(table["path"], size, mtime, "\x00")
-    return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
-
-
 def _parse_lock(data: bytes) -> dict[str, Any]:
     """A lock's content; one that is not a distcls lock counts as long expired (taken over, said so)."""
     try:
@@ -812,6 +855,14 @@ def _is_success_name(name: str) -> bool:
 
 def _is_partition(entry: pafs.FileInfo) -> bool:
     return entry.type == pafs.FileType.Directory and entry.base_name.startswith("run=")
+
+
+def keys(table: pa.Table) -> pa.Array:
+    """The key of ``--incremental`` for each row of a table with path, size and mtime, as one string
+    ``path NUL size NUL mtime-in-us``; a null size or mtime (a manifest row) is ``-1``."""
+    size = pc.cast(pc.fill_null(table["size"], -1), pa.string())
+    mtime = pc.cast(pc.fill_null(pc.cast(table["mtime"], pa.int64()), -1), pa.string())
+    return pc.binary_join_element_wise(table["path"], size, mtime, "\x00")
 
 
 def _regroup(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:

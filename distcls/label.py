@@ -1,9 +1,10 @@
 """``distcls label``: every image of a lake (or manifest) -> one Parquet row, with Ray Data, streaming.
 
 Pipeline: the listing (an Arrow table) goes through the inference stage of ``distcls.predict``
-(a pool of actors that load the model once, decode and predict; ``_rows`` shapes their output);
-the driver streams the output rows into Parquet files of ``rows_per_file`` rows in
-``<output>/_staging/<run_id>/``.
+(a pool of actors that load the model once, decode and predict; ``_rows`` shapes their output),
+then a pool of writer actors (``dataset.StagedWriter``) writes Parquet files of about
+``rows_per_file`` rows into ``<output>/_staging/<run_id>/`` and tells the driver only each file's
+name and row count: no output row goes through the driver.
 A file that cannot be read or decoded becomes a row with ``error`` set: one bad file never fails the run.
 
 Output columns: path, label, label_id, score, topk_labels, topk_scores, width, height (as displayed),
@@ -17,6 +18,8 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,10 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from distcls import artifact, engines, lake, predict, runtime, storage
+from distcls import artifact, dedup, engines, lake, predict, runtime, storage
 from distcls.artifact import ModelInfo
 from distcls.config import LabelConfig, StorageConfig, public_dict
-from distcls.dataset import Dataset, Lock
+from distcls.dataset import Dataset, Lock, StagedWriter, keys
 from distcls.errors import JobError, UsageError
 
 OUTPUT_SCHEMA = pa.schema([
@@ -65,10 +68,10 @@ def label(config: LabelConfig) -> dict[str, Any]:
     storage_config = config.storage()
     _check_usage(config)
     info = artifact.read_info(config.model, storage_config)
-    inputs = _inputs(config, storage_config)
+    _check_inputs(config, storage_config)
     output = Dataset(config.output, storage_config)
     if config.dry_run:
-        return _dry_run(config, output, info, inputs)
+        return _dry_run(config, output, info, storage_config)
     with output.lock() as lock:
         finished = output.roll_forward()
         if finished:
@@ -79,49 +82,58 @@ def label(config: LabelConfig) -> dict[str, Any]:
         runtime.ensure_ray()
         predict.check_gpus(config)
         engine = engines.prepare(config.engine, config.model, storage_config, config.gpu)
+        # After ensure_ray: the inputs go into the object store chunk by chunk as they are read.
+        inputs = _inputs(config, storage_config, _workers(config, info))
         return _stage_and_commit(config, output, lock, info, inputs, started, engine)
 
 
-def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: ModelInfo, inputs: pa.Table,
+def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: ModelInfo, inputs: Inputs,
                       started: float, engine: dict[str, Any]) -> dict[str, Any]:
     """Label what is pending into the staging folder, check it, commit it; returns the summary."""
-    run = output.start_run(resume=config.resume, model_id=info.model_id,
-                           inputs=inputs.select(["path", "size", "mtime"]))
+    run = output.start_run(resume=config.resume, model_id=info.model_id, inputs=inputs.contains)
     lock.name_run(run.run_id)
-    todo = _pending(inputs, run.staged, output.labelled_keys(info.model_id) if config.incremental else None)
-    if todo.num_rows == 0 and len(run.staged) == 0:
+    labelled = output.labelled_key_set(info.model_id) if config.incremental else None
+    todo = _pending(inputs.blocks, run.staged, labelled, _workers(config, info))
+    del inputs  # the last reference: blocks that _pending replaced leave the object store
+    if todo.rows == 0 and len(run.staged) == 0:
         return _nothing_new(config, output, info, started)
     labelling = time.time()
-    if todo.num_rows:
-        _run_pipeline(todo, config, info, run.run_id, output, engine)
-    counts = output.staged_counts(run.run_id, expected=todo.num_rows + len(run.staged))
+    files = list(run.files)
+    if todo.rows:
+        files += _run_pipeline(todo, config, info, run.run_id, output, engine)
+    counts = output.staged_counts(run.run_id, expected=todo.rows + len(run.staged), files=files)
     # The pipeline's own rate: connecting to Ray and listing the lake are not labeling.
     counts.update(resumed=len(run.staged),
-                  images_per_s=round(todo.num_rows / max(time.time() - labelling, 1e-9), 2))
+                  images_per_s=round(todo.rows / max(time.time() - labelling, 1e-9), 2))
     summary = output.commit(run.run_id, _summary(config, output, info, run.run_id, started, counts),
-                            incremental=config.incremental, overwrite=config.overwrite, lock=lock)
+                            incremental=config.incremental, overwrite=config.overwrite, lock=lock, files=files)
     _say(f"labelled {summary['images']} images ({summary['errors']} errors) at "
          f"{summary['images_per_s']:.1f} images/s -> {summary['output']}")
     return summary
 
 
-def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, inputs: pa.Table) -> dict[str, Any]:
+def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, storage_config: StorageConfig) -> dict[str, Any]:
     """What this run would label, changing nothing (no lock, no Ray, no write): pending, already
     labelled (--incremental) and already staged (--resume) images, and the time the pending ones
-    would take at the rate of the last committed run."""
+    would take at the rate of the last committed run. Reads the inputs chunk by chunk, as a run does."""
     output.check_existing(overwrite=config.overwrite, incremental=config.incremental)
-    staged = output.resumable(info.model_id, inputs) if config.resume else pa.array([], pa.string())
-    pending = _pending(inputs, staged, output.labelled_keys(info.model_id) if config.incremental else None).num_rows
+    first = dedup.Distinct()
+    tables = list(_input_tables(config, storage_config, first))
+    contains = _contains(config, first)
+    staged = output.resumable(info.model_id, contains) if config.resume else pa.array([], pa.string())
+    labelled = output.labelled_key_set(info.model_id) if config.incremental else None
+    inputs = sum(t.num_rows for t in tables)
+    pending = sum(_fresh(t, staged, labelled).num_rows for t in tables)
     last = max((s for s in output.successes().values() if s.get("images_per_s")),
                key=lambda s: str(s.get("started_at")), default=None)
     rate = last["images_per_s"] if last else None
-    plan = {"dry_run": True, "inputs": inputs.num_rows, "pending": pending, "already_staged": len(staged),
-            "already_labelled": inputs.num_rows - pending - len(staged), "model_id": info.model_id,
+    plan = {"dry_run": True, "inputs": inputs, "pending": pending, "already_staged": len(staged),
+            "already_labelled": inputs - pending - len(staged), "model_id": info.model_id,
             "estimated_seconds": round(pending / rate, 1) if rate else None,
             "rate_images_per_s": rate, "rate_of_run": last["run_id"] if last else None}
     estimate = (f"~{plan['estimated_seconds']:.0f} s at the {rate:g} images/s of run {plan['rate_of_run']}"
                 if rate else "no committed run to estimate the time from")
-    _say(f"dry run: {pending} of {inputs.num_rows} images to label ({plan['already_labelled']} already labelled, "
+    _say(f"dry run: {pending} of {inputs} images to label ({plan['already_labelled']} already labelled, "
          f"{len(staged)} already staged); {estimate}; nothing was started or written")
     return plan
 
@@ -140,30 +152,93 @@ def _check_usage(config: LabelConfig) -> None:
         raise UsageError(f"input {config.input} is inside the output {config.output}; choose an output elsewhere")
 
 
-def _inputs(config: LabelConfig, storage_config: StorageConfig) -> pa.Table:
-    """The INPUT_SCHEMA table of everything to label: the lake's listing, or the manifest's
-    distinct paths with those outside ``allowed_roots`` marked as errors (never read)."""
+def _check_inputs(config: LabelConfig, storage_config: StorageConfig) -> None:
+    """UsageError before any Ray work for an input that is missing or not a folder, or a manifest
+    that cannot be read or has no path column (its first chunk is read)."""
     if config.input:
-        listing = lake.list_files(config.input, storage_config, config.extensions)
-        no_errors = pa.nulls(listing.num_rows, pa.string())
-        table = _input_table(listing["path"], listing["size"], listing["mtime"], no_errors)
+        lake.check_lake(config.input, storage_config)
     else:
-        paths = pc.unique(lake.read_manifest(config.manifest, storage_config)["path"])
-        errors = _outside_errors(paths, config.allowed_roots)
-        table = _input_table(paths, pa.nulls(len(paths), pa.int64()), pa.nulls(len(paths), pa.int64()), errors)
-    if table.num_rows == 0:
+        next(lake.manifest_chunks(config.manifest, storage_config), None)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What to label, in the object store, and a test of whether staged rows (path, size, mtime)
+    are of current inputs as they are now, for --resume: by 64-bit hash, so a staged row of an
+    earlier run's inputs that only shares its hash with an input of this one (about 1 in 10^12 per
+    row for 5 million inputs) would be kept."""
+
+    blocks: predict.Blocks
+    contains: Callable[[pa.Table], pa.Array]
+
+
+def _inputs(config: LabelConfig, storage_config: StorageConfig, workers: int,
+            chunk_rows: int = lake.MANIFEST_CHUNK_ROWS) -> Inputs:
+    """Everything to label as INPUT_SCHEMA blocks: the lake's listing, or the manifest's distinct
+    paths with those outside ``allowed_roots`` marked as errors (never read). Read, normalised,
+    de-duplicated and put into the object store ``chunk_rows`` at a time: the driver keeps 8 bytes
+    per distinct input (dedup.Distinct), not the paths."""
+    first = dedup.Distinct()
+    blocks = predict.put_blocks(_input_tables(config, storage_config, first, chunk_rows), workers)
+    if blocks.rows == 0:
         raise UsageError(f"{config.input or config.manifest}: no images to label "
                          f"(extensions {', '.join(config.extensions)})")
-    return table
+    return Inputs(blocks, _contains(config, first))
+
+
+def _input_tables(config: LabelConfig, storage_config: StorageConfig, first: dedup.Distinct,
+                  chunk_rows: int = lake.MANIFEST_CHUNK_ROWS) -> Iterator[pa.Table]:
+    if config.input:
+        return _listing_inputs(config, storage_config, first, chunk_rows)
+    return _manifest_inputs(config, storage_config, first, chunk_rows)
+
+
+def _contains(config: LabelConfig, first: dedup.Distinct) -> Callable[[pa.Table], pa.Array]:
+    """Whether staged rows are of inputs as they are now: a listed file by (path, size, mtime), so
+    that one rewritten since its row was staged is labelled again; a manifest row by path (it
+    carries no size or mtime)."""
+    if config.input:
+        return lambda staged: pa.array(first.contains(keys(staged)))
+    return lambda staged: pa.array(first.contains(staged["path"].combine_chunks()))
+
+
+def _listing_inputs(config: LabelConfig, storage_config: StorageConfig, first: dedup.Distinct,
+                    chunk_rows: int) -> Iterator[pa.Table]:
+    """INPUT_SCHEMA tables of the lake's listing (no path twice: nothing to de-duplicate); ``first``
+    remembers each file's (path, size, mtime) key for --resume."""
+    for listing in lake.list_chunks(config.input, storage_config, config.extensions, chunk_rows):
+        table = _input_table(listing["path"], listing["size"], listing["mtime"], pa.nulls(listing.num_rows, pa.string()))
+        first.remember(keys(table))
+        yield table
+
+
+def _manifest_inputs(config: LabelConfig, storage_config: StorageConfig, first: dedup.Distinct,
+                     chunk_rows: int) -> Iterator[pa.Table]:
+    """INPUT_SCHEMA tables of the manifest's paths, each once (its first row)."""
+    def manifest() -> Iterator[pa.Array]:
+        return (t["path"] for t in lake.manifest_chunks(config.manifest, storage_config, chunk_rows))
+
+    for paths in manifest():
+        yield _manifest_table(paths.filter(pa.array(first.keep(paths))), config.allowed_roots)
+    yield _manifest_table(first.collided(manifest), config.allowed_roots)
+
+
+def _manifest_table(paths: pa.Array, allowed_roots: list[str]) -> pa.Table:
+    nulls = pa.nulls(len(paths), pa.int64())
+    return _input_table(paths, nulls, nulls, _outside_errors(paths, allowed_roots))
 
 
 def _outside_errors(paths: pa.Array, allowed_roots: list[str]) -> pa.Array:
-    """"outside allowed roots" for each path outside them, else null. Without roots, no Python
-    string per path: a million-row manifest stays in Arrow."""
+    """"outside allowed roots" for each path outside them, else null."""
     if not allowed_roots:
         return pa.nulls(len(paths), pa.string())
-    outside = [not any(storage.inside(p, r) for r in allowed_roots) for p in paths.to_pylist()]
-    return pa.array(["outside allowed roots" if o else None for o in outside], pa.string())
+    inside = storage.inside_any(paths.to_pylist(), allowed_roots)
+    return pa.array([None if i else "outside allowed roots" for i in inside], pa.string())
+
+
+def _workers(config: LabelConfig, info: ModelInfo) -> int:
+    """The most workers the inference stage may get, so that blocks are cut to spread over them."""
+    return max(predict.pool(config, info, 2**62).max_actors, runtime.cluster_cpus())
 
 
 def _input_table(paths: pa.Array, sizes: pa.Array, mtime_ns: pa.Array, errors: pa.Array) -> pa.Table:
@@ -172,38 +247,41 @@ def _input_table(paths: pa.Array, sizes: pa.Array, mtime_ns: pa.Array, errors: p
     return pa.Table.from_arrays([paths, sizes, mtime, errors], schema=INPUT_SCHEMA)
 
 
-def _pending(inputs: pa.Table, staged_paths: pa.Array, labelled: pa.Table | None) -> pa.Table:
-    """Inputs minus paths already staged (resume) minus keys already committed (incremental)."""
-    # Nothing staged is the usual case: no filtered copy of a listing of millions of paths.
-    todo = inputs.filter(pc.invert(pc.is_in(inputs["path"], value_set=staged_paths))) if len(staged_paths) else inputs
-    if labelled is None or labelled.num_rows == 0:
-        return todo
-    keys = _keys(todo).append_column("_row", pa.array(np.arange(todo.num_rows)))
-    fresh = keys.join(_keys(labelled), ["path", "size", "mtime"], join_type="left anti")
-    return todo.take(np.sort(fresh["_row"].to_numpy()))
+def _pending(blocks: predict.Blocks, staged_paths: pa.Array, labelled: dedup.KeySet | None,
+             workers: int) -> predict.Blocks:
+    """Inputs minus paths already staged (resume) minus keys already committed (incremental),
+    block by block."""
+    if not len(staged_paths) and not labelled:
+        return blocks  # the usual case: no filtered copy of millions of inputs
+    return predict.put_blocks((_fresh(ray.get(ref), staged_paths, labelled) for ref in blocks.refs), workers)
 
 
-def _keys(table: pa.Table) -> pa.Table:
-    """(path, size, mtime) with nulls as -1, since join keys that are null never match."""
-    mtime = pc.cast(table["mtime"], pa.int64())
-    return pa.table({"path": table["path"], "size": pc.fill_null(table["size"], -1), "mtime": pc.fill_null(mtime, -1)})
+def _fresh(todo: pa.Table, staged_paths: pa.Array, labelled: dedup.KeySet | None) -> pa.Table:
+    """The rows of one block that are neither staged nor labelled (their (path, size, mtime) key)."""
+    if len(staged_paths):
+        todo = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=staged_paths)))
+    if labelled:
+        todo = todo.filter(pa.array(~labelled.contains(keys(todo))))
+    return todo
 
 
 # ---------------------------------------------------------------------------------------------
 # The Ray Data pipeline
 
 
-def _run_pipeline(todo: pa.Table, config: LabelConfig, info: ModelInfo, run_id: str, output: Dataset,
-                  engine: dict[str, Any]) -> None:
+def _run_pipeline(todo: predict.Blocks, config: LabelConfig, info: ModelInfo, run_id: str, output: Dataset,
+                  engine: dict[str, Any]) -> list[str]:
     """Read, decode and predict (the shared inference stage), then write Parquet into the run's
-    staging folder."""
+    staging folder from the workers (``StagedWriter``); returns the names of the files written."""
     ray.data.DataContext.get_current().enable_progress_bars = True
-    rows = predict.predict(todo, config, info, functools.partial(_rows, top_k=config.top_k, run_id=run_id), engine,
-                           max_pixels=config.max_image_pixels)
+    # Batches of rows_per_file rows: each writer call writes one file of that many rows, except
+    # the last of a bundle (Ray Data bundles whole blocks, so a bundle overshoots by under a block).
+    writer = predict.Stage(StagedWriter, {"dataset": output, "run_id": run_id, "rows_per_file": config.rows_per_file},
+                           batch_size=config.rows_per_file)
+    written = predict.predict(todo, config, info, functools.partial(_rows, top_k=config.top_k, run_id=run_id), engine,
+                              max_pixels=config.max_image_pixels, then=writer)
     try:
-        # The driver writes: an output row is a few hundred bytes, far less than its image, whereas
-        # Ray Data's write task waited seconds at the end of a run for a fresh worker process.
-        output.write_staged(run_id, rows, config.rows_per_file)
+        return [name for table in written for name in table["file"].to_pylist()]
     except JobError as exc:
         raise JobError(f"{exc}; nothing was committed") from None
 

@@ -5,6 +5,7 @@ paths cost tens of MB, and the table is handed to Ray Data in slices without ano
 """
 from __future__ import annotations
 
+import itertools
 import os
 import posixpath
 import stat
@@ -23,31 +24,42 @@ from distcls.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.int64())])
+# Manifest rows read and normalised at a time: a few MB, whatever the manifest's size.
+MANIFEST_CHUNK_ROWS = 65_536
 
 
 def list_files(uri: str, storage_config: StorageConfig, extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS) -> pa.Table:
     """Every file below ``uri`` whose extension is in ``extensions``, as URIs of the same kind as
-    ``uri``, sorted. ``mtime`` is nanoseconds since the epoch (0 when the store gives none).
-    Hidden names (``.x``, ``_x``) are skipped, as Hadoop-style tools do. On a local disk, folders
-    reached through a symlink are not listed (each real folder once); see ``_local_files``."""
-    info = storage.require_exists(uri, storage_config)
+    ``uri``, sorted; see list_chunks."""
+    chunks = list(list_chunks(uri, storage_config, extensions))
+    return (pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table()).sort_by("path")
+
+
+def list_chunks(uri: str, storage_config: StorageConfig, extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS,
+                chunk_rows: int = MANIFEST_CHUNK_ROWS) -> Iterator[pa.Table]:
+    """Every file below ``uri`` whose extension is in ``extensions``, as tables of at most
+    ``chunk_rows`` rows in listing order: URIs of the same kind as ``uri``, ``size``, and ``mtime``
+    in nanoseconds since the epoch (0 when the store gives none). A local lake streams folder by
+    folder; an object store's listing comes whole from pyarrow (its recursive ``get_file_info``
+    returns one list), then goes on in chunks. Hidden names (``.x``, ``_x``) are skipped, as
+    Hadoop-style tools do. On a local disk, folders reached through a symlink are not listed
+    (each real folder once); see ``_local_files``."""
+    check_lake(uri, storage_config)
     fs, root = storage.arrow_filesystem(uri, storage_config)
-    if info.type == pafs.FileType.File:
-        raise UsageError(f"{uri}: is a file; expected a folder/prefix of images (use --manifest for a list)")
     suffixes = tuple(e.lower() for e in extensions)
-    paths: list[str] = []
-    sizes: list[int] = []
-    mtimes: list[int] = []
     files = _local_files(root, suffixes) if isinstance(fs, pafs.LocalFileSystem) else _store_files(fs, root, suffixes)
     try:
-        for path, size, mtime_ns in files:
-            paths.append(storage.uri_for(uri, path))
-            sizes.append(size)
-            mtimes.append(mtime_ns)
+        while chunk := list(itertools.islice(files, chunk_rows)):
+            paths, sizes, mtimes = zip(*chunk)
+            yield pa.table([[storage.uri_for(uri, p) for p in paths], sizes, mtimes], schema=LISTING_SCHEMA)
     except OSError as exc:
         raise UsageError(storage.describe_error(uri, exc)) from None
-    table = pa.table([paths, sizes, mtimes], schema=LISTING_SCHEMA)
-    return table.sort_by("path")
+
+
+def check_lake(uri: str, storage_config: StorageConfig) -> None:
+    """UsageError unless ``uri`` is a folder or prefix that exists."""
+    if storage.require_exists(uri, storage_config).type == pafs.FileType.File:
+        raise UsageError(f"{uri}: is a file; expected a folder/prefix of images (use --manifest for a list)")
 
 
 def _store_files(fs: pafs.FileSystem, root: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:
@@ -86,33 +98,63 @@ def _hidden(relative: str) -> bool:
 
 
 def read_manifest(uri: str, storage_config: StorageConfig) -> pa.Table:
-    """A Parquet or CSV manifest with at least a ``path`` column. Relative paths are taken relative
-    to the manifest's folder. Columns other than path/label are dropped."""
+    """A Parquet or CSV manifest with at least a ``path`` column, as one table (see manifest_chunks)."""
+    chunks = list(manifest_chunks(uri, storage_config))
+    return pa.concat_tables(chunks) if chunks else pa.table({"path": pa.array([], pa.string())})
+
+
+def manifest_chunks(uri: str, storage_config: StorageConfig, chunk_rows: int = MANIFEST_CHUNK_ROWS) -> Iterator[pa.Table]:
+    """A Parquet or CSV manifest with at least a ``path`` column, as tables of at most ``chunk_rows``
+    rows, read and normalised one at a time. Relative paths are taken relative to the manifest's
+    folder; rows without a path are dropped; columns other than path/label are dropped."""
     fs, path = storage.arrow_filesystem(uri, storage_config)
     storage.require_exists(uri, storage_config)
     storage.require_regular(uri)
-    try:
-        if uri.lower().endswith(".csv"):
-            with fs.open_input_stream(path) as stream:
-                table = pacsv.read_csv(stream)
-        else:
-            table = pq.read_table(path, filesystem=fs)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise UsageError(f"{uri}: cannot read manifest ({str(exc).splitlines()[0][:160]})") from None
-    if "path" not in table.column_names:
-        raise UsageError(f"{uri}: manifest has no 'path' column (columns: {', '.join(table.column_names)})")
-    # A row's path is copied into the output's path and error columns: no credential may ride in it.
-    secret = pc.match_substring_regex(pc.cast(table["path"], pa.string()), URI_USERINFO.pattern)
-    if pc.any(secret).as_py():
-        raise UsageError(f"{uri}: data row {pc.index(secret, True).as_py() + 1} holds a URI with credentials "
-                         "(user:password@; not shown): give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-                         "or a profile")
-    keep = [c for c in ("path", "label") if c in table.column_names]
-    table = table.select(keep).filter(pc.is_valid(table["path"]))
     # From the resolved path, not the URI text: a bare "manifest.csv" has no "/" to split at.
     base = storage.uri_for(uri, posixpath.dirname(path))
-    paths = [_manifest_path(base, p) for p in table["path"].to_pylist()]
-    return table.set_column(0, "path", pa.array(paths, pa.string()))
+    try:
+        with fs.open_input_file(path) as file:
+            reader = _csv_batches(file) if uri.lower().endswith(".csv") else _parquet_batches(file, chunk_rows)
+            schema = next(reader)
+            if "path" not in schema.names:
+                raise UsageError(f"{uri}: manifest has no 'path' column (columns: {', '.join(schema.names)})")
+            keep = [c for c in ("path", "label") if c in schema.names]
+            row = 0
+            for batch in reader:
+                for start in range(0, batch.num_rows, chunk_rows):
+                    table = pa.Table.from_batches([batch.slice(start, chunk_rows)]).select(keep)
+                    _refuse_credentials(uri, table["path"], row)
+                    row += table.num_rows
+                    table = table.filter(pc.is_valid(table["path"]))
+                    paths = [_manifest_path(base, p) for p in table["path"].to_pylist()]
+                    yield table.set_column(0, "path", pa.array(paths, pa.string()))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UsageError(f"{uri}: cannot read manifest ({str(exc).splitlines()[0][:160]})") from None
+
+
+def _refuse_credentials(uri: str, paths: pa.ChunkedArray, first_row: int) -> None:
+    """A row's path is copied into the output's path and error columns: no credential may ride in it."""
+    secret = pc.match_substring_regex(pc.cast(paths, pa.string()), URI_USERINFO.pattern)
+    if pc.any(secret).as_py():
+        raise UsageError(f"{uri}: data row {first_row + pc.index(secret, True).as_py() + 1} holds a URI with credentials "
+                         "(user:password@; not shown): give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                         "or a profile")
+
+
+def _parquet_batches(file: pa.NativeFile, chunk_rows: int) -> Iterator[pa.Schema | pa.RecordBatch]:
+    """The schema, then the record batches (columns path and label only) of a Parquet file."""
+    parquet = pq.ParquetFile(file)
+    schema = parquet.schema_arrow
+    yield schema
+    columns = [c for c in ("path", "label") if c in schema.names]
+    yield from parquet.iter_batches(batch_size=chunk_rows, columns=columns)
+
+
+def _csv_batches(file: pa.NativeFile) -> Iterator[pa.Schema | pa.RecordBatch]:
+    """The schema, then the record batches of a CSV file; ``path`` read as text whatever it looks like."""
+    reader = pacsv.open_csv(file, convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+    yield reader.schema
+    yield from reader
 
 
 def _manifest_path(base: str, entry: str) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,10 @@ import pyarrow.compute as pc
 import ray
 import torch
 from ray.actor import ActorHandle
+from ray.data._internal.logical.interfaces import LogicalPlan
+from ray.data._internal.logical.operators import FromBlocks
+from ray.data._internal.stats import DatasetStats
+from ray.data.block import BlockMetadataWithSchema
 from ray.data.extensions import ArrowTensorArray
 
 from distcls import crashes, engines, images, runtime
@@ -146,14 +150,76 @@ def _fits(resources: dict[str, float], need: dict[str, float]) -> int:
     return min(counts) if counts else 0
 
 
-def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows: RowMaker, engine: dict[str, Any],
-            max_pixels: int = 89_478_485) -> Iterator[pa.Table]:
-    """``to_rows``' output for every row of ``inputs`` (a ``path`` column, an optional ``error``
-    column preset for rows never to be read, and any columns ``to_rows`` wants back), batch by
-    batch as they finish, in no particular order, predicted by ``engine`` (``engines.prepare``'s
-    result, made on the driver before any Ray work). Raises JobError when the run cannot finish."""
-    sizing = pool(config, info, inputs.num_rows)
-    print(f"distcls: {inputs.num_rows} images on {sizing}", file=sys.stderr, flush=True)
+@dataclass(frozen=True)
+class Blocks:
+    """Input rows already in the object store: refs to Arrow tables (their metadata beside them),
+    and the number of rows in all. The driver holds refs, not rows."""
+
+    refs: list[ray.ObjectRef]
+    metadata: list[BlockMetadataWithSchema]
+    rows: int
+
+
+def put_blocks(tables: Iterable[pa.Table], workers: int) -> Blocks:
+    """The rows of ``tables`` as blocks in the object store, put as they come so that the driver
+    holds about one table at a time. While the rows fit in ~4 blocks of ``_MAX_SLICE_ROWS`` per
+    worker they are held back and cut finer (``_slices``): a small input still spreads over every
+    worker; a large one is cut into blocks of ``_MAX_SLICE_ROWS``."""
+    refs: list[ray.ObjectRef] = []
+    metadata: list[BlockMetadataWithSchema] = []
+
+    def put(block: pa.Table) -> None:
+        if block.num_rows:
+            refs.append(ray.put(block))
+            metadata.append(BlockMetadataWithSchema.from_block(block))
+
+    rows, held = 0, []
+    for table in tables:
+        rows += table.num_rows
+        held.append(table)
+        if rows > 4 * max(1, workers) * _MAX_SLICE_ROWS:
+            for block in held:
+                for start in range(0, block.num_rows, _MAX_SLICE_ROWS):
+                    put(block.slice(start, _MAX_SLICE_ROWS))
+            held = []
+    if held:
+        for block in _slices(pa.concat_tables(held), workers):
+            put(block)
+    return Blocks(refs, metadata, rows)
+
+
+def _dataset(blocks: Blocks) -> ray.data.Dataset:
+    """``ray.data.from_blocks`` for blocks already put: what it does after its own ``ray.put``
+    (Ray's internal classes, as from_blocks uses them in Ray 2.60).
+    Not ``from_arrow_refs``: that runs a Ray task per block just to read its metadata, which costs
+    a fresh worker process (~1 s) before the pipeline starts and a task per 2,000 inputs."""
+    context = ray.data.DataContext.get_current().copy()
+    stats = DatasetStats(metadata={"FromBlocks": blocks.metadata}, parent=None)
+    plan = LogicalPlan(FromBlocks(blocks.refs, blocks.metadata), context)
+    return ray.data.dataset.MaterializedDataset(plan, context, stats)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A last stage after the inference actors, on a pool of actors that reserve no CPU (so that
+    it fits beside them): ``fn`` (a callable class, built with ``kwargs``) gets batches of
+    ``batch_size`` rows, and what it returns is what ``predict`` yields."""
+
+    fn: type
+    kwargs: dict[str, Any]
+    batch_size: int
+
+
+def predict(inputs: pa.Table | Blocks, config: InferenceConfig, info: ModelInfo, to_rows: RowMaker,
+            engine: dict[str, Any], max_pixels: int = 89_478_485, then: Stage | None = None) -> Iterator[pa.Table]:
+    """``to_rows``' output for every row of ``inputs`` (a table, or blocks, with a ``path`` column,
+    an optional ``error`` column preset for rows never to be read, and any columns ``to_rows``
+    wants back), batch by batch as they finish, in no particular order, predicted by ``engine``
+    (``engines.prepare``'s result, made on the driver before any Ray work); with ``then``, that
+    stage's output instead. Raises JobError when the run cannot finish."""
+    rows = inputs.rows if isinstance(inputs, Blocks) else inputs.num_rows
+    sizing = pool(config, info, rows)
+    print(f"distcls: {rows} images on {sizing}", file=sys.stderr, flush=True)
     storage_config = config.storage()
     registry = crashes.start_registry()
     decode_args = {"storage_config": storage_config, "size": info.image_size, "max_pixels": max_pixels,
@@ -161,9 +227,12 @@ def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows:
     predictor_args = {"engine": engine, "to_rows": to_rows,
                       "threads": max(1, round(sizing.cpus)), "gpu": config.gpu,
                       "decode_args": None if config.gpu else decode_args}
-    # from_blocks, not from_arrow: that runs a Ray task per slice just to read its schema, which
-    # costs the first worker process ~1 s before the pipeline starts.
-    dataset = ray.data.from_blocks(_slices(inputs, max(sizing.max_actors, runtime.cluster_cpus())))
+    if isinstance(inputs, Blocks):
+        dataset = _dataset(inputs)
+    else:
+        # from_blocks, not from_arrow: that runs a Ray task per slice just to read its schema, which
+        # costs the first worker process ~1 s before the pipeline starts.
+        dataset = ray.data.from_blocks(_slices(inputs, max(sizing.max_actors, runtime.cluster_cpus())))
     if config.gpu:
         dataset = dataset.map_batches(
             read_and_decode, batch_format="pyarrow", batch_size=config.batch_size, fn_kwargs=decode_args,
@@ -172,6 +241,14 @@ def predict(inputs: pa.Table, config: InferenceConfig, info: ModelInfo, to_rows:
         Predictor, batch_format="pyarrow", batch_size=config.batch_size, fn_constructor_kwargs=predictor_args,
         compute=ray.data.ActorPoolStrategy(min_size=sizing.min_actors, max_size=sizing.max_actors),
         num_cpus=sizing.cpus, num_gpus=sizing.gpus, max_restarts=_ACTOR_RESTARTS, **_memory(sizing.memory))
+    if then is not None:
+        # Actors, not tasks: Ray Data starts them with the pipeline, beside the inference actors,
+        # whereas a task stage's first worker process would start only when its first batch is
+        # ready, at the end of a small run. One writes far faster than an inference actor labels.
+        dataset = dataset.map_batches(
+            then.fn, batch_format="pyarrow", batch_size=then.batch_size, fn_constructor_kwargs=then.kwargs,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, math.ceil(sizing.max_actors / 8))),
+            num_cpus=0)
     try:
         yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
     except Exception as exc:

@@ -85,6 +85,47 @@ def inside(uri: str, parent: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def inside_any(uris: list[str], parents: list[str]) -> list[bool]:
+    """``any(inside(u, p) for p in parents)`` for each of ``uris``, with each parent resolved once:
+    for millions of manifest rows against --allowed-roots."""
+    roots = []
+    for parent in parents:
+        try:
+            root = normalize(parent)
+        except UsageError:
+            continue
+        roots.append(root if is_remote(root) else os.path.realpath(root))
+    folders: dict[str, tuple[str, bool]] = {}  # folder -> (its realpath, whether it exists)
+    found = []
+    for uri in uris:
+        try:
+            path = normalize(uri)
+        except UsageError:
+            found.append(False)
+            continue
+        local = not is_remote(path)
+        if local:
+            path = _realpath(path, folders)
+        found.append(any(local != is_remote(root) and (path == root or path.startswith(root.rstrip("/") + "/"))
+                         for root in roots))
+    return found
+
+
+def _realpath(path: str, folders: dict[str, tuple[str, bool]]) -> str:
+    """``os.path.realpath`` of a normalised local path, resolving each folder once (rows of a
+    manifest share folders; realpath costs a system call per segment): then one ``lstat`` per
+    path, none when its folder does not exist."""
+    folder, name = os.path.split(path)
+    if folder not in folders:
+        if len(folders) > 100_000:
+            folders.clear()
+        real = os.path.realpath(folder)
+        folders[folder] = real, os.path.isdir(real)
+    real, exists = folders[folder]
+    joined = os.path.join(real, name)
+    return os.path.realpath(joined) if exists and os.path.islink(joined) else joined
+
+
 # Standard retries (StorageConfig.max_attempts) ride out short outages of the store (throttling, a
 # restarted server). The existence check is a job's first contact with the store, so it retries
 # little: 3 attempts report an unreachable endpoint in about a second.

@@ -13,9 +13,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -24,7 +26,7 @@ from distcls import storage
 from distcls.artifact import read_info
 from distcls.cli import main
 from distcls.config import StorageConfig
-from distcls.dataset import COMMITTING, LOCK, STAGING, SUCCESS, Dataset
+from distcls.dataset import COMMITTING, LOCK, STAGING, SUCCESS, Dataset, keys
 from distcls.errors import JobError, UsageError
 from distcls.lake import list_files
 
@@ -32,11 +34,13 @@ RUN_A = "20260101T000000Z-aaaaaa"
 RUN_B = "20260102T000000Z-bbbbbb"
 
 
-def _inputs(paths: list[str] | pa.Array, size: int = 1, mtime_us: int = 0) -> pa.Table:
-    """Inputs as label hands them to start_run, with the size and mtime that _rows stages."""
+def _inputs(paths: list[str] | pa.Array, size: int = 1, mtime_us: int = 0) -> Callable[[pa.Table], pa.Array]:
+    """Inputs as label hands them to start_run: which staged rows (path, size, mtime) are of these
+    paths with the size and mtime that _rows stages."""
     paths = pa.array(paths, pa.string())
-    return pa.table({"path": paths, "size": pa.array([size] * len(paths), pa.int64()),
-                     "mtime": pa.array([mtime_us] * len(paths), pa.int64()).cast(pa.timestamp("us", tz="UTC"))})
+    table = pa.table({"path": paths, "size": pa.array([size] * len(paths), pa.int64()),
+                      "mtime": pa.array([mtime_us] * len(paths), pa.int64()).cast(pa.timestamp("us", tz="UTC"))})
+    return lambda staged: pc.is_in(keys(staged), value_set=keys(table))
 
 
 def _rows(paths: list[str], model_id: str = "m", error_kind: list[str | None] | None = None,
@@ -118,6 +122,21 @@ def test_staged_rows_lost_or_doubled_are_never_committed(tmp_path: Path) -> None
     output.write_staged(RUN_A, [pa.table({"path": ["b"], "error": pa.nulls(1, pa.string())})], rows_per_file=10)
     with pytest.raises(JobError, match="3 rows \\(2 distinct paths\\), expected 3; not committed"):
         output.staged_counts(RUN_A, expected=3)
+
+
+def test_only_the_staged_files_reported_are_counted_and_committed(tmp_path: Path) -> None:
+    """A file a retried write left in staging (its attempt never reported) is neither counted nor
+    committed; the reported files are."""
+    output = Dataset(str(tmp_path / "out"), StorageConfig())
+    with output.lock() as lock:
+        run = output.start_run(resume=False, model_id="m", inputs=_inputs(["a", "b"]))
+        reported = [name for name, _ in output.write_staged(run.run_id, [_rows(["a", "b"])], rows_per_file=1)]
+        output.write_staged(run.run_id, [_rows(["b"])], rows_per_file=10)  # the attempt that died
+        assert output.staged_counts(run.run_id, expected=2, files=reported)["images"] == 2
+        summary = output.commit(run.run_id, {"run_id": run.run_id}, incremental=False, overwrite=False, lock=lock,
+                                files=reported)
+    assert len(summary["files"]) == 2
+    assert sorted(pd.read_parquet(tmp_path / "out")["path"]) == ["a", "b"]
 
 
 def test_the_handle_pickles_and_a_ray_worker_writes_staged_files_into_s3(ray_local, s3_bucket: str) -> None:
@@ -418,8 +437,8 @@ def test_resume_keeps_only_staged_rows_of_current_inputs(tmp_path: Path) -> None
     staged = pq.read_table(list((tmp_path / STAGING / RUN_A).iterdir()))
     assert sorted(staged["path"].to_pylist()) == ["a", "c"]  # b, d dropped; e was another model's
     with output.lock():  # "c" rewritten since it was staged: its row goes too
-        inputs = pa.concat_tables([_inputs(["a"]), _inputs(["c"], size=2)])
-        run = output.start_run(resume=True, model_id="m", inputs=inputs)
+        current, changed = _inputs(["a"]), _inputs(["c"], size=2)
+        run = output.start_run(resume=True, model_id="m", inputs=lambda staged: pc.or_(current(staged), changed(staged)))
     assert sorted(run.staged.to_pylist()) == ["a"]
 
 

@@ -25,13 +25,14 @@ import pytest
 import torch
 
 from distcls import engines, predict, storage
-from distcls.dataset import COMMITTING, STAGING
-from distcls.artifact import load_model, predict_proba
 from distcls.cli import main
+from distcls.dataset import COMMITTING, STAGING, Dataset
+from distcls.artifact import load_model, predict_proba
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
 from distcls.images import decode
 from distcls.label import OUTPUT_SCHEMA, label
+from distcls.lake import list_files
 
 # By name: the package re-exports a label() function under the same name as this module.
 label_module = importlib.import_module("distcls.label")
@@ -174,7 +175,9 @@ def test_resume_reuses_readable_staged_files_and_relabels_the_rest(ray_local, tm
 
 def _rows_as_a_run_would_stage(config: LabelConfig) -> pa.Table:
     """Output rows made by the pipeline's own functions, called in-process without Ray."""
-    inputs = label_module._inputs(config, StorageConfig())
+    listing = list_files(config.input, StorageConfig())
+    inputs = label_module._input_table(listing["path"], listing["size"], listing["mtime"],
+                                       pa.nulls(listing.num_rows, pa.string()))
     decoded = predict.read_and_decode(inputs, StorageConfig(), 32, config.max_image_pixels)
     threads = torch.get_num_threads()  # the predictor pins its process to one thread
     try:
@@ -292,6 +295,33 @@ def test_runs_on_a_path_that_is_no_output_is_a_usage_error(tmp_path: Path, capsy
         assert main(["runs", str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(path) in err
+
+
+def test_no_output_row_reaches_the_driver(ray_local, tmp_path: Path, synthetic_lake, model_uri: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers write the staged files: writing from this (the driver) process fails, and what
+    the driver iterates over holds file names and row counts only."""
+    import ray.data
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Dataset.write_staged called in the driver")
+
+    seen: list[list[str]] = []
+    iter_batches = ray.data.Dataset.iter_batches
+
+    def recording(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            seen.append(batch.column_names)
+            yield batch
+
+    monkeypatch.setattr(Dataset, "write_staged", refuse)
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", recording)
+    lake = _lake(synthetic_lake, tmp_path, 3)
+    output = tmp_path / "labels"
+    assert main(["label", "--input", str(lake), "--model", model_uri, "--output", str(output),
+                 "--rows-per-file", "4"]) == 0
+    assert seen and all(columns == ["file", "rows"] for columns in seen)
+    _assert_exactly_once(output, lake)
 
 
 @pytest.mark.gpu

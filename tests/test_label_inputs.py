@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distcls import images, predict, storage
+from distcls import dedup, images, predict, storage
+from distcls.dataset import keys
 from distcls.artifact import read_info
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
@@ -97,7 +98,9 @@ def test_pending_skips_staged_paths_and_same_keys_only() -> None:
                                        pa.array([1000, 2000, 3000, None], pa.int64()), pa.nulls(4, pa.string()))
     labelled = label_module._input_table(pa.array(["b", "c", "d"]), pa.array([2, 99, None], pa.int64()),
                                          pa.array([2000, 3000, None], pa.int64()), pa.nulls(3, pa.string()))
-    todo = label_module._pending(inputs, pa.array(["a"]), labelled)
+    seen = dedup.KeySet()
+    seen.add(keys(labelled))
+    todo = label_module._fresh(inputs, pa.array(["a"]), seen)
     # a: staged; b: same key; c: size changed; d: a manifest path (no size/mtime) labelled before
     assert todo["path"].to_pylist() == ["c"]
 
@@ -125,6 +128,17 @@ def test_inside_compares_normalised_paths(tmp_path: Path) -> None:
     (tmp_path / "lake").mkdir()
     (tmp_path / "lake" / "link").symlink_to("/etc")
     assert not inside(str(tmp_path / "lake" / "link" / "passwd"), str(tmp_path / "lake"))
+    (tmp_path / "lake" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "to-a.jpg").symlink_to(tmp_path / "lake" / "a.jpg")
+    (tmp_path / "elsewhere" / "to-lake").symlink_to(tmp_path / "lake")
+    uris = ["s3://b/lake/x.jpg", "s3://b/lakeside/x.jpg", "s3://b/lake/../x.jpg", "/data/lake/a.png", "/data/lake/../a",
+            str(tmp_path / "lake" / "link" / "passwd"), str(tmp_path / "elsewhere" / "to-a.jpg"),
+            str(tmp_path / "elsewhere" / "to-lake" / "b.jpg"), str(tmp_path / "elsewhere" / "b.jpg"),
+            str(tmp_path / "lake" / "a.jpg")]
+    roots = ["s3://b/lake/", "file:///data/lake", str(tmp_path / "lake")]
+    assert storage.inside_any(uris, roots) == [any(inside(u, r) for r in roots) for u in uris]
+    assert storage.inside_any(uris, roots) == [True, False, False, True, False, False, True, True, False, True]
 
 
 def test_an_object_key_with_dot_segments_is_a_refused_row_never_read() -> None:
@@ -265,3 +279,23 @@ def test_manifest_spellings_of_one_file_give_one_row_and_roots_compare_normalise
     assert sorted(rows) == [str(lake / "a.jpg"), str(private / "p.jpg")]
     assert rows[str(lake / "a.jpg")]["error"] is None
     assert rows[str(private / "p.jpg")]["error"] == "outside allowed roots"
+
+
+def test_manifest_read_in_small_chunks_gives_each_file_once_with_roots_per_chunk(ray_local, tmp_path: Path) -> None:
+    """Spellings of one file and repeats in different chunks of 2 rows: each file once, at its first
+    row, outside-roots errors set chunk by chunk; the blocks reach the object store, not the driver."""
+    import ray
+
+    (tmp_path / "lake").mkdir()
+    entries = ["a.jpg", "b.jpg", "./a.jpg", "c.jpg", "x/../b.jpg", "/elsewhere/d.jpg", "c.jpg", "/elsewhere/d.jpg"]
+    (tmp_path / "lake" / "m.csv").write_text("path\n" + "\n".join(entries) + "\n")
+    config = LabelConfig(manifest=str(tmp_path / "lake" / "m.csv"), model="m", output=str(tmp_path / "out"),
+                         allowed_roots=[str(tmp_path / "lake")])
+    inputs = label_module._inputs(config, StorageConfig(), workers=1, chunk_rows=2)
+    rows = pa.concat_tables(ray.get(inputs.blocks.refs)).to_pylist()
+    lake = tmp_path / "lake"
+    assert [(r["path"], r["error"]) for r in rows] == [
+        (f"{lake}/a.jpg", None), (f"{lake}/b.jpg", None), (f"{lake}/c.jpg", None),
+        ("/elsewhere/d.jpg", "outside allowed roots")]
+    assert inputs.blocks.rows == 4
+    assert inputs.contains(pa.array([f"{lake}/c.jpg", f"{lake}/e.jpg"])).to_pylist() == [True, False]

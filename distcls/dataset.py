@@ -443,6 +443,7 @@ class Dataset:
                 continue
             paths = staged["path"].combine_chunks()
             wanted = inputs(staged)
+            wanted = wanted.combine_chunks() if isinstance(wanted, pa.ChunkedArray) else wanted
             if not pc.all(wanted).as_py() and apply:
                 _say(f"resume: dropping {len(paths) - pc.sum(wanted).as_py()} staged rows of {name} "
                      "whose files are not inputs of this run or changed since they were staged")
@@ -862,7 +863,8 @@ def keys(table: pa.Table) -> pa.Array:
     ``path NUL size NUL mtime-in-us``; a null size or mtime (a manifest row) is ``-1``."""
     size = pc.cast(pc.fill_null(table["size"], -1), pa.string())
     mtime = pc.cast(pc.fill_null(pc.cast(table["mtime"], pa.int64()), -1), pa.string())
-    return pc.binary_join_element_wise(table["path"], size, mtime, "\x00")
+    joined = pc.binary_join_element_wise(table["path"], size, mtime, "\x00")
+    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
 
 
 def _regroup(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:

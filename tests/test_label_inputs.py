@@ -298,4 +298,6 @@ def test_manifest_read_in_small_chunks_gives_each_file_once_with_roots_per_chunk
         (f"{lake}/a.jpg", None), (f"{lake}/b.jpg", None), (f"{lake}/c.jpg", None),
         ("/elsewhere/d.jpg", "outside allowed roots")]
     assert inputs.blocks.rows == 4
-    assert inputs.contains(pa.array([f"{lake}/c.jpg", f"{lake}/e.jpg"])).to_pylist() == [True, False]
+    staged = pa.table({"path": [f"{lake}/c.jpg", f"{lake}/e.jpg"], "size": pa.nulls(2, pa.int64()),
+                       "mtime": pa.nulls(2, pa.timestamp("us", tz="UTC"))})
+    assert inputs.contains(staged).to_pylist() == [True, False]

@@ -111,6 +111,7 @@ PASSING_ERROR_KINDS = ("not_found", "transient")
 _RUN_ID = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
 # The names distcls gives committed files: the only files a commit may ever delete.
 _DATASET_FILE = r"part-[^/]+\.parquet|run=[^/]+/part-[^/]+\.parquet"
+_SETTINGS = "_settings.json"  # below _staging/<run_id>/: what shaped its rows, checked by --resume
 _RETIRED = "_retired"  # below _staging/<run_id>/: the _SUCCESS files an --overwrite commit replaces
 _KEY_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC")),
                          ("model_id", pa.string()), ("error_kind", pa.string())])
@@ -222,17 +223,20 @@ class Dataset:
 
     # -- 4. Start or resume a run -----------------------------------------------------------------
 
-    def start_run(self, *, resume: bool, model_id: str, inputs: Callable[[pa.Table], pa.Array]) -> Run:
+    def start_run(self, *, resume: bool, model_id: str, inputs: Callable[[pa.Table], pa.Array],
+                  settings: dict[str, Any]) -> Run:
         """A new run with empty staging, or with ``resume`` the newest staged run, keeping its rows
         that are readable, made by ``model_id`` and of an input as it is now: ``inputs`` maps staged
-        rows (path, size, mtime) to a mask of those that are. Also deletes partitions an unfinished
-        run left without ``_SUCCESS``."""
+        rows (path, size, mtime) to a mask of those that are. ``settings`` (flag -> value) are what
+        shapes a row; a staged run is resumed only under the same ones (UsageError naming the flag).
+        Also deletes partitions an unfinished run left without ``_SUCCESS``."""
         self._refuse_links()
         for leftover in self._survey()[2]:
             _say(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
             self._delete_tree(leftover)
         runs = self._staged_runs()
         if resume and runs:
+            self._require_settings(runs[-1], settings)
             for stale in runs[:-1]:
                 self._delete_tree(STAGING, stale)
             staged, files = self._usable_staged(runs[-1], model_id, inputs)
@@ -241,12 +245,36 @@ class Dataset:
         if runs:
             _say(f"discarding staged files of unfinished run(s) {', '.join(runs)} (--resume reuses them)")
         self._delete_tree(STAGING)
-        return Run(_new_run_id(), pa.array([], pa.string()))
+        run_id = _new_run_id()
+        self._write(f"{STAGING}/{run_id}/{_SETTINGS}", _json(settings))
+        return Run(run_id, pa.array([], pa.string()))
 
-    def resumable(self, model_id: str, inputs: Callable[[pa.Table], pa.Array]) -> pa.Array:
+    def resumable(self, model_id: str, inputs: Callable[[pa.Table], pa.Array], settings: dict[str, Any]) -> pa.Array:
         """The paths ``start_run(resume=True)`` would keep, changing nothing (for --dry-run)."""
         runs = self._staged_runs()
-        return self._usable_staged(runs[-1], model_id, inputs, apply=False)[0] if runs else pa.array([], pa.string())
+        if not runs:
+            return pa.array([], pa.string())
+        self._require_settings(runs[-1], settings)
+        return self._usable_staged(runs[-1], model_id, inputs, apply=False)[0]
+
+    def _require_settings(self, run_id: str, settings: dict[str, Any]) -> None:
+        """UsageError unless the staged run was made under ``settings``: rows staged under another
+        --top-k or --allowed-roots (say) must not be committed as this run's."""
+        name = f"{STAGING}/{run_id}/{_SETTINGS}"
+        try:
+            staged = json.loads(self._read(name)) if self._exists(STAGING, run_id, _SETTINGS) else None
+        except ValueError:
+            staged = None
+        if not isinstance(staged, dict):
+            raise UsageError(f"--resume: run {run_id} in {self.uri} has no readable record of its settings; "
+                             "rerun without --resume (its staged rows are discarded)")
+        current = json.loads(_json(settings))  # as stored: tuples become lists
+        changed = [key for key in current if staged.get(key) != current[key]]
+        if changed:
+            flag = "--" + changed[0].replace("_", "-")
+            raise UsageError(f"--resume: run {run_id} was staged with {flag} {staged.get(changed[0])!r}, this run has "
+                             f"{current[changed[0]]!r}; rerun with the same flags, or without --resume "
+                             "(its staged rows are discarded)")
 
     def discard_staging(self) -> None:
         """Drop every staged file: for a run that ends with nothing to commit."""

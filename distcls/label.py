@@ -90,7 +90,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
 def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: ModelInfo, inputs: Inputs,
                       started: float, engine: dict[str, Any]) -> dict[str, Any]:
     """Label what is pending into the staging folder, check it, commit it; returns the summary."""
-    run = output.start_run(resume=config.resume, model_id=info.model_id, inputs=inputs.contains)
+    run = output.start_run(resume=config.resume, model_id=info.model_id, inputs=inputs.contains,
+                           settings=_row_settings(config))
     lock.name_run(run.run_id)
     labelled = output.labelled_key_set(info.model_id) if config.incremental else None
     todo = _pending(inputs.blocks, run.staged, labelled, _workers(config, info))
@@ -112,6 +113,12 @@ def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: Mo
     return summary
 
 
+def _row_settings(config: LabelConfig) -> dict[str, Any]:
+    """The flags that shape an output row: a staged run is resumed only under the same ones."""
+    return {name: getattr(config, name) for name in
+            ("top_k", "allowed_roots", "max_image_pixels", "max_file_bytes", "engine")}
+
+
 def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, storage_config: StorageConfig) -> dict[str, Any]:
     """What this run would label, changing nothing (no lock, no Ray, no write): pending, already
     labelled (--incremental) and already staged (--resume) images, and the time the pending ones
@@ -120,7 +127,8 @@ def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, storage_conf
     first = dedup.Distinct()
     tables = list(_input_tables(config, storage_config, first))
     contains = _contains(config, first)
-    staged = output.resumable(info.model_id, contains) if config.resume else pa.array([], pa.string())
+    staged = (output.resumable(info.model_id, contains, _row_settings(config)) if config.resume
+              else pa.array([], pa.string()))
     labelled = output.labelled_key_set(info.model_id) if config.incremental else None
     inputs = sum(t.num_rows for t in tables)
     pending = sum(_fresh(t, staged, labelled).num_rows for t in tables)

@@ -170,6 +170,11 @@ def test_resume_relabels_a_file_that_changed_since_its_row_was_staged(
     changed = Path(listing[0]["path"])
     changed.write_bytes(Path(listing[1]["path"]).read_bytes() + b"\0" * 7)  # another image, another size
 
+    from distcls.config import LabelConfig
+    from distcls.label import _row_settings
+
+    settings = _row_settings(LabelConfig(input=str(lake), model="m", output="o"))
+    (output / STAGING / RUN / "_settings.json").write_text(json.dumps(settings))
     code = main(_label_args(lake, tiny_model, output, "--resume"))
     capsys.readouterr()
     committed = pd.read_parquet(output).set_index("path")

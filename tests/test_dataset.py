@@ -3,6 +3,7 @@ protocol and its validation, --overwrite, roll-forward, the keys of --incrementa
 module's public interface, and end to end through the CLI where the guarantee is the CLI's."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
@@ -25,13 +26,24 @@ import pytest
 from distcls import storage
 from distcls.artifact import read_info
 from distcls.cli import main
-from distcls.config import StorageConfig
+from distcls.config import LabelConfig, StorageConfig
 from distcls.dataset import COMMITTING, LOCK, STAGING, SUCCESS, Dataset, keys
 from distcls.errors import JobError, UsageError
 from distcls.lake import list_files
 
+label_module = importlib.import_module("distcls.label")
+
 RUN_A = "20260101T000000Z-aaaaaa"
 RUN_B = "20260102T000000Z-bbbbbb"
+
+
+SETTINGS = {"top_k": 5}  # what label passes as the row-shaping flags; a resumed run must match
+
+
+def _stage_settings(output: Path, run_id: str, settings: dict) -> None:
+    """The settings record a run writes when it starts staging (dataset.start_run)."""
+    (output / STAGING / run_id).mkdir(parents=True, exist_ok=True)
+    (output / STAGING / run_id / "_settings.json").write_text(json.dumps(settings))
 
 
 def _inputs(paths: list[str] | pa.Array, size: int = 1, mtime_us: int = 0) -> Callable[[pa.Table], pa.Array]:
@@ -66,7 +78,7 @@ def _commit(output: Dataset, tables: list[pa.Table], *, incremental: bool = Fals
         output.roll_forward()
         output.check_existing(overwrite=overwrite, incremental=incremental)
         paths = pa.concat_arrays([t["path"].combine_chunks() for t in tables])
-        run = output.start_run(resume=False, model_id=model_id, inputs=_inputs(paths))
+        run = output.start_run(resume=False, settings=SETTINGS, model_id=model_id, inputs=_inputs(paths))
         lock.name_run(run.run_id)
         output.write_staged(run.run_id, tables, rows_per_file=3)
         output.staged_counts(run.run_id, expected=len(paths))
@@ -97,7 +109,7 @@ def test_a_commit_makes_exactly_the_staged_rows_the_dataset_and_leaves_nothing_b
 def test_run_ids_sort_by_time_and_differ(tmp_path: Path) -> None:
     output = Dataset(str(tmp_path), StorageConfig())
     with output.lock():
-        first, second = (output.start_run(resume=False, model_id="m", inputs=_inputs(["a"])).run_id for _ in range(2))
+        first, second = (output.start_run(resume=False, settings=SETTINGS, model_id="m", inputs=_inputs(["a"])).run_id for _ in range(2))
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", first) and first != second
 
 
@@ -129,7 +141,7 @@ def test_only_the_staged_files_reported_are_counted_and_committed(tmp_path: Path
     committed; the reported files are."""
     output = Dataset(str(tmp_path / "out"), StorageConfig())
     with output.lock() as lock:
-        run = output.start_run(resume=False, model_id="m", inputs=_inputs(["a", "b"]))
+        run = output.start_run(resume=False, settings=SETTINGS, model_id="m", inputs=_inputs(["a", "b"]))
         reported = [name for name, _ in output.write_staged(run.run_id, [_rows(["a", "b"])], rows_per_file=1)]
         output.write_staged(run.run_id, [_rows(["b"])], rows_per_file=10)  # the attempt that died
         assert output.staged_counts(run.run_id, expected=2, files=reported)["images"] == 2
@@ -151,7 +163,7 @@ def test_the_handle_pickles_and_a_ray_worker_writes_staged_files_into_s3(ray_loc
         with pytest.raises(UsageError, match=f"output s3://{s3_bucket}/labels is in use by run .* on host "
                                              f"{socket.gethostname()} \\(pid {os.getpid()}\\)"):
             output.lock()
-        run = output.start_run(resume=False, model_id="m", inputs=_inputs(["s3://x/1", "s3://x/2"]))
+        run = output.start_run(resume=False, settings=SETTINGS, model_id="m", inputs=_inputs(["s3://x/1", "s3://x/2"]))
         write = ray.remote(lambda out, run_id, rows: out.write_staged(run_id, [rows], rows_per_file=10))
         written = ray.get(write.remote(output, run.run_id, _rows(["s3://x/1", "s3://x/2"], error_kind=[None, "transient"])))
         assert [rows for _, rows in written] == [2]
@@ -415,7 +427,7 @@ def test_the_lease_is_renewed_while_the_run_holds_the_lock(tmp_path: Path) -> No
 def test_a_run_whose_lock_was_taken_over_does_not_commit(tmp_path: Path) -> None:
     output = Dataset(str(tmp_path), StorageConfig())
     with output.lock() as lock:
-        run = output.start_run(resume=False, model_id="m", inputs=_inputs(["a"]))
+        run = output.start_run(resume=False, settings=SETTINGS, model_id="m", inputs=_inputs(["a"]))
         output.write_staged(run.run_id, [_rows(["a"])], rows_per_file=10)
         _plant_lock(tmp_path)  # what a takeover by another run looks like from here
         with pytest.raises(JobError, match=f"lost the lock of {tmp_path} to run {RUN_A} on host other-host"):
@@ -431,14 +443,15 @@ def test_resume_keeps_only_staged_rows_of_current_inputs(tmp_path: Path) -> None
     output = Dataset(str(tmp_path), StorageConfig())
     output.write_staged(RUN_A, [_rows(["a", "b", "c"]), _rows(["d"])], rows_per_file=3)  # files abc, d
     output.write_staged(RUN_A, [_rows(["e"], model_id="other")], rows_per_file=3)
+    _stage_settings(tmp_path, RUN_A, SETTINGS)
     with output.lock():
-        run = output.start_run(resume=True, model_id="m", inputs=_inputs(["a", "c", "e", "f"]))
+        run = output.start_run(resume=True, settings=SETTINGS, model_id="m", inputs=_inputs(["a", "c", "e", "f"]))
     assert run.run_id == RUN_A and sorted(run.staged.to_pylist()) == ["a", "c"]
     staged = pq.read_table(list((tmp_path / STAGING / RUN_A).iterdir()))
     assert sorted(staged["path"].to_pylist()) == ["a", "c"]  # b, d dropped; e was another model's
     with output.lock():  # "c" rewritten since it was staged: its row goes too
         current, changed = _inputs(["a"]), _inputs(["c"], size=2)
-        run = output.start_run(resume=True, model_id="m", inputs=lambda staged: pc.or_(current(staged), changed(staged)))
+        run = output.start_run(resume=True, settings=SETTINGS, model_id="m", inputs=lambda staged: pc.or_(current(staged), changed(staged)))
     assert sorted(run.staged.to_pylist()) == ["a"]
 
 
@@ -454,6 +467,7 @@ def test_resume_with_a_changed_input_labels_every_current_input_exactly_once(
         RUN_A, [_rows(kept + [str(tmp_path / "removed-from-the-lake.jpg")], model_id,
                       sizes=[s.st_size for s in stats] + [1], mtimes_us=[s.st_mtime_ns // 1000 for s in stats] + [0])],
         rows_per_file=100)
+    _stage_settings(output, RUN_A, label_module._row_settings(LabelConfig(input=str(lake), model="m", output="o")))
     code = main(_label_args(lake, tiny_model, output, "--resume"))
     out, err = capsys.readouterr()
     assert code == 0 and "dropping 1 staged rows" in err
@@ -470,3 +484,20 @@ def test_incremental_keys_read_passing_errors_again_and_old_files_without_error_
     keys = output.labelled_keys("m")
     assert sorted(keys["path"].to_pylist()) == ["corrupt", "ok", "old-1", "old-2"]
     assert keys.column_names == ["path", "size", "mtime"]
+
+
+@pytest.mark.parametrize("flag, value", [("--top-k", "1"), ("--allowed-roots", "/srv/nothing")])
+def test_resume_under_other_row_settings_is_refused(tmp_path: Path, synthetic_lake, tiny_model: Path, capsys,
+                                                    flag: str, value: str) -> None:
+    """Rows staged under --top-k 5 and no --allowed-roots must not be committed as a run's that
+    asked for another --top-k or for allowed roots (they would bypass them)."""
+    lake = synthetic_lake(1, labelled=False)
+    output = tmp_path / "out"
+    settings = label_module._row_settings(LabelConfig(input=str(lake), model="m", output="o"))
+    Dataset(str(output), StorageConfig()).write_staged(RUN_A, [_rows([str(next(Path(lake).iterdir()))])], 10)
+    _stage_settings(output, RUN_A, settings)
+    for extra in ([], ["--dry-run"]):
+        code = main(_label_args(lake, tiny_model, output, "--resume", flag, value, *extra))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and flag in err[-1] and "--resume" in err[-1], err
+    assert not list(output.glob("part-*")) and (output / STAGING / RUN_A).is_dir()

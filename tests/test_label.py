@@ -164,6 +164,7 @@ def test_resume_reuses_readable_staged_files_and_relabels_the_rest(ray_local, tm
     (staging / "c-cut.parquet").write_bytes((staging / "a-good.parquet").read_bytes()[:200])
     other = rows.slice(5, 5).set_column(rows.schema.get_field_index("model_id"), "model_id", pa.array(["other"] * 5))
     pq.write_table(other, staging / "d-other-model.parquet")
+    (staging / "_settings.json").write_text(json.dumps(label_module._row_settings(config)))
 
     summary = label(config)
     frame = _assert_exactly_once(output, lake)

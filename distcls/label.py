@@ -131,6 +131,8 @@ def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, storage_conf
               else pa.array([], pa.string()))
     labelled = output.labelled_key_set(info.model_id) if config.incremental else None
     inputs = sum(t.num_rows for t in tables)
+    if inputs == 0:
+        raise _nothing_to_label(config)
     pending = sum(_fresh(t, staged, labelled).num_rows for t in tables)
     last = max((s for s in output.successes().values() if s.get("images_per_s")),
                key=lambda s: str(s.get("started_at")), default=None)
@@ -162,11 +164,18 @@ def _check_usage(config: LabelConfig) -> None:
 
 def _check_inputs(config: LabelConfig, storage_config: StorageConfig) -> None:
     """UsageError before any Ray work for an input that is missing or not a folder, or a manifest
-    that cannot be read or has no path column (its first chunk is read)."""
+    that cannot be read, has no path column or no row (read up to its first chunk with rows). An
+    empty lake is found only when it is listed, after Ray starts: listing an object store twice
+    would cost what the run's own listing costs."""
     if config.input:
         lake.check_lake(config.input, storage_config)
-    else:
-        next(lake.manifest_chunks(config.manifest, storage_config), None)
+    elif not any(chunk.num_rows for chunk in lake.manifest_chunks(config.manifest, storage_config)):
+        raise _nothing_to_label(config)
+
+
+def _nothing_to_label(config: LabelConfig) -> UsageError:
+    return UsageError(f"{config.input or config.manifest}: no images to label "
+                      f"(extensions {', '.join(config.extensions)})")
 
 
 @dataclass(frozen=True)
@@ -189,8 +198,7 @@ def _inputs(config: LabelConfig, storage_config: StorageConfig, workers: int,
     first = dedup.Distinct()
     blocks = predict.put_blocks(_input_tables(config, storage_config, first, chunk_rows), workers)
     if blocks.rows == 0:
-        raise UsageError(f"{config.input or config.manifest}: no images to label "
-                         f"(extensions {', '.join(config.extensions)})")
+        raise _nothing_to_label(config)
     return Inputs(blocks, _contains(config, first))
 
 

@@ -230,3 +230,16 @@ def test_a_fifo_planted_as_an_output_marker_is_refused_not_waited_on(
     code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output))
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not a regular file" in err and name in err and len(err.splitlines()) == 1, err
+
+
+def test_an_empty_manifest_is_refused_before_ray_starts_and_writes_nothing(no_ray, tmp_path: Path, tiny_model: Path,
+                                                                           capsys) -> None:
+    import ray
+
+    manifest, output = tmp_path / "empty.csv", tmp_path / "out"
+    manifest.write_text("path\n")
+    for extra in ([], ["--dry-run"]):
+        code = main(_label_args(manifest, tiny_model, output, *extra, manifest=True))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "no images to label" in err and len(err.splitlines()) == 1, err
+    assert not ray.is_initialized() and not output.exists()

@@ -246,7 +246,11 @@ class Dataset:
             _say(f"discarding staged files of unfinished run(s) {', '.join(runs)} (--resume reuses them)")
         self._delete_tree(STAGING)
         run_id = _new_run_id()
-        self._write(f"{STAGING}/{run_id}/{_SETTINGS}", _json(settings))
+        # Written in place, not through _write's rename: a record cut off by a kill is unreadable,
+        # and --resume then refuses that run, which is the safe answer.
+        self._make_dir(STAGING, run_id)
+        with self._fs.open_output_stream(self._path(STAGING, run_id, _SETTINGS)) as stream:
+            stream.write(_json(settings))
         return Run(run_id, pa.array([], pa.string()))
 
     def resumable(self, model_id: str, inputs: Callable[[pa.Table], pa.Array], settings: dict[str, Any]) -> pa.Array:

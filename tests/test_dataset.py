@@ -447,7 +447,7 @@ def test_resume_keeps_only_staged_rows_of_current_inputs(tmp_path: Path) -> None
     with output.lock():
         run = output.start_run(resume=True, settings=SETTINGS, model_id="m", inputs=_inputs(["a", "c", "e", "f"]))
     assert run.run_id == RUN_A and sorted(run.staged.to_pylist()) == ["a", "c"]
-    staged = pq.read_table(list((tmp_path / STAGING / RUN_A).iterdir()))
+    staged = pq.read_table(list((tmp_path / STAGING / RUN_A).glob("*.parquet")))
     assert sorted(staged["path"].to_pylist()) == ["a", "c"]  # b, d dropped; e was another model's
     with output.lock():  # "c" rewritten since it was staged: its row goes too
         current, changed = _inputs(["a"]), _inputs(["c"], size=2)

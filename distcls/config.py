@@ -118,6 +118,10 @@ class TrainConfig(StorageConfig):
     seed: int = Field(0, description="Seed for the split, initialisation and augmentation order.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed before the run fails (-1: unlimited).")
     name: str = Field("distcls-train", description="Run name; rerunning with the same name and output resumes.")
+    labels: str | None = Field(
+        None, description="Parquet/CSV of human labels (columns path, label), e.g. a filled-in label --review-below "
+                          "file: a row replaces the label of the same path in --data, or adds that image; rows "
+                          "with an empty label are skipped.")
 
     @field_validator("model")
     @classmethod
@@ -190,6 +194,12 @@ class LabelConfig(InferenceConfig):
         89_478_485, ge=1, description="Decompression-bomb limit: images declaring more pixels become error rows."
     )
     rows_per_file: int = Field(100_000, ge=1, description="Target rows per Parquet file.")
+    review_below: float | None = Field(
+        None, ge=0, le=1, description="Also write the images whose top-1 score is below this (0..1) to "
+                                      "_review/run=<id>/ in the output, for people to label (see --review-sample).")
+    review_sample: int | None = Field(
+        None, ge=1, description="Write at most this many of the least confident images to _review/run=<id>/, "
+                                "least confident first (with --review-below: of those below it).")
 
     @field_validator("extensions")
     @classmethod

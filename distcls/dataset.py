@@ -9,6 +9,8 @@ and DuckDB dataset readers skip::
     _COMMITTING                     the plan of a commit in progress
     part-<run_id>-00000.parquet ... _SUCCESS            a whole dataset, or with --incremental
     run=<run_id>/part-00000.parquet ... run=<run_id>/_SUCCESS   one partition per run
+    _review/run=<run_id>/part-00000.parquet   the run's review queue (label --review-below/--review-sample),
+                                    committed with the run and listed by its _SUCCESS under review.files
 
 The protocol, in the order a run meets it; each step is one method of ``Dataset``:
 
@@ -45,7 +47,8 @@ The protocol, in the order a run meets it; each step is one method of ``Dataset`
 
 A plan is validated before any step is applied, whether this run wrote it or found it: every name
 is a plain relative name inside the output; moves go only from this output's ``_staging/<run_id>/``
-to dataset names of that run; deletes name only ``_SUCCESS`` files and files that a committed
+to dataset names of that run (and from ``_staging/<run_id>/_review/`` to the same name in
+``_review/run=<run_id>/``); deletes name only ``_SUCCESS`` files and files that a committed
 ``_SUCCESS`` lists (or that are already gone); ``success`` is ``_SUCCESS`` or ``run=<id>/_SUCCESS``.
 A plan that fails is refused with JobError naming the entry, and nothing is touched.
 
@@ -97,6 +100,7 @@ from distcls.errors import JobError, UsageError
 SUCCESS = "_SUCCESS"
 COMMITTING = "_COMMITTING"
 STAGING = "_staging"
+REVIEW = "_review"
 LOCK = "_LOCK"
 # A few minutes: a crashed run on another host blocks the output this long at most; the holder
 # renews every third of it, so two missed renewals (a store hiccup) do not lose the lock.
@@ -111,6 +115,7 @@ PASSING_ERROR_KINDS = ("not_found", "transient")
 _RUN_ID = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
 # The names distcls gives committed files: the only files a commit may ever delete.
 _DATASET_FILE = r"part-[^/]+\.parquet|run=[^/]+/part-[^/]+\.parquet"
+_REVIEW_FILE = rf"{REVIEW}/run=[^/]+/part-[^/]+\.parquet"
 _SETTINGS = "_settings.json"  # below _staging/<run_id>/: what shaped its rows, checked by --resume
 _RETIRED = "_retired"  # below _staging/<run_id>/: the _SUCCESS files an --overwrite commit replaces
 _KEY_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC")),
@@ -337,20 +342,58 @@ class Dataset:
                            f"expected {expected}; not committed")
         return {"images": rows, "labelled": rows - errors, "errors": errors, "errors_by_kind": dict(kinds)}
 
+    def staged_rows(self, run_id: str, files: Iterable[str], columns: list[str],
+                    where: pc.Expression | None = None) -> Iterator[pa.Table]:
+        """``columns`` of the rows that pass ``where`` in each of the run's staged ``files`` in turn
+        (one file's rows at a time); JobError naming a file that cannot be read."""
+        for name in files:
+            try:
+                file = pads.dataset(self._path(STAGING, run_id, name), filesystem=self._fs, format="parquet")
+                yield file.to_table(columns=columns, filter=where)
+            except (OSError, pa.ArrowException) as exc:
+                raise JobError(f"staged file {name} of run {run_id} cannot be read "
+                               f"({str(exc).splitlines()[0][:160]}); not committed") from None
+
+    def stage_review(self, run_id: str, tables: Iterable[pa.Table]) -> tuple[list[str], int]:
+        """The run's review queue: ``tables`` -> one Parquet file in ``_staging/<run_id>/_review/``
+        (none when they hold no row), which ``commit(review=...)`` moves to ``_review/run=<run_id>/``.
+        Replaces the queue a resumed run staged before. Returns (staged names, rows)."""
+        self._delete_tree(STAGING, run_id, REVIEW)
+        name, rows, writer = "part-00000.parquet", 0, None
+        try:
+            for table in tables:
+                if not table.num_rows:
+                    continue
+                if writer is None:
+                    self._make_dir(STAGING, run_id, REVIEW)
+                    writer = pq.ParquetWriter(self._path(STAGING, run_id, REVIEW, name), table.schema,
+                                              filesystem=self._fs)
+                writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+                rows += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        return ([name] if rows else []), rows
+
     # -- 7. Commit --------------------------------------------------------------------------------
 
     def commit(self, run_id: str, summary: dict[str, Any], *, incremental: bool, overwrite: bool,
-               lock: Lock, files: Iterable[str] | None = None) -> dict[str, Any]:
+               lock: Lock, files: Iterable[str] | None = None, review: Iterable[str] = ()) -> dict[str, Any]:
         """Make the run's staged ``files`` (default: every staged file) the dataset (a ``run=<id>/``
-        partition with ``incremental``; replacing what distcls committed before with ``overwrite``).
-        Returns the summary written to ``_SUCCESS``: ``summary`` plus the committed ``files``."""
+        partition with ``incremental``; replacing what distcls committed before with ``overwrite``),
+        and its staged ``review`` files (``stage_review``) its review queue, which ``summary["review"]``
+        describes. Returns the summary written to ``_SUCCESS``: ``summary`` plus the committed
+        ``files`` (and ``review.files``)."""
         lock.require_held()
         prefix = f"run={run_id}/part-" if incremental else f"part-{run_id}-"
         names = self._staged_files(run_id) if files is None else sorted(files)
         moves = [[f"{STAGING}/{run_id}/{name}", f"{prefix}{i:05d}.parquet"] for i, name in enumerate(names)]
+        queue = [[f"{STAGING}/{run_id}/{REVIEW}/{name}", f"{REVIEW}/run={run_id}/{name}"] for name in review]
+        if "review" in summary:
+            summary = {**summary, "review": {**summary["review"], "files": [final for _, final in queue]}}
         old = self.successes() if overwrite else {}
         delete = [name for success, committed in sorted(old.items()) for name in (success, *_files(committed))]
-        plan = {"run_id": run_id, "delete": delete, "moves": moves,
+        plan = {"run_id": run_id, "delete": delete, "moves": moves + queue,
                 "success": f"run={run_id}/{SUCCESS}" if incremental else SUCCESS,
                 "summary": {**summary, "files": [final for _, final in moves]}}
         self._validate(plan)  # the check a found plan gets: an old _SUCCESS may list anything
@@ -378,17 +421,24 @@ class Dataset:
         if success not in (SUCCESS, f"run={run_id}/{SUCCESS}"):
             refuse(f"success entry {success!r} is neither {SUCCESS} nor run={run_id}/{SUCCESS}")
         final = rf"run={run_id}/part-\d{{5}}\.parquet" if success != SUCCESS else rf"part-{run_id}-\d{{5}}\.parquet"
-        for source, target in moves:
+        queue = [m for m in moves if m[0].startswith(f"{STAGING}/{run_id}/{REVIEW}/")]  # the review queue
+        for source, target in queue:
+            name = source.rsplit("/", 1)[-1]
+            if not re.fullmatch(r"part-\d{5}\.parquet", name) or target != f"{REVIEW}/run={run_id}/{name}":
+                refuse(f"moves entry {source!r} -> {target!r} is not the review queue of run {run_id}")
+        for source, target in (m for m in moves if m not in queue):
             if not re.fullmatch(rf"{STAGING}/{run_id}/[^/]+\.parquet", source):
                 refuse(f"moves entry {source!r} is not a staged file of run {run_id}")
             if not re.fullmatch(final, target):
                 refuse(f"moves entry {target!r} is not a dataset file of run {run_id}")
-        targets = [target for _, target in moves]
+        targets = [target for source, target in moves if [source, target] not in queue]
         if summary.get("files") != targets or summary.get("run_id") != run_id or len(set(targets)) < len(targets):
             refuse("the summary's files or run_id differ from the moves")
+        if _review_files(summary) != [target for _, target in queue]:
+            refuse("the summary's review files differ from the moves")
         listed = self._listed(run_id)
         for name in delete:
-            if not (_is_success_name(name) or re.fullmatch(_DATASET_FILE, name)):
+            if not (_is_success_name(name) or re.fullmatch(_DATASET_FILE, name) or re.fullmatch(_REVIEW_FILE, name)):
                 refuse(f"delete entry {name!r} is not a file of a distcls dataset")
             if not (_is_success_name(name) or name in listed or not self._exists(name)):
                 refuse(f"delete entry {name!r} is not listed by a committed {SUCCESS}")
@@ -408,7 +458,7 @@ class Dataset:
             for staged, final in plan["moves"]:
                 if self._exists(staged):
                     self._move(staged, final)
-            missing = [name for name in plan["summary"]["files"] if not self._exists(name)]
+            missing = [final for _, final in plan["moves"] if not self._exists(final)]
             if missing:
                 raise JobError(f"not writing {self.uri_of(success)}: {len(missing)} of the files it lists are gone "
                                f"({missing[0]}, ...); the commit of run {run_id} cannot be finished")
@@ -437,7 +487,7 @@ class Dataset:
         return {name for s in summaries for name in _files(s)}
 
     def _drop_empty_partitions(self, deleted: list[str]) -> None:
-        for partition in sorted({name.split("/")[0] for name in deleted if "/" in name}):
+        for partition in sorted({name.rsplit("/", 1)[0] for name in deleted if "/" in name}):
             info = self._fs.get_file_info(self._path(partition))
             if info.type == pafs.FileType.Directory and not self._entries(partition):
                 self._fs.delete_dir(info.path)
@@ -876,10 +926,18 @@ def _not_plain(name: Any) -> str | None:
 
 
 def _files(summary: dict[str, Any]) -> list[str]:
-    """The dataset files a committed summary lists; anything else in its list is ignored (and
-    so, being in the output, refuses the run as foreign)."""
+    """The dataset and review files a committed summary lists; anything else in its lists is
+    ignored (and so, being in the output, refuses the run as foreign)."""
     files = summary.get("files")
-    return [f for f in files if isinstance(f, str) and re.fullmatch(_DATASET_FILE, f)] if isinstance(files, list) else []
+    files = [f for f in files if isinstance(f, str) and re.fullmatch(_DATASET_FILE, f)] if isinstance(files, list) else []
+    return files + [f for f in _review_files(summary) if isinstance(f, str) and re.fullmatch(_REVIEW_FILE, f)]
+
+
+def _review_files(summary: dict[str, Any]) -> list[Any]:
+    """``review.files`` of a summary, [] when it has none."""
+    review = summary.get("review")
+    files = review.get("files") if isinstance(review, dict) else None
+    return files if isinstance(files, list) else []
 
 
 def _is_success_name(name: str) -> bool:

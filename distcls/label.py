@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from distcls import artifact, dedup, engines, lake, predict, runtime, storage
+from distcls import artifact, dedup, engines, lake, predict, review, runtime, storage
 from distcls.artifact import ModelInfo
 from distcls.config import LabelConfig, StorageConfig, public_dict
-from distcls.dataset import Dataset, Lock, StagedWriter, keys
+from distcls.dataset import REVIEW, Dataset, Lock, StagedWriter, keys
 from distcls.errors import JobError, UsageError
 
 OUTPUT_SCHEMA = pa.schema([
@@ -106,11 +106,27 @@ def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: Mo
     # The pipeline's own rate: connecting to Ray and listing the lake are not labeling.
     counts.update(resumed=len(run.staged),
                   images_per_s=round(todo.rows / max(time.time() - labelling, 1e-9), 2))
+    queue = _stage_review(config, output, run.run_id, files, counts)
     summary = output.commit(run.run_id, _summary(config, output, info, run.run_id, started, counts),
-                            incremental=config.incremental, overwrite=config.overwrite, lock=lock, files=files)
+                            incremental=config.incremental, overwrite=config.overwrite, lock=lock, files=files,
+                            review=queue)
     _say(f"labelled {summary['images']} images ({summary['errors']} errors) at "
          f"{summary['images_per_s']:.1f} images/s -> {summary['output']}")
     return summary
+
+
+def _stage_review(config: LabelConfig, output: Dataset, run_id: str, files: list[str],
+                  counts: dict[str, Any]) -> list[str]:
+    """With --review-below/--review-sample: stage the run's review queue from its staged files and
+    add its description to ``counts`` (the summary's ``review``); returns the staged queue's files."""
+    if config.review_below is None and config.review_sample is None:
+        return []
+    rows = output.staged_rows(run_id, files, review.OUTPUT_COLUMNS, review.candidates(config.review_below))
+    staged, images = output.stage_review(run_id, review.queue(rows, config.review_sample))
+    counts["review"] = {"images": images, "below": config.review_below, "sample": config.review_sample}
+    _say(f"{images} images to review -> {output.uri_of(REVIEW, f'run={run_id}')}" if images
+         else "no image to review")
+    return staged
 
 
 def _row_settings(config: LabelConfig) -> dict[str, Any]:

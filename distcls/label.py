@@ -11,7 +11,9 @@ Output columns: path, label, label_id, score, topk_labels, topk_scores, width, h
 error, error_kind, size, mtime (of the input file, the key of ``--incremental``), model_id, run_id, labeled_at.
 
 The output dataset (lock, staging, the commit protocol, resume, the keys of ``--incremental``) is
-``distcls.dataset``; this module decides what to label and runs the pipeline.
+``distcls.dataset``; this module decides what to label and runs the pipeline. With
+``--review-below``/``--review-sample`` the run's least confident rows are also committed as its
+review queue (``distcls.review``).
 """
 from __future__ import annotations
 

@@ -203,9 +203,14 @@ def _plant_plan(output: Path, **changes) -> dict:
     ("'../_SUCCESS'", {"success": "../_SUCCESS"}),
     ("'run=other/_SUCCESS' is neither", {"success": "run=other/_SUCCESS"}),
     ("run_id '../x' is not a run id", {"run_id": "../x"}),
+    ("is not the review queue of run", {"moves": [[f"{STAGING}/{RUN_B}/_review/part-00000.parquet",
+                                                   f"_review/run={RUN_A}/part-00000.parquet"]]}),
+    ("is not the review queue of run", {"moves": [[f"{STAGING}/{RUN_B}/_review/part-00000.parquet",
+                                                   f"part-{RUN_B}-00000.parquet"]]}),
+    ("'_review/x.parquet' is not a file of a distcls dataset", {"delete": ["_review/x.parquet"]}),
 ], ids=["delete-dotdot", "delete-partition-dotdot", "delete-absolute", "delete-scheme", "delete-foreign",
         "delete-unlisted", "move-source-dotdot", "move-source-other-run", "move-target-dotdot", "success-dotdot",
-        "success-other-partition", "run-id"])
+        "success-other-partition", "run-id", "review-into-other-run", "review-as-dataset", "delete-review-foreign"])
 def test_a_tampered_commit_plan_is_refused_with_exit_1_and_nothing_is_touched(
         tmp_path: Path, synthetic_lake, tiny_model: Path, capsys, entry: str, changes: dict) -> None:
     """A _COMMITTING planted by anyone who can write the output: refused before its first step,

@@ -59,6 +59,9 @@ class ModelInfo(BaseModel):
     created_at: str = ""
     config: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # train --labels: the manifest of human labels and what it did to the lake's labels (not part
+    # of model_id: it says where the labels came from, the weights say what was learnt).
+    human_labels: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("arch")
     @classmethod

@@ -1,0 +1,190 @@
+"""Experiment tracking for ``distcls train`` with MLflow, the optional extra ``distcls[mlflow]``.
+
+On when ``MLFLOW_TRACKING_URI`` is set: a run in the experiment ``$MLFLOW_EXPERIMENT_NAME`` (default
+``distcls``), named after ``--name``, gets the resolved config as params (``public_dict``: no
+secrets by construction), one point per epoch of every number the workers report (train_loss,
+val_loss, val_accuracy, images_per_s, elapsed_s, restores; step = epoch), and the model artifact
+(model.json + model.safetensors under ``model/``; an artifact on an object store larger than
+ARTIFACT_COPY_BYTES is only named, by the tag ``distcls.model_uri``, which every run has).
+
+Everything is logged from the driver, which has the tracking server's address and credentials
+(``MLFLOW_TRACKING_TOKEN`` and the like) in its environment. Ray Train 2.60 runs its callbacks in
+the controller actor, whose environment is not the driver's (only Ray Train's own variables are
+passed on, ``ray.train.v2._internal.constants.get_env_vars_to_propagate``): the callback
+(``ray.train.UserCallback.after_report``) only forwards rank 0's epoch row through a Ray queue,
+and a thread of the driver logs what arrives while ``fit()`` blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.util.queue import Empty, Queue
+
+from distcls import storage
+from distcls.config import StorageConfig, TrainConfig, public_dict
+from distcls.errors import UsageError
+
+EXPERIMENT = "distcls"
+# A remote artifact larger than this is named by a tag instead of copied into the tracking store.
+ARTIFACT_COPY_BYTES = 256 * 2**20
+_ARTIFACT_FILES = ("model.json", "model.safetensors")
+
+
+def tracker(config: TrainConfig) -> Any:
+    """An ``mlflow.tracking.MlflowClient`` with the experiment made, or None when
+    ``MLFLOW_TRACKING_URI`` is not set. UsageError (before any Ray work) when it is set but mlflow is
+    not installed or the tracking store refuses it."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise UsageError("MLFLOW_TRACKING_URI is set but mlflow is not installed: pip install 'distcls[mlflow]' "
+                         "(or unset MLFLOW_TRACKING_URI)") from None
+    try:
+        client = MlflowClient(uri)
+        name = _experiment_name()
+        if client.get_experiment_by_name(name) is None:
+            client.create_experiment(name)
+    except Exception as exc:  # mlflow raises its own and its stores' exceptions: name the setting, one line
+        raise UsageError(f"MLFLOW_TRACKING_URI {uri}: {str(exc).splitlines()[0][:300]}") from None
+    return client
+
+
+@contextlib.contextmanager
+def run(client: Any, config: TrainConfig) -> Iterator[Epochs]:
+    """The MLflow run of one training (a no-op ``Epochs`` when ``client`` is None): params logged
+    now, epochs as they are reported, FINISHED at the end or FAILED when the block raises."""
+    if client is None:
+        yield Epochs(None, None, None)
+        return
+    experiment = client.get_experiment_by_name(_experiment_name()).experiment_id
+    mlflow_run = client.create_run(experiment, run_name=config.name,
+                                   tags={"distcls.command": "train", "distcls.model_uri": storage.join(config.output, "model")})
+    run_id = mlflow_run.info.run_id
+    _log_params(client, run_id, public_dict(config))
+    # 0 CPUs: training workers may hold every CPU, and a queue that waits for one would block them.
+    epochs = Epochs(client, run_id, Queue(actor_options={"num_cpus": 0}))
+    epochs.start()
+    status = "FAILED"
+    try:
+        yield epochs
+        status = "FINISHED"
+    finally:
+        epochs.stop()
+        _quietly(f"end MLflow run {run_id}", client.set_terminated, run_id, status)
+        print(f"mlflow: run {run_id} of experiment {_experiment_name()!r} ({status.lower()}) at "
+              f"{client.tracking_uri}", file=sys.stderr)
+
+
+class Epochs:
+    """Rows reported by the workers -> MLflow metrics, logged by a thread of the driver."""
+
+    def __init__(self, client: Any, run_id: str | None, queue: Queue | None) -> None:
+        self.client, self.run_id, self.queue = client, run_id, queue
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True, name="distcls-mlflow")
+
+    def callbacks(self) -> list[ray.train.UserCallback]:
+        """What the trainer's RunConfig needs so that its epoch rows reach this object."""
+        return [ForwardEpochs(self.queue)] if self.queue is not None else []
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Log what is still queued (every row is queued once ``fit()`` returns) and drop the queue."""
+        if self.queue is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        while True:
+            try:
+                self._log(self.queue.get_nowait())
+            except Empty:
+                break
+        self.queue.shutdown()
+
+    def log_artifact(self, uri: str, storage_config: StorageConfig) -> None:
+        """model.json and model.safetensors of the artifact at ``uri`` under ``model/`` of the run;
+        a remote one larger than ARTIFACT_COPY_BYTES stays where it is (the tag names it)."""
+        if self.client is None:
+            return
+        scheme, path = storage.split_uri(uri)
+        if scheme == "file":
+            _quietly("log the model artifact", self._log_files, Path(path))
+            return
+        info = storage.require_exists(storage.join(uri, "model.safetensors"), storage_config)
+        if (info.size or 0) > ARTIFACT_COPY_BYTES:
+            print(f"mlflow: the artifact ({info.size / 2**20:.0f} MiB) is not copied; tag distcls.model_uri names it",
+                  file=sys.stderr)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            for name in _ARTIFACT_FILES:
+                (Path(folder) / name).write_bytes(storage.read_bytes(storage.join(uri, name), storage_config))
+            _quietly("log the model artifact", self._log_files, Path(folder))
+
+    def _log_files(self, folder: Path) -> None:
+        for name in _ARTIFACT_FILES:
+            self.client.log_artifact(self.run_id, str(folder / name), "model")
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            try:
+                row = self.queue.get(timeout=1)
+            except Empty:
+                continue
+            self._log(row)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, int(row["epoch"])) for key, value in row.items()
+                   if key != "epoch" and isinstance(value, (int, float))]
+        _quietly(f"log epoch {row.get('epoch')}", self.client.log_batch, self.run_id, metrics=metrics)
+
+
+class ForwardEpochs(ray.train.UserCallback):
+    """Runs in Ray Train's controller: each epoch's row (rank 0's; the losses and accuracy are
+    summed over all workers, so every rank reports the same) goes onto the driver's queue."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics:
+            self.queue.put_nowait(dict(metrics[0]))
+
+
+def _log_params(client: Any, run_id: str, config: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    params = [Param(key, value if isinstance(value, str) else json.dumps(value)) for key, value in sorted(config.items())]
+    client.log_batch(run_id, params=params)
+
+
+def _quietly(what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+    """Tracking is a record of the run, not part of it: a tracking server that fails mid-run costs
+    its record one line on stderr, never the training."""
+    try:
+        call(*args, **kwargs)
+    except Exception as exc:  # any store's error: the run goes on
+        print(f"mlflow: could not {what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+              file=sys.stderr)
+
+
+def _experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+

@@ -164,8 +164,8 @@ class ForwardEpochs(ray.train.UserCallback):
         self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics:
-            self.queue.put_nowait(dict(metrics[0]))
+        if metrics:  # an exception here would fail the controller, and with it the training
+            _quietly(f"forward epoch {metrics[0].get('epoch')}", self.queue.put_nowait, dict(metrics[0]))
 
 
 def _log_params(client: Any, run_id: str, config: dict[str, Any]) -> None:

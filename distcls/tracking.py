@@ -70,8 +70,8 @@ def run(client: Any, config: TrainConfig) -> Iterator[Epochs]:
         yield Epochs(None, None, None)
         return
     experiment = client.get_experiment_by_name(_experiment_name()).experiment_id
-    mlflow_run = client.create_run(experiment, run_name=config.name,
-                                   tags={"distcls.command": "train", "distcls.model_uri": storage.join(config.output, "model")})
+    tags = {"distcls.command": "train", "distcls.model_uri": storage.join(config.output, "model")}
+    mlflow_run = client.create_run(experiment, run_name=config.name, tags=tags)
     run_id = mlflow_run.info.run_id
     _log_params(client, run_id, public_dict(config))
     # 0 CPUs: training workers may hold every CPU, and a queue that waits for one would block them.
@@ -171,7 +171,8 @@ class ForwardEpochs(ray.train.UserCallback):
 def _log_params(client: Any, run_id: str, config: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    params = [Param(key, value if isinstance(value, str) else json.dumps(value)) for key, value in sorted(config.items())]
+    params = [Param(key, value if isinstance(value, str) else json.dumps(value))
+              for key, value in sorted(config.items())]
     client.log_batch(run_id, params=params)
 
 

@@ -208,7 +208,8 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers, use_gpu=config.gpu, resources_per_worker={"CPU": worker_cpus}),
         run_config=ray.train.RunConfig(
-            name=config.name, storage_path=path, storage_filesystem=fs, callbacks=epochs.callbacks() if epochs else None,
+            name=config.name, storage_path=path, storage_filesystem=fs,
+            callbacks=epochs.callbacks() if epochs else None,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max")),

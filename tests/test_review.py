@@ -21,7 +21,7 @@ from distcls.cli import main
 from distcls.config import TrainConfig
 from distcls.dataset import COMMITTING, STAGING
 from distcls.images import decode
-from distcls.review import REVIEW_SCHEMA
+from distcls.review import REVIEW_SCHEMA, queue
 from distcls.train import _split
 
 
@@ -117,6 +117,25 @@ def test_review_queue_is_committed_with_its_run(ray_local, synthetic_lake, model
     read = pads.dataset(output, format="parquet", partitioning="hive").to_table()
     assert read.num_rows == 31 and "predicted" not in read.column_names
     assert not (output / STAGING).exists() and not (output / COMMITTING).exists()
+
+
+def test_the_sample_is_the_n_lowest_over_all_files_lowest_first_ties_by_path() -> None:
+    def output_rows(scored: list[tuple[str, float]]) -> pa.Table:
+        n = len(scored)
+        return pa.table({"path": [p for p, _ in scored], "size": [1] * n,
+                         "mtime": pa.array([0] * n, pa.timestamp("us", tz="UTC")), "label": ["circle"] * n,
+                         "score": pa.array([s for _, s in scored], pa.float32()),
+                         "topk_labels": [["circle"]] * n, "topk_scores": pa.array([[s] for _, s in scored],
+                                                                                  pa.list_(pa.float32())),
+                         "model_id": ["m"] * n, "run_id": ["r"] * n})
+
+    files = [output_rows([("a", 0.9), ("b", 0.25), ("c", 0.5)]), output_rows([]),
+             output_rows([("e", 0.25), ("d", 0.25), ("f", 0.75)])]
+    [sample] = queue(iter(files), 3)
+    assert sample.schema == REVIEW_SCHEMA
+    assert sample.select(["path", "predicted"]).to_pylist() == [
+        {"path": "b", "predicted": "circle"}, {"path": "d", "predicted": "circle"}, {"path": "e", "predicted": "circle"}]
+    assert [t.num_rows for t in queue(iter(files), None)] == [3, 0, 3]  # without a sample: all, as they come
 
 
 @pytest.mark.parametrize("flags, named", [(["--review-below", "1.5"], "--review-below"),

@@ -18,10 +18,11 @@ import pytest
 from distcls import storage
 from distcls.artifact import load_model, predict_proba
 from distcls.cli import main
-from distcls.config import TrainConfig
-from distcls.dataset import COMMITTING, STAGING
+from distcls.config import StorageConfig, TrainConfig
+from distcls.dataset import COMMITTING, STAGING, Dataset
 from distcls.images import decode
-from distcls.review import REVIEW_SCHEMA, queue
+from distcls.label import OUTPUT_SCHEMA
+from distcls.review import OUTPUT_COLUMNS, REVIEW_SCHEMA, candidates, queue
 from distcls.train import _split
 
 
@@ -136,6 +137,37 @@ def test_the_sample_is_the_n_lowest_over_all_files_lowest_first_ties_by_path() -
     assert sample.select(["path", "predicted"]).to_pylist() == [
         {"path": "b", "predicted": "circle"}, {"path": "d", "predicted": "circle"}, {"path": "e", "predicted": "circle"}]
     assert [t.num_rows for t in queue(iter(files), None)] == [3, 0, 3]  # without a sample: all, as they come
+
+
+def test_the_queue_is_committed_and_replaced_on_an_object_store(s3_bucket: str) -> None:
+    """What the label runs above do, on S3 (no folders; a move is a copy and a delete), without Ray."""
+    output = Dataset(f"s3://{s3_bucket}/labels", StorageConfig())
+    scores = {f"s3://{s3_bucket}/lake/{i}.jpg": score for i, score in enumerate([0.9, 0.2, None, 0.4])}
+    rows = pa.table({**{name: [None] * 4 for name in OUTPUT_SCHEMA.names},
+                     "path": list(scores), "score": list(scores.values()), "model_id": ["m"] * 4}).cast(OUTPUT_SCHEMA)
+
+    def run(sample: int, overwrite: bool) -> dict:
+        with output.lock() as lock:
+            output.check_existing(overwrite=overwrite, incremental=False)
+            staged = output.start_run(resume=False, model_id="m", inputs=lambda t: pa.array([True] * len(t)),
+                                      settings={})
+            files = [name for name, _ in output.write_staged(staged.run_id, [rows], rows_per_file=10)]
+            chosen = output.staged_rows(staged.run_id, files, OUTPUT_COLUMNS, candidates(0.5))
+            queued, images = output.stage_review(staged.run_id, queue(chosen, sample))
+            return output.commit(staged.run_id, {"run_id": staged.run_id, "review": {"images": images}},
+                                 incremental=False, overwrite=overwrite, lock=lock, files=files, review=queued)
+
+    fs, root = storage.arrow_filesystem(output.uri, StorageConfig())
+    first = run(sample=1, overwrite=False)
+    [file] = first["review"]["files"]
+    assert pq.read_table(f"{root}/{file}", filesystem=fs)["path"].to_pylist() == [f"s3://{s3_bucket}/lake/1.jpg"]
+    second = run(sample=5, overwrite=True)
+    [file] = second["review"]["files"]
+    assert pq.read_table(f"{root}/{file}", filesystem=fs)["path"].to_pylist() == [
+        f"s3://{s3_bucket}/lake/{i}.jpg" for i in (1, 3)]
+    listed = [info.path.removeprefix(f"{root}/") for info in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+              if info.type == pafs.FileType.File]
+    assert sorted(listed) == sorted([*second["files"], file, "_SUCCESS"])  # the first queue is gone
 
 
 @pytest.mark.parametrize("flags, named", [(["--review-below", "1.5"], "--review-below"),

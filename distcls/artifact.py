@@ -96,14 +96,15 @@ def save_model(model: nn.Module, info: ModelInfo, store: storage.Store) -> Model
     return info
 
 
-def load_model(store: storage.Store) -> tuple[nn.Module, ModelInfo]:
-    """Load the artifact folder ``store``. Returns the model in eval mode and its verified ModelInfo.
+def load_model(store: storage.Store | str) -> tuple[nn.Module, ModelInfo]:
+    """Load the artifact folder ``store`` (a URI alone: with the default storage settings, from
+    the environment). Returns the model in eval mode and its verified ModelInfo.
 
     Raises UsageError naming the URI (and the model.json field) when it is not an artifact, a
     field is out of bounds, the weights or the fields do not match model_id, the weights are not a
     safetensors file (a pickle planted there is never unpickled), or they do not fit arch and classes.
     """
-    info, state = _verified(store)
+    info, state = _verified(store if isinstance(store, storage.Store) else storage.Store(store))
     model = create_model(info.arch, num_classes=len(info.classes))
     model.load_state_dict(state, strict=True)  # keys and shapes were checked by _verified
     return model.eval(), info

@@ -368,10 +368,10 @@ class Store:
         try:
             with self.fs.open_output_stream(temporary) as stream:
                 stream.write(data)
-            os.replace(temporary, path)  # atomic on POSIX: readers see the old file or the new one
+            self.fs.move(temporary, path)  # a rename: readers see the old file or the new one
         except BaseException:  # a full disk or an interrupt must not leave the temporary file behind
             with contextlib.suppress(OSError):
-                os.remove(temporary)
+                self.fs.delete_file(temporary)
             raise
 
     # -- Streams, moves, deletes ------------------------------------------------------------------

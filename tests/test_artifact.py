@@ -79,13 +79,13 @@ def test_saving_a_ddp_style_wrapper_saves_the_inner_module(tmp_path: Path) -> No
 
     inner = _trained_looking_model()
     save_model(Wrapper(inner), _info(), Store(str(tmp_path)))
-    loaded, info = load_model(str(tmp_path))
+    loaded, info = load_model(Store(str(tmp_path)))
     assert torch.equal(predict_proba(loaded, info, _images()), predict_proba(inner, info, _images()))
 
 
 def test_folder_without_model_json(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=f"^{tmp_path}: not a distcls model artifact"):
-        load_model(str(tmp_path))
+        load_model(Store(str(tmp_path)))
 
 
 def test_invalid_model_json_names_the_problem(tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_invalid_model_json_names_the_problem(tmp_path: Path) -> None:
     meta["classes"] = ["only-one"]
     (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(UsageError, match=f"^{tmp_path}: invalid model.json: .*classes"):
-        load_model(str(tmp_path))
+        load_model(Store(str(tmp_path)))
 
 
 def test_tampered_weights_do_not_match_model_id(tmp_path: Path) -> None:
@@ -103,14 +103,14 @@ def test_tampered_weights_do_not_match_model_id(tmp_path: Path) -> None:
     state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     safetensors.torch.save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(UsageError, match="weights do not match weights_sha256"):
-        load_model(str(tmp_path))
+        load_model(Store(str(tmp_path)))
 
 
 def test_weights_of_another_arch_are_refused(tmp_path: Path) -> None:
     weights = safetensors.torch.save(create_model("resnet_small", num_classes=3).state_dict())
     _plant(tmp_path, weights)
     with pytest.raises(UsageError, match="do not fit arch 'simple_cnn'"):
-        load_model(str(tmp_path))
+        load_model(Store(str(tmp_path)))
 
 
 class _CreatesFile:
@@ -157,7 +157,7 @@ def test_malicious_pickle_as_weights_is_never_unpickled(tmp_path: Path, make: st
     marker = tmp_path / "pwned"
     _plant(tmp_path / "model", _payload(marker, make))
     with pytest.raises(UsageError, match="is not a safetensors file"):
-        load_model(str(tmp_path / "model"))
+        load_model(Store(str(tmp_path / "model")))
     assert not marker.exists()
 
 
@@ -244,7 +244,7 @@ def test_tampered_model_json_is_refused_by_load_model_and_the_cli(tmp_path: Path
     changes, expected = TAMPERED[case]
     _rewrite(Path(uri), **changes)
     with pytest.raises(UsageError) as raised:
-        load_model(uri)
+        load_model(Store(uri))
     message = str(raised.value)
     assert message.startswith(f"{uri}: ") and "\n" not in message and re.search(expected, message), message
 
@@ -262,7 +262,7 @@ def test_a_class_count_that_does_not_match_the_head_is_refused_even_with_consist
     uri = str(tmp_path / "model")
     expected = f"{uri}: model.json field 'classes' lists 4 classes but the weights' head outputs 3"
     with pytest.raises(UsageError, match=f"^{re.escape(expected)}$"):
-        load_model(uri)
+        load_model(Store(uri))
     line = _cli_error(capsys, "label", "--input", str(tmp_path / "lake"), "--model", uri,
                       "--output", str(tmp_path / "labels"))
     assert line == f"distcls label: error: {expected}"
@@ -284,11 +284,11 @@ def test_resave_upgrades_a_checked_format_1_artifact(tmp_path: Path) -> None:
     (tmp_path / "model" / "model.json").write_text(json.dumps({**meta, "format_version": 1,
                                                                 "model_id": saved.weights_sha256}))
     with pytest.raises(UsageError, match="format 1"):
-        load_model(uri)
+        load_model(Store(uri))
 
-    upgraded = resave(uri)
-    loaded, info = load_model(uri)
+    upgraded = resave(Store(uri))
+    loaded, info = load_model(Store(uri))
     assert info == upgraded and info.model_id == saved.model_id and info.created_at == saved.created_at
     assert torch.equal(predict_proba(loaded, info, _images()), predict_proba(model, info, _images()))
     with pytest.raises(UsageError, match="not a format-1 artifact"):
-        resave(uri)
+        resave(Store(uri))

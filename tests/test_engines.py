@@ -50,7 +50,7 @@ def test_export_writes_the_graph_and_its_lineage(tmp_path: Path, capsys) -> None
     assert meta["model_id"] == model_json["model_id"] == result["model_id"]
     assert meta["sha256"] == hashlib.sha256(graph).hexdigest()
     # The graph alone (uint8 NHWC in, probabilities out) gives predict_proba's numbers.
-    model, info = load_model(str(model_dir))
+    model, info = load_model(Store(str(model_dir)))
     expected = predict_proba(model, info, _pixels()).numpy()
     got = OnnxEngine(graph, info)(_pixels()).numpy()
     assert got.shape == expected.shape and got.dtype == np.float32
@@ -76,7 +76,7 @@ def test_a_replaced_graph_is_refused_and_a_stale_one_is_not_used(tmp_path: Path)
     (model_dir / "model.onnx").write_bytes(good)
     _artifact(model_dir, classes=CIFAR[:5])
     graph = export.onnx_for(Store(str(model_dir)))
-    info = load_model(str(model_dir))[1]
+    info = load_model(Store(str(model_dir)))[1]
     assert OnnxEngine(graph, info)(_pixels(2)).shape == (2, 5)
 
 
@@ -111,7 +111,7 @@ def test_label_and_evaluate_with_onnx_agree_with_torch(cifar_root, tiny_model, r
     # topk_scores holds 5 of the 10 probabilities, sorted: same classes, same numbers.
     difference = np.abs(np.array(torch_rows["topk_scores"]) - np.array(onnx_rows["topk_scores"]))
     assert difference.max() <= 1e-3
-    assert set(onnx_rows["model_id"]) == set(torch_rows["model_id"]) == {load_model(str(model_dir))[1].model_id}
+    assert set(onnx_rows["model_id"]) == set(torch_rows["model_id"]) == {load_model(Store(str(model_dir)))[1].model_id}
 
     scores = {}
     for engine in ("torch", "onnx"):

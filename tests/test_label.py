@@ -74,7 +74,7 @@ def test_s3_lake_on_cluster_matches_direct_model_call(ray_cluster, s3_bucket: st
     assert sorted(table["path"].to_pylist()) == sorted(f"{lake}/{p.name}" for p in local.glob("*.jpg"))
     assert len(summary["files"]) <= 3  # rows_per_file=20 for 50 rows: a few files, not one per block
 
-    model, info = load_model(model_uri)
+    model, info = load_model(Store(model_uri))
     decoded = [decode(p.read_bytes(), info.image_size) for p in sorted(local.glob("*.jpg"))]
     pixels, sizes = [a for a, _, _ in decoded], [(w, h) for _, w, h in decoded]
     probs = predict_proba(model, info, np.stack(pixels)).numpy()

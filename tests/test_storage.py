@@ -218,10 +218,11 @@ def test_failed_local_write_keeps_old_content_and_no_temp_file(tmp_path: Path, m
     target = tmp_path / "model.json"
     target.write_bytes(b"old")
 
-    def fail(src: str, dst: str) -> None:
-        raise OSError(28, "No space left on device")
+    class DiskFull(pafs.LocalFileSystem):
+        def move(self, src: str, dst: str) -> None:
+            raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", fail)
+    monkeypatch.setattr(storage, "arrow_filesystem", lambda uri, config: (DiskFull(), storage.split_uri(uri)[1]))
     message = _usage_error(Store(str(target)).write, b"new")
     assert message.startswith(f"cannot write {target}: ") and "No space left" in message
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.json"]

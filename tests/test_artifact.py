@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from distcls import artifact, storage
+from distcls import artifact
 from distcls.artifact import ModelInfo, load_model, load_state_dict, model_id_of, predict_proba, resave, save_model
 from distcls.cli import main
 from distcls.storage import Store

@@ -173,8 +173,6 @@ def test_every_registered_architecture_exports_and_agrees(arch: str) -> None:
 
 
 def test_export_and_use_on_s3(s3_bucket: str, tmp_path: Path) -> None:
-    from distcls import storage
-
     local = _artifact(tmp_path / "model")
     uri = f"s3://{s3_bucket}/runs/a/model"
     for name in ("model.json", "model.safetensors"):

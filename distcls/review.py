@@ -19,8 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from distcls import lake
-from distcls.config import StorageConfig
+from distcls import lake, storage
 from distcls.errors import UsageError
 
 REVIEW_SCHEMA = pa.schema([
@@ -69,15 +68,15 @@ def _review_rows(table: pa.Table) -> pa.Table:
 # Human labels back into training
 
 
-def human_labels(uri: str, storage_config: StorageConfig, classes: list[str]) -> pa.Table:
-    """(path, label) of a manifest of human labels, one row per path, labels as indices into
+def human_labels(manifest: storage.Store, classes: list[str]) -> pa.Table:
+    """(path, label) of the manifest of human labels ``manifest`` (a file), one row per path, labels as indices into
     ``classes``: read as any manifest is (``lake.manifest_chunks``: paths normalised, relative ones
     taken from the manifest's folder, credentials refused). Rows with an empty label (not reviewed)
     are skipped. UsageError naming the manifest, the row and the value for a missing column, a
     label that is not one of ``classes``, a path given two labels, or no labelled row at all. Rows
     are counted among those with a path (manifest_chunks drops rows without one)."""
-    chunks, first = [], 1
-    for chunk in lake.manifest_chunks(uri, storage_config):
+    uri, chunks, first = manifest.root, [], 1
+    for chunk in lake.manifest_chunks(manifest):
         if "label" not in chunk.column_names:
             raise UsageError(f"--labels {uri}: no 'label' column (columns: {', '.join(chunk.column_names)})")
         rows = pa.array(range(first, first + chunk.num_rows), pa.int64())

@@ -31,7 +31,7 @@ import ray.train
 from ray.util.queue import Empty, Queue
 
 from distcls import storage
-from distcls.config import StorageConfig, TrainConfig, public_dict
+from distcls.config import TrainConfig, public_dict
 from distcls.errors import UsageError
 
 EXPERIMENT = "distcls"
@@ -116,23 +116,22 @@ class Epochs:
                 break
         self.queue.shutdown()
 
-    def log_artifact(self, uri: str, storage_config: StorageConfig) -> None:
-        """model.json and model.safetensors of the artifact at ``uri`` under ``model/`` of the run;
-        a remote one larger than ARTIFACT_COPY_BYTES stays where it is (the tag names it)."""
+    def log_artifact(self, model: storage.Store) -> None:
+        """model.json and model.safetensors of the artifact folder ``model`` under ``model/`` of the
+        run; a remote one larger than ARTIFACT_COPY_BYTES stays where it is (the tag names it)."""
         if self.client is None:
             return
-        scheme, path = storage.split_uri(uri)
-        if scheme == "file":
-            _quietly("log the model artifact", self._log_files, Path(path))
+        if not model.remote:
+            _quietly("log the model artifact", self._log_files, Path(model.path()))
             return
-        info = storage.require_exists(storage.join(uri, "model.safetensors"), storage_config)
-        if (info.size or 0) > ARTIFACT_COPY_BYTES:
-            print(f"mlflow: the artifact ({info.size / 2**20:.0f} MiB) is not copied; tag distcls.model_uri names it",
+        size = model.info("model.safetensors").size or 0
+        if size > ARTIFACT_COPY_BYTES:
+            print(f"mlflow: the artifact ({size / 2**20:.0f} MiB) is not copied; tag distcls.model_uri names it",
                   file=sys.stderr)
             return
         with tempfile.TemporaryDirectory() as folder:
             for name in _ARTIFACT_FILES:
-                (Path(folder) / name).write_bytes(storage.read_bytes(storage.join(uri, name), storage_config))
+                (Path(folder) / name).write_bytes(model.read(name))
             _quietly("log the model artifact", self._log_files, Path(folder))
 
     def _log_files(self, folder: Path) -> None:

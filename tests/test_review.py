@@ -141,7 +141,7 @@ def test_the_sample_is_the_n_lowest_over_all_files_lowest_first_ties_by_path() -
 
 def test_the_queue_is_committed_and_replaced_on_an_object_store(s3_bucket: str) -> None:
     """What the label runs above do, on S3 (no folders; a move is a copy and a delete), without Ray."""
-    output = Dataset(f"s3://{s3_bucket}/labels", StorageConfig())
+    output = Dataset(storage.Store(f"s3://{s3_bucket}/labels", StorageConfig()))
     scores = {f"s3://{s3_bucket}/lake/{i}.jpg": score for i, score in enumerate([0.9, 0.2, None, 0.4])}
     rows = pa.table({**{name: [None] * 4 for name in OUTPUT_SCHEMA.names},
                      "path": list(scores), "score": list(scores.values()), "model_id": ["m"] * 4}).cast(OUTPUT_SCHEMA)

@@ -160,19 +160,11 @@ class Blocks:
     rows: int
 
 
-def put_blocks(tables: Iterable[pa.Table], workers: int) -> Blocks:
-    """The rows of ``tables`` as blocks in the object store, put as they come so that the driver
-    holds about one table at a time. While the rows fit in ~4 blocks of ``_MAX_SLICE_ROWS`` per
-    worker they are held back and cut finer (``_slices``): a small input still spreads over every
-    worker; a large one is cut into blocks of ``_MAX_SLICE_ROWS``."""
-    refs: list[ray.ObjectRef] = []
-    metadata: list[BlockMetadataWithSchema] = []
-
-    def put(block: pa.Table) -> None:
-        if block.num_rows:
-            refs.append(ray.put(block))
-            metadata.append(BlockMetadataWithSchema.from_block(block))
-
+def cut_blocks(tables: Iterable[pa.Table], workers: int) -> Iterator[pa.Table]:
+    """The rows of ``tables`` as blocks, passed on as they come so that about one table is held at a
+    time. While the rows fit in ~4 blocks of ``_MAX_SLICE_ROWS`` per worker they are held back and
+    cut finer (``_slices``): a small input still spreads over every worker; a large one is cut into
+    blocks of ``_MAX_SLICE_ROWS``."""
     rows, held = 0, []
     for table in tables:
         rows += table.num_rows
@@ -180,12 +172,10 @@ def put_blocks(tables: Iterable[pa.Table], workers: int) -> Blocks:
         if rows > 4 * max(1, workers) * _MAX_SLICE_ROWS:
             for block in held:
                 for start in range(0, block.num_rows, _MAX_SLICE_ROWS):
-                    put(block.slice(start, _MAX_SLICE_ROWS))
+                    yield block.slice(start, _MAX_SLICE_ROWS)
             held = []
     if held:
-        for block in _slices(pa.concat_tables(held), workers):
-            put(block)
-    return Blocks(refs, metadata, rows)
+        yield from _slices(pa.concat_tables(held), workers)
 
 
 def _dataset(blocks: Blocks) -> ray.data.Dataset:

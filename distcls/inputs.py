@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +24,7 @@ import ray
 from ray.data.block import BlockMetadataWithSchema
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from distcls import dedup, lake, predict, storage
+from distcls import dedup, lake, storage
 from distcls.config import LabelConfig
 from distcls.dataset import Dataset, keys
 from distcls.errors import JobError, UsageError
@@ -32,6 +33,17 @@ from distcls.errors import JobError, UsageError
 INPUT_SCHEMA = pa.schema([
     ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC")), ("error", pa.string()),
 ])
+_MAX_BLOCK_ROWS = 2000
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Input rows already in the object store: refs to Arrow tables (their metadata beside them),
+    and the number of rows in all. The driver holds refs, not rows."""
+
+    refs: list[ray.ObjectRef]
+    metadata: list[BlockMetadataWithSchema]
+    rows: int
 
 
 def nothing_to_label(config: LabelConfig) -> UsageError:
@@ -48,7 +60,7 @@ class InputReader:
         self.config = config
         self.chunk_rows = chunk_rows
         self._first = dedup.Distinct()
-        self._blocks = predict.Blocks([], [], 0)
+        self._blocks = Blocks([], [], 0)
 
     def tables(self) -> Iterator[pa.Table]:
         """INPUT_SCHEMA tables of every distinct input, ``chunk_rows`` rows read at a time: the
@@ -66,15 +78,15 @@ class InputReader:
         values = keys(staged) if self.config.input else staged["path"].combine_chunks()
         return pa.array(self._first.contains(values))
 
-    def read(self, workers: int) -> predict.Blocks:
+    def read(self, workers: int) -> Blocks:
         """Every distinct input put into the object store, in blocks cut to spread over ``workers``.
         UsageError when there is none."""
-        self._blocks = _put(predict.cut_blocks(self.tables(), workers))
+        self._blocks = _put(_cut(self.tables(), workers))
         if self._blocks.rows == 0:
             raise nothing_to_label(self.config)
         return self._blocks
 
-    def pending(self, staged_paths: pa.Array, output: Dataset | None, model_id: str, workers: int) -> predict.Blocks:
+    def pending(self, staged_paths: pa.Array, output: Dataset | None, model_id: str, workers: int) -> Blocks:
         """The blocks of ``read`` less the rows of ``staged_paths`` (--resume) and, with ``output``
         (--incremental), less the keys committed there for ``model_id``. The last call: the hashes
         ``contains`` needed are dropped."""
@@ -83,7 +95,7 @@ class InputReader:
             return self._blocks  # the usual case: no filtered copy of millions of inputs
         labelled = output.labelled_key_set(model_id) if output is not None else None
         todo = (fresh(ray.get(ref), staged_paths, labelled) for ref in self._blocks.refs)
-        self._blocks = _put(predict.cut_blocks(todo, workers))
+        self._blocks = _put(_cut(todo, workers))
         return self._blocks
 
     def _listing(self) -> Iterator[pa.Table]:
@@ -114,13 +126,13 @@ class Reading:
     def __init__(self, actor: ray.actor.ActorHandle) -> None:
         self._actor = actor
 
-    def read(self, workers: int) -> predict.Blocks:
+    def read(self, workers: int) -> Blocks:
         return _get(self._actor.read.remote(workers))
 
     def contains(self, staged: pa.Table) -> pa.Array:
         return _get(self._actor.contains.remote(staged))
 
-    def pending(self, staged_paths: pa.Array, output: Dataset | None, model_id: str, workers: int) -> predict.Blocks:
+    def pending(self, staged_paths: pa.Array, output: Dataset | None, model_id: str, workers: int) -> Blocks:
         return _get(self._actor.pending.remote(staged_paths, output, model_id, workers))
 
 
@@ -161,7 +173,7 @@ def fresh(todo: pa.Table, staged_paths: pa.Array, labelled: dedup.KeySet | None)
     return todo
 
 
-def _put(tables: Iterable[pa.Table]) -> predict.Blocks:
+def _put(tables: Iterable[pa.Table]) -> Blocks:
     """The non-empty ``tables`` put into the object store one by one, owned by this process."""
     refs, metadata, rows = [], [], 0
     for block in tables:
@@ -169,7 +181,33 @@ def _put(tables: Iterable[pa.Table]) -> predict.Blocks:
             refs.append(ray.put(block))
             metadata.append(BlockMetadataWithSchema.from_block(block))
             rows += block.num_rows
-    return predict.Blocks(refs, metadata, rows)
+    return Blocks(refs, metadata, rows)
+
+
+def _cut(tables: Iterable[pa.Table], workers: int) -> Iterator[pa.Table]:
+    """The rows of ``tables`` as blocks, passed on as they come so that about one table is held at a
+    time. While the rows fit in ~4 blocks of ``_MAX_BLOCK_ROWS`` per worker they are held back and
+    cut finer (``slices``): a small input still spreads over every worker; a large one is cut into
+    blocks of ``_MAX_BLOCK_ROWS``."""
+    rows, held = 0, []
+    for table in tables:
+        rows += table.num_rows
+        held.append(table)
+        if rows > 4 * max(1, workers) * _MAX_BLOCK_ROWS:
+            for block in held:
+                for start in range(0, block.num_rows, _MAX_BLOCK_ROWS):
+                    yield block.slice(start, _MAX_BLOCK_ROWS)
+            held = []
+    if held:
+        yield from slices(pa.concat_tables(held), workers)
+
+
+def slices(table: pa.Table, workers: int) -> list[pa.Table]:
+    """Blocks of at most ``_MAX_BLOCK_ROWS`` rows, but at least ~4 per worker (an actor of the
+    pool or, with --gpu, a CPU of the decode tasks) so that a small lake still spreads over all of
+    them."""
+    rows = max(1, min(_MAX_BLOCK_ROWS, -(-table.num_rows // (4 * max(1, workers)))))
+    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
 
 
 def _manifest_table(paths: pa.Array, allowed_roots: list[str]) -> pa.Table:

@@ -90,7 +90,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
 
 
 def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: ModelInfo, run: Run,
-                      todo: predict.Blocks, started: float, engine: dict[str, Any]) -> dict[str, Any]:
+                      todo: inputs.Blocks, started: float, engine: dict[str, Any]) -> dict[str, Any]:
     """Label what is pending into the staging folder, check it, commit it; returns the summary."""
     if todo.rows == 0 and len(run.staged) == 0:
         return _nothing_new(config, output, info, started)
@@ -178,7 +178,7 @@ def _workers(config: LabelConfig, info: ModelInfo) -> int:
 # The Ray Data pipeline
 
 
-def _run_pipeline(todo: predict.Blocks, config: LabelConfig, info: ModelInfo, run_id: str, output: Dataset,
+def _run_pipeline(todo: inputs.Blocks, config: LabelConfig, info: ModelInfo, run_id: str, output: Dataset,
                   engine: dict[str, Any]) -> list[str]:
     """Read, decode and predict (the shared inference stage), then write Parquet into the run's
     staging folder from the workers (``StagedWriter``); returns the names of the files written."""

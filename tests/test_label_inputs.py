@@ -149,9 +149,9 @@ def test_an_object_key_with_dot_segments_is_a_refused_row_never_read() -> None:
 
 def test_slices_spread_small_lakes_and_cap_big_ones() -> None:
     small = pa.table({"path": [str(i) for i in range(60)]})
-    assert [s.num_rows for s in predict._slices(small, workers=3)] == [5] * 12
+    assert [s.num_rows for s in inputs.slices(small, workers=3)] == [5] * 12
     big = pa.table({"path": pa.array(np.arange(100_000).astype(str))})
-    assert max(s.num_rows for s in predict._slices(big, workers=2)) == 2000
+    assert max(s.num_rows for s in inputs.slices(big, workers=2)) == 2000
 
 
 # ------------------------------------------------------------------------------------------------

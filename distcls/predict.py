@@ -7,10 +7,12 @@ decoding and inference then both use every core whichever is slower, and decoded
 the object store. With --gpu, CPU tasks decode ahead of the GPU actors, which only run the model.
 
 The actors form a pool of --min-actors to --max-actors (``ActorPoolStrategy(min_size, max_size)``):
-Ray Data starts the minimum, grows the pool while batches wait and resources allow, and asks the
-cluster for more nodes when the ones it has are busy (its ``DefaultClusterAutoscalerV2``); actors
-that cannot be placed are resource demands the Ray autoscaler launches nodes for. So a cluster that
-starts with no worker nodes gets them, and a fixed one is filled from the start.
+Ray Data starts the minimum (actors that cannot be placed are resource demands the Ray autoscaler
+launches nodes for), and grows the pool while blocks wait, but only within the resources the
+cluster has now. It asks for more nodes itself (Ray 2.60's default ``RateBasedClusterAutoscaler``)
+once the CPUs it has were over half busy on average over 10 s, at most every 10 s. So growth past
+the minimum needs work that outlasts that, a node launch and an actor start: a large lake, not a
+small one. A cluster that starts with no worker nodes gets them; a fixed one is filled from the start.
 
 A file that cannot be read or decoded is a row with ``error`` set and never fails its batch; a store
 unreachable after retries, or an actor given a GPU that torch cannot use, fails the run: JobError.

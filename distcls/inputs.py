@@ -28,6 +28,7 @@ from distcls import dedup, lake, storage
 from distcls.config import LabelConfig
 from distcls.dataset import Dataset, keys
 from distcls.errors import JobError, UsageError
+from distcls.storage import Store
 
 # One row per input; ``error`` is preset for inputs never to be read.
 INPUT_SCHEMA = pa.schema([
@@ -56,8 +57,9 @@ class InputReader:
     ``contains`` while --resume checks its staged rows, then ``pending``; --dry-run calls
     ``tables`` and ``contains`` in the driver."""
 
-    def __init__(self, config: LabelConfig, chunk_rows: int = lake.MANIFEST_CHUNK_ROWS) -> None:
+    def __init__(self, config: LabelConfig, source: Store, chunk_rows: int = lake.MANIFEST_CHUNK_ROWS) -> None:
         self.config = config
+        self.source = source  # the lake or the manifest
         self.chunk_rows = chunk_rows
         self._first = dedup.Distinct()
         self._blocks = Blocks([], [], 0)
@@ -102,7 +104,7 @@ class InputReader:
         """No path twice in a listing: nothing to de-duplicate; each file's (path, size, mtime) key
         is remembered for --resume."""
         config = self.config
-        for listing in lake.list_chunks(config.input, config.storage(), config.extensions, self.chunk_rows):
+        for listing in lake.list_chunks(self.source, config.extensions, self.chunk_rows):
             table = _input_table(listing["path"], listing["size"], listing["mtime"],
                                  pa.nulls(listing.num_rows, pa.string()))
             self._first.remember(keys(table))
@@ -112,7 +114,7 @@ class InputReader:
         config = self.config
 
         def paths() -> Iterator[pa.Array]:
-            return (t["path"] for t in lake.manifest_chunks(config.manifest, config.storage(), self.chunk_rows))
+            return (t["path"] for t in lake.manifest_chunks(self.source, self.chunk_rows))
 
         for chunk in paths():
             yield _manifest_table(chunk.filter(pa.array(self._first.keep(chunk))), config.allowed_roots)
@@ -137,14 +139,14 @@ class Reading:
 
 
 @contextlib.contextmanager
-def reading(config: LabelConfig) -> Iterator[Reading]:
-    """An ``InputReader`` actor for ``config``, ended on leaving (its blocks with it). It starts
+def reading(config: LabelConfig, source: Store) -> Iterator[Reading]:
+    """An ``InputReader`` actor for ``config`` and ``source``, ended on leaving (its blocks with it). It starts
     at once and reads when asked: the worker process starts while the driver does other work.
     It reserves no CPU, so that it never waits for a node nor keeps one from the inference
     actors, and runs beside the driver (the head, on a cluster): its blocks then live in an object
     store the autoscaler never removes."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ray.remote(InputReader).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(config)
+    actor = ray.remote(InputReader).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(config, source)
     try:
         yield Reading(actor)
     finally:

@@ -29,9 +29,10 @@ import ray
 
 from distcls import artifact, engines, inputs, lake, predict, runtime, storage
 from distcls.artifact import ModelInfo
-from distcls.config import LabelConfig, StorageConfig, public_dict
+from distcls.config import LabelConfig, public_dict
 from distcls.dataset import Dataset, Lock, Run, StagedWriter
 from distcls.errors import JobError, UsageError
+from distcls.storage import Store
 
 OUTPUT_SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -60,13 +61,14 @@ def label(config: LabelConfig) -> dict[str, Any]:
     Raises UsageError for bad input (before any Ray work) and JobError when the run cannot finish.
     """
     started = time.time()
-    storage_config = config.storage()
     _check_usage(config)
-    info = artifact.read_info(config.model, storage_config)
-    _check_inputs(config, storage_config)
-    output = Dataset(config.output, storage_config)
+    settings = config.storage()
+    model, source = Store(config.model, settings), Store(config.input or config.manifest, settings)
+    info = artifact.read_info(model)
+    _check_inputs(config, source)
+    output = Dataset(Store(config.output, settings))
     if config.dry_run:
-        return _dry_run(config, output, info)
+        return _dry_run(config, output, info, source)
     with output.lock() as lock:
         finished = output.roll_forward()
         if finished:
@@ -77,8 +79,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
         runtime.ensure_ray()
         predict.check_gpus(config)
         # The reader owns the input blocks: it lives until the run ends.
-        with inputs.reading(config) as reader:
-            engine = engines.prepare(config.engine, config.model, storage_config, config.gpu)
+        with inputs.reading(config, source) as reader:
+            engine = engines.prepare(config.engine, model, config.gpu)
             workers = _workers(config, info)
             found = reader.read(workers)
             run = output.start_run(resume=config.resume, model_id=info.model_id, inputs=reader.contains,
@@ -115,13 +117,13 @@ def _row_settings(config: LabelConfig) -> dict[str, Any]:
             ("top_k", "allowed_roots", "max_image_pixels", "max_file_bytes", "engine")}
 
 
-def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo) -> dict[str, Any]:
+def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, source: Store) -> dict[str, Any]:
     """What this run would label, changing nothing (no lock, no Ray, no write): pending, already
     labelled (--incremental) and already staged (--resume) images, and the time the pending ones
     would take at the rate of the last committed run. Reads the inputs chunk by chunk, as a run
     does, but in the driver (a run reads them in a Ray actor)."""
     output.check_existing(overwrite=config.overwrite, incremental=config.incremental)
-    reader = inputs.InputReader(config)
+    reader = inputs.InputReader(config, source)
     tables = list(reader.tables())
     staged = (output.resumable(info.model_id, reader.contains, _row_settings(config)) if config.resume
               else pa.array([], pa.string()))
@@ -158,14 +160,14 @@ def _check_usage(config: LabelConfig) -> None:
         raise UsageError(f"input {config.input} is inside the output {config.output}; choose an output elsewhere")
 
 
-def _check_inputs(config: LabelConfig, storage_config: StorageConfig) -> None:
+def _check_inputs(config: LabelConfig, source: Store) -> None:
     """UsageError before any Ray work for an input that is missing or not a folder, or a manifest
     that cannot be read, has no path column or no row (read up to its first chunk with rows). An
     empty lake is found only when it is listed, after Ray starts: listing an object store twice
     would cost what the run's own listing costs."""
     if config.input:
-        lake.check_lake(config.input, storage_config)
-    elif not any(chunk.num_rows for chunk in lake.manifest_chunks(config.manifest, storage_config)):
+        lake.check_lake(source)
+    elif not any(chunk.num_rows for chunk in lake.manifest_chunks(source)):
         raise inputs.nothing_to_label(config)
 
 

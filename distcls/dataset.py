@@ -359,7 +359,9 @@ class Dataset:
         moves = [[f"{STAGING}/{run_id}/{name}", f"{prefix}{i:05d}.parquet"] for i, name in enumerate(names)]
         extra: dict[str, Any] = {}
         if report is not None:
-            self._write(f"{STAGING}/{run_id}/{REPORT}", report)
+            # In place, as the staged Parquet files: only the plan, written after it, makes it count.
+            with self._fs.open_output_stream(self._path(STAGING, run_id, REPORT)) as stream:
+                stream.write(report)
             extra["report"] = f"run={run_id}/{REPORT}" if incremental else REPORT
             moves.append([f"{STAGING}/{run_id}/{REPORT}", extra["report"]])
         old = self.successes() if overwrite else {}

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from distcls import artifact, dedup, engines, lake, metrics, plots, predict, quality, runtime, storage
+from distcls import artifact, dedup, engines, lake, metrics, predict, quality, runtime, storage
 from distcls.artifact import ModelInfo
 from distcls.config import LabelConfig, StorageConfig, public_dict
 from distcls.dataset import Dataset, Lock, StagedWriter, keys
@@ -106,10 +106,12 @@ def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: Mo
     # The pipeline's own rate: connecting to Ray and listing the lake are not labeling.
     counts.update(resumed=len(run.staged),
                   images_per_s=round(todo.rows / max(time.time() - labelling, 1e-9), 2))
+    from distcls.plots import quality_report  # here, not at the top: the inference actors import this module
+
     checked = _quality(config, output, info, run.run_id, files)
     summary = output.commit(run.run_id, {**_summary(config, output, info, run.run_id, started, counts), "quality": checked},
                             incremental=config.incremental, overwrite=config.overwrite, lock=lock, files=files,
-                            report=plots.quality_report(checked, run.run_id))
+                            report=quality_report(checked, run.run_id))
     metrics.record_run(output.uri, summary)
     _say(f"labelled {summary['images']} images ({summary['errors']} errors) at "
          f"{summary['images_per_s']:.1f} images/s -> {summary['output']}")

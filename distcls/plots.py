@@ -90,6 +90,7 @@ def quality_report(quality: dict[str, Any], run_id: str) -> bytes:
     error_ax.bar(list(kinds), list(kinds.values()), color="tab:gray")
     error_ax.set(ylabel="images", title=f"Errors by kind ({sum(kinds.values())})")
     error_ax.tick_params(axis="x", rotation=45)
+    error_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     distances = ", ".join(f"TV to {name.replace('_', ' ')} {ref['total_variation']:.3f}"
                           for name, ref in references.items() if ref["total_variation"] is not None)
     figure.suptitle(f"run {run_id}: {quality['images']} labelled images; drift "

@@ -196,25 +196,38 @@ def test_the_report_is_committed_and_replaced_on_s3(s3_bucket: str) -> None:
     assert fs.open_input_stream(f"{root}/{REPORT}").read() == PNG_MAGIC + b"plain"
 
 
-@pytest.mark.parametrize("moves", [1, 2, 3, 4])
-def test_an_overwrite_interrupted_at_any_step_commits_the_new_report(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moves: int) -> None:
-    """A plain --overwrite: the old and the new report share the name _report.png. Renames: the
-    plan, then the steps: retire the old _SUCCESS (its report deleted first), move the Parquet
-    file, move the report, write _SUCCESS. A crash before each step is rolled forward to the new
-    report, never the old one or none."""
-    output = Dataset(str(tmp_path), StorageConfig())
-    _commit(output, ["old"], PNG_MAGIC + b"old")
+def test_an_overwrite_interrupted_at_any_rename_commits_the_new_report_or_keeps_the_old(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain --overwrite: the old and the new report share the name _report.png. A crash at each
+    rename of the commit (counted on a whole commit first: retire the old _SUCCESS, its report
+    deleted just before, move the Parquet file and the report, and what the store writes by
+    rename) is rolled forward to the new report, or, before the plan exists, leaves the old one."""
     real = storage.arrow_filesystem
-    monkeypatch.setattr(storage, "arrow_filesystem", lambda uri, config: (_DiesAfterMoves(moves), real(uri, config)[1]))
-    with pytest.raises(KeyboardInterrupt):
-        _commit(Dataset(str(tmp_path), StorageConfig()), ["new"], PNG_MAGIC + b"new", overwrite=True)
-    monkeypatch.undo()
-    assert (tmp_path / COMMITTING).exists()
-    finished = Dataset(str(tmp_path), StorageConfig()).roll_forward()
-    assert (tmp_path / REPORT).read_bytes() == PNG_MAGIC + b"new"
-    assert pd.read_parquet(tmp_path)["path"].tolist() == ["new"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([REPORT, SUCCESS, *finished["files"]])
+
+    def overwrite(root: Path, moves: int) -> _DiesAfterMoves:
+        fs = _DiesAfterMoves(moves)
+        monkeypatch.setattr(storage, "arrow_filesystem", lambda uri, config: (fs, real(uri, config)[1]))
+        try:
+            _commit(Dataset(str(root), StorageConfig()), ["new"], PNG_MAGIC + b"new", overwrite=True)
+        finally:
+            monkeypatch.undo()
+        return fs
+
+    _commit(Dataset(str(tmp_path / "whole"), StorageConfig()), ["old"], PNG_MAGIC + b"old")
+    renames = 1000 - overwrite(tmp_path / "whole", 1000).moves
+    assert renames >= 3  # at least: retire, move the Parquet file, move the report
+    for moves in range(renames):
+        root = tmp_path / f"crash-{moves}"
+        _commit(Dataset(str(root), StorageConfig()), ["old"], PNG_MAGIC + b"old")
+        with pytest.raises(KeyboardInterrupt):
+            overwrite(root, moves)
+        planned = (root / COMMITTING).exists()
+        finished = Dataset(str(root), StorageConfig()).roll_forward()
+        expected = "new" if planned else "old"
+        assert (root / REPORT).read_bytes() == PNG_MAGIC + expected.encode(), moves
+        assert pd.read_parquet(root)["path"].tolist() == [expected], moves
+        files = finished["files"] if planned else json.loads((root / SUCCESS).read_text())["files"]
+        assert sorted(p.name for p in root.iterdir() if p.name != STAGING) == sorted([REPORT, SUCCESS, *files]), moves
 
 
 def _plan_with_report(output: Path) -> dict:

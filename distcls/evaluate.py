@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from distcls import engines, lake, predict, storage
 from distcls.artifact import ModelInfo, read_info
-from distcls.config import EvaluateConfig, StorageConfig
+from distcls.config import EvaluateConfig
 from distcls.runtime import ensure_ray
 
 
@@ -17,11 +17,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Predict every image of ``config.data`` and score it; prints a table, optionally writes a report.
     Returns ``accuracy``, ``images``, ``macro_f1``, ``errors`` and per-class metrics."""
     predict.check_usage(config)
-    info = read_info(config.model, config.storage())
-    rows, classes = lake.labelled_images(config.data, config.storage(), info.classes)
+    settings = config.storage()
+    model = storage.Store(config.model, settings)
+    info = read_info(model)
+    rows, classes = lake.labelled_images(storage.Store(config.data, settings), info.classes)
     ensure_ray()
     predict.check_gpus(config)
-    engine = engines.prepare(config.engine, config.model, config.storage(), config.gpu)
+    engine = engines.prepare(config.engine, model, config.gpu)
     table = pa.concat_tables(predict.predict(rows, config, info, _scored, engine))
     ok = table["error"].is_null().to_numpy(zero_copy_only=False)
     truth = table["label"].to_numpy()[ok]
@@ -31,7 +33,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     metrics["errors"] = int((~ok).sum())
     print(format_table(metrics, classes, matrix))
     if config.report:
-        _write_report(config.report, metrics, matrix, classes, info, config.storage())
+        _write_report(storage.Store(config.report, settings), metrics, matrix, classes, info)
     return {"accuracy": metrics["accuracy"], "images": metrics["images"], "macro_f1": metrics["macro_f1"],
             "errors": metrics["errors"], "model_id": info.model_id}
 
@@ -83,11 +85,11 @@ def format_table(metrics: dict[str, Any], classes: list[str], matrix: np.ndarray
     return "\n".join(lines)
 
 
-def _write_report(folder: str, metrics: dict[str, Any], matrix: np.ndarray, classes: list[str], info: ModelInfo,
-                  storage_config: StorageConfig) -> None:
+def _write_report(folder: storage.Store, metrics: dict[str, Any], matrix: np.ndarray, classes: list[str],
+                  info: ModelInfo) -> None:
     from distcls.plots import confusion_matrix as plot_confusion
 
     report = {**metrics, "confusion_matrix": matrix.tolist(), "classes": classes, "model_id": info.model_id}
-    storage.write_json(storage.join(folder, "metrics.json"), report, storage_config)
-    storage.write_bytes(storage.join(folder, "confusion.png"), plot_confusion(matrix, classes), storage_config)
-    print(f"report written to {folder} (metrics.json, confusion.png)")
+    folder.write_json(report, "metrics.json")
+    folder.write(plot_confusion(matrix, classes), "confusion.png")
+    print(f"report written to {folder.root} (metrics.json, confusion.png)")

@@ -30,9 +30,10 @@ import ray
 
 from distcls import artifact, dedup, engines, lake, metrics, predict, quality, runtime, storage
 from distcls.artifact import ModelInfo
-from distcls.config import LabelConfig, StorageConfig, public_dict
+from distcls.config import LabelConfig, public_dict
 from distcls.dataset import Dataset, Lock, StagedWriter, keys
 from distcls.errors import JobError, UsageError
+from distcls.storage import Store
 
 OUTPUT_SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -65,13 +66,14 @@ def label(config: LabelConfig) -> dict[str, Any]:
     Raises UsageError for bad input (before any Ray work) and JobError when the run cannot finish.
     """
     started = time.time()
-    storage_config = config.storage()
     _check_usage(config)
-    info = artifact.read_info(config.model, storage_config)
-    _check_inputs(config, storage_config)
-    output = Dataset(config.output, storage_config)
+    settings = config.storage()
+    model, source = Store(config.model, settings), Store(config.input or config.manifest, settings)
+    info = artifact.read_info(model)
+    _check_inputs(config, source)
+    output = Dataset(Store(config.output, settings))
     if config.dry_run:
-        return _dry_run(config, output, info, storage_config)
+        return _dry_run(config, output, info, source)
     with output.lock() as lock:
         finished = output.roll_forward()
         if finished:
@@ -81,9 +83,9 @@ def label(config: LabelConfig) -> dict[str, Any]:
         output.check_existing(overwrite=config.overwrite, incremental=config.incremental)
         runtime.ensure_ray()
         predict.check_gpus(config)
-        engine = engines.prepare(config.engine, config.model, storage_config, config.gpu)
+        engine = engines.prepare(config.engine, model, config.gpu)
         # After ensure_ray: the inputs go into the object store chunk by chunk as they are read.
-        inputs = _inputs(config, storage_config, _workers(config, info))
+        inputs = _inputs(config, source, _workers(config, info))
         return _stage_and_commit(config, output, lock, info, inputs, started, engine)
 
 
@@ -136,13 +138,13 @@ def _row_settings(config: LabelConfig) -> dict[str, Any]:
             ("top_k", "allowed_roots", "max_image_pixels", "max_file_bytes", "engine")}
 
 
-def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, storage_config: StorageConfig) -> dict[str, Any]:
+def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, source: Store) -> dict[str, Any]:
     """What this run would label, changing nothing (no lock, no Ray, no write): pending, already
     labelled (--incremental) and already staged (--resume) images, and the time the pending ones
     would take at the rate of the last committed run. Reads the inputs chunk by chunk, as a run does."""
     output.check_existing(overwrite=config.overwrite, incremental=config.incremental)
     first = dedup.Distinct()
-    tables = list(_input_tables(config, storage_config, first))
+    tables = list(_input_tables(config, source, first))
     contains = _contains(config, first)
     staged = (output.resumable(info.model_id, contains, _row_settings(config)) if config.resume
               else pa.array([], pa.string()))
@@ -179,14 +181,14 @@ def _check_usage(config: LabelConfig) -> None:
         raise UsageError(f"input {config.input} is inside the output {config.output}; choose an output elsewhere")
 
 
-def _check_inputs(config: LabelConfig, storage_config: StorageConfig) -> None:
+def _check_inputs(config: LabelConfig, source: Store) -> None:
     """UsageError before any Ray work for an input that is missing or not a folder, or a manifest
     that cannot be read, has no path column or no row (read up to its first chunk with rows). An
     empty lake is found only when it is listed, after Ray starts: listing an object store twice
     would cost what the run's own listing costs."""
     if config.input:
-        lake.check_lake(config.input, storage_config)
-    elif not any(chunk.num_rows for chunk in lake.manifest_chunks(config.manifest, storage_config)):
+        lake.check_lake(source)
+    elif not any(chunk.num_rows for chunk in lake.manifest_chunks(source)):
         raise _nothing_to_label(config)
 
 
@@ -206,24 +208,24 @@ class Inputs:
     contains: Callable[[pa.Table], pa.Array]
 
 
-def _inputs(config: LabelConfig, storage_config: StorageConfig, workers: int,
+def _inputs(config: LabelConfig, source: Store, workers: int,
             chunk_rows: int = lake.MANIFEST_CHUNK_ROWS) -> Inputs:
     """Everything to label as INPUT_SCHEMA blocks: the lake's listing, or the manifest's distinct
     paths with those outside ``allowed_roots`` marked as errors (never read). Read, normalised,
     de-duplicated and put into the object store ``chunk_rows`` at a time: the driver keeps 8 bytes
     per distinct input (dedup.Distinct), not the paths."""
     first = dedup.Distinct()
-    blocks = predict.put_blocks(_input_tables(config, storage_config, first, chunk_rows), workers)
+    blocks = predict.put_blocks(_input_tables(config, source, first, chunk_rows), workers)
     if blocks.rows == 0:
         raise _nothing_to_label(config)
     return Inputs(blocks, _contains(config, first))
 
 
-def _input_tables(config: LabelConfig, storage_config: StorageConfig, first: dedup.Distinct,
+def _input_tables(config: LabelConfig, source: Store, first: dedup.Distinct,
                   chunk_rows: int = lake.MANIFEST_CHUNK_ROWS) -> Iterator[pa.Table]:
     if config.input:
-        return _listing_inputs(config, storage_config, first, chunk_rows)
-    return _manifest_inputs(config, storage_config, first, chunk_rows)
+        return _listing_inputs(config, source, first, chunk_rows)
+    return _manifest_inputs(config, source, first, chunk_rows)
 
 
 def _contains(config: LabelConfig, first: dedup.Distinct) -> Callable[[pa.Table], pa.Array]:
@@ -235,21 +237,21 @@ def _contains(config: LabelConfig, first: dedup.Distinct) -> Callable[[pa.Table]
     return lambda staged: pa.array(first.contains(staged["path"].combine_chunks()))
 
 
-def _listing_inputs(config: LabelConfig, storage_config: StorageConfig, first: dedup.Distinct,
+def _listing_inputs(config: LabelConfig, source: Store, first: dedup.Distinct,
                     chunk_rows: int) -> Iterator[pa.Table]:
     """INPUT_SCHEMA tables of the lake's listing (no path twice: nothing to de-duplicate); ``first``
     remembers each file's (path, size, mtime) key for --resume."""
-    for listing in lake.list_chunks(config.input, storage_config, config.extensions, chunk_rows):
+    for listing in lake.list_chunks(source, config.extensions, chunk_rows):
         table = _input_table(listing["path"], listing["size"], listing["mtime"], pa.nulls(listing.num_rows, pa.string()))
         first.remember(keys(table))
         yield table
 
 
-def _manifest_inputs(config: LabelConfig, storage_config: StorageConfig, first: dedup.Distinct,
+def _manifest_inputs(config: LabelConfig, source: Store, first: dedup.Distinct,
                      chunk_rows: int) -> Iterator[pa.Table]:
     """INPUT_SCHEMA tables of the manifest's paths, each once (its first row)."""
     def manifest() -> Iterator[pa.Array]:
-        return (t["path"] for t in lake.manifest_chunks(config.manifest, storage_config, chunk_rows))
+        return (t["path"] for t in lake.manifest_chunks(source, chunk_rows))
 
     for paths in manifest():
         yield _manifest_table(paths.filter(pa.array(first.keep(paths))), config.allowed_roots)

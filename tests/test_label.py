@@ -30,6 +30,7 @@ from distcls.dataset import COMMITTING, STAGING, Dataset
 from distcls.artifact import load_model, predict_proba
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
+from distcls.storage import Store
 from distcls.images import decode
 from distcls.label import OUTPUT_SCHEMA, label
 from distcls.lake import list_files
@@ -73,7 +74,7 @@ def test_s3_lake_on_cluster_matches_direct_model_call(ray_cluster, s3_bucket: st
     assert sorted(table["path"].to_pylist()) == sorted(f"{lake}/{p.name}" for p in local.glob("*.jpg"))
     assert len(summary["files"]) <= 3  # rows_per_file=20 for 50 rows: a few files, not one per block
 
-    model, info = load_model(model_uri)
+    model, info = load_model(Store(model_uri))
     decoded = [decode(p.read_bytes(), info.image_size) for p in sorted(local.glob("*.jpg"))]
     pixels, sizes = [a for a, _, _ in decoded], [(w, h) for _, w, h in decoded]
     probs = predict_proba(model, info, np.stack(pixels)).numpy()
@@ -84,7 +85,7 @@ def test_s3_lake_on_cluster_matches_direct_model_call(ray_cluster, s3_bucket: st
     np.testing.assert_allclose([r["topk_scores"] for r in rows], -np.sort(-probs, axis=1)[:, :5], atol=1e-5)
     assert [(r["width"], r["height"]) for r in rows] == list(sizes)
 
-    success = storage.read_bytes(f"{config.output}/_SUCCESS", StorageConfig())
+    success = Store(f"{config.output}/_SUCCESS").read()
     assert json.loads(success) == summary and b"testing-secret-canary" not in success
     assert (summary["images"], summary["labelled"], summary["errors"]) == (50, 50, 0)
     assert summary["model_id"] == info.model_id and re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", summary["run_id"])
@@ -176,14 +177,14 @@ def test_resume_reuses_readable_staged_files_and_relabels_the_rest(ray_local, tm
 
 def _rows_as_a_run_would_stage(config: LabelConfig) -> pa.Table:
     """Output rows made by the pipeline's own functions, called in-process without Ray."""
-    listing = list_files(config.input, StorageConfig())
+    listing = list_files(Store(config.input))
     inputs = label_module._input_table(listing["path"], listing["size"], listing["mtime"],
                                        pa.nulls(listing.num_rows, pa.string()))
     decoded = predict.read_and_decode(inputs, StorageConfig(), 32, config.max_image_pixels)
     threads = torch.get_num_threads()  # the predictor pins its process to one thread
     try:
         to_rows = functools.partial(label_module._rows, top_k=5, run_id="20260101T000000Z-abcdef")
-        engine = engines.prepare("torch", config.model, StorageConfig())
+        engine = engines.prepare("torch", Store(config.model))
         return predict.Predictor(engine, to_rows, 1, False)(decoded)
     finally:
         torch.set_num_threads(threads)

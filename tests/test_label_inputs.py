@@ -18,6 +18,7 @@ from distcls.dataset import keys
 from distcls.artifact import read_info
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
+from distcls.storage import Store
 from distcls.cli import main
 from distcls.label import OUTPUT_SCHEMA, label
 from distcls.lake import list_files
@@ -28,7 +29,7 @@ label_module = importlib.import_module("distcls.label")
 
 
 def _listing(root: Path) -> pa.Table:
-    listing = list_files(str(root), StorageConfig())
+    listing = list_files(Store(str(root)))
     return label_module._input_table(listing["path"], listing["size"], listing["mtime"],
                                      pa.nulls(listing.num_rows, pa.string()))
 
@@ -71,7 +72,7 @@ def test_read_and_decode_never_reads_rows_with_a_preset_error(tmp_path: Path) ->
 
 
 def test_output_table_nulls_failed_rows_and_sorts_topk(model_uri: str) -> None:
-    info = read_info(model_uri, StorageConfig())
+    info = read_info(Store(model_uri))
     batch = pa.table({
         "path": ["a", "b", "c"], "size": pa.array([1, 2, None], pa.int64()),
         "mtime": pa.array([0, 0, None], pa.timestamp("us", tz="UTC")),
@@ -291,7 +292,7 @@ def test_manifest_read_in_small_chunks_gives_each_file_once_with_roots_per_chunk
     (tmp_path / "lake" / "m.csv").write_text("path\n" + "\n".join(entries) + "\n")
     config = LabelConfig(manifest=str(tmp_path / "lake" / "m.csv"), model="m", output=str(tmp_path / "out"),
                          allowed_roots=[str(tmp_path / "lake")])
-    inputs = label_module._inputs(config, StorageConfig(), workers=1, chunk_rows=2)
+    inputs = label_module._inputs(config, Store(config.manifest), workers=1, chunk_rows=2)
     rows = pa.concat_tables(ray.get(inputs.blocks.refs)).to_pylist()
     lake = tmp_path / "lake"
     assert [(r["path"], r["error"]) for r in rows] == [

@@ -23,9 +23,9 @@ import torch
 from distcls import quality, storage
 from distcls.artifact import ModelInfo, model_id_of, read_info
 from distcls.cli import EXIT_DRIFT, main
-from distcls.config import StorageConfig
 from distcls.dataset import COMMITTING, REPORT, STAGING, SUCCESS, Dataset
 from distcls.errors import JobError, UsageError
+from distcls.storage import Store
 from distcls.models import create_model
 from distcls.synthetic import CLASSES
 from distcls.train import CachedShard, eval_epoch
@@ -125,14 +125,14 @@ def test_eval_epoch_records_the_predicted_distribution_and_mean_top1() -> None:
 
 
 def test_a_validation_distribution_keeps_model_id_and_old_artifacts_load(tiny_model: Path, tmp_path: Path) -> None:
-    old = read_info(str(tiny_model), StorageConfig())
+    old = read_info(Store(str(tiny_model)))
     assert old.validation is None  # saved without one: loads as before
     with_validation = _with_validation(tiny_model, tmp_path / "model", {name: 0.1 for name in CLASSES})
-    info = read_info(with_validation, StorageConfig())
+    info = read_info(Store(with_validation))
     assert info.validation.images == 100 and info.model_id == old.model_id == model_id_of(info)
     odd = _with_validation(tiny_model, tmp_path / "odd", {"unicorn": 1.0})
     with pytest.raises(UsageError, match="field 'validation'|validation.predicted names classes"):
-        read_info(odd, StorageConfig())
+        read_info(Store(odd))
 
 
 def _with_validation(model: Path | str, target: Path, predicted: dict[str, float]) -> str:
@@ -164,7 +164,7 @@ def _commit(output: Dataset, paths: list[str], report: bytes, *, incremental: bo
 
 
 def test_the_report_is_committed_listed_and_replaced_by_overwrite(tmp_path: Path) -> None:
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     first = _commit(output, ["a", "b"], PNG_MAGIC + b"first", incremental=True)
     second = _commit(output, ["c"], PNG_MAGIC + b"second", incremental=True)
     for summary, body in ((first, b"first"), (second, b"second")):
@@ -185,8 +185,8 @@ def test_the_report_is_committed_listed_and_replaced_by_overwrite(tmp_path: Path
 
 def test_the_report_is_committed_and_replaced_on_s3(s3_bucket: str) -> None:
     """On an object store a move is a copy and a delete: the same outcome."""
-    output = Dataset(f"s3://{s3_bucket}/out", StorageConfig())
-    fs, root = storage.arrow_filesystem(output.uri, StorageConfig())
+    output = Dataset(Store(f"s3://{s3_bucket}/out"))
+    fs, root = output.store.fs, output.store.path()
     first = _commit(output, ["a"], PNG_MAGIC + b"first", incremental=True)
     assert fs.open_input_stream(f"{root}/{first['report']}").read() == PNG_MAGIC + b"first"
     plain = _commit(output, ["b"], PNG_MAGIC + b"plain", overwrite=True)
@@ -208,21 +208,21 @@ def test_an_overwrite_interrupted_at_any_rename_commits_the_new_report_or_keeps_
         fs = _DiesAfterMoves(moves)
         monkeypatch.setattr(storage, "arrow_filesystem", lambda uri, config: (fs, real(uri, config)[1]))
         try:
-            _commit(Dataset(str(root), StorageConfig()), ["new"], PNG_MAGIC + b"new", overwrite=True)
+            _commit(Dataset(Store(str(root))), ["new"], PNG_MAGIC + b"new", overwrite=True)
         finally:
             monkeypatch.undo()
         return fs
 
-    _commit(Dataset(str(tmp_path / "whole"), StorageConfig()), ["old"], PNG_MAGIC + b"old")
+    _commit(Dataset(Store(str(tmp_path / "whole"))), ["old"], PNG_MAGIC + b"old")
     renames = 1000 - overwrite(tmp_path / "whole", 1000).moves
     assert renames >= 3  # at least: retire, move the Parquet file, move the report
     for moves in range(renames):
         root = tmp_path / f"crash-{moves}"
-        _commit(Dataset(str(root), StorageConfig()), ["old"], PNG_MAGIC + b"old")
+        _commit(Dataset(Store(str(root))), ["old"], PNG_MAGIC + b"old")
         with pytest.raises(KeyboardInterrupt):
             overwrite(root, moves)
         planned = (root / COMMITTING).exists()
-        finished = Dataset(str(root), StorageConfig()).roll_forward()
+        finished = Dataset(Store(str(root))).roll_forward()
         expected = "new" if planned else "old"
         assert (root / REPORT).read_bytes() == PNG_MAGIC + expected.encode(), moves
         assert pd.read_parquet(root)["path"].tolist() == [expected], moves
@@ -232,7 +232,7 @@ def test_an_overwrite_interrupted_at_any_rename_commits_the_new_report_or_keeps_
 
 def _plan_with_report(output: Path) -> dict:
     """A staged file and report of RUN_B and the plan committing them, as distcls writes it."""
-    Dataset(str(output), StorageConfig()).write_staged(RUN_B, [_rows(["n1"])], rows_per_file=10)
+    Dataset(Store(str(output))).write_staged(RUN_B, [_rows(["n1"])], rows_per_file=10)
     staged = f"{STAGING}/{RUN_B}/" + next((output / STAGING / RUN_B).iterdir()).name
     (output / STAGING / RUN_B / REPORT).write_bytes(PNG_MAGIC)
     plan = {"run_id": RUN_B, "delete": [], "success": SUCCESS,
@@ -244,7 +244,7 @@ def _plan_with_report(output: Path) -> dict:
 
 def test_a_found_plan_with_a_report_is_rolled_forward(tmp_path: Path) -> None:
     _plan_with_report(tmp_path)
-    summary = Dataset(str(tmp_path), StorageConfig()).roll_forward()
+    summary = Dataset(Store(str(tmp_path))).roll_forward()
     assert summary["report"] == REPORT and (tmp_path / REPORT).read_bytes() == PNG_MAGIC
     assert json.loads((tmp_path / SUCCESS).read_text()) == summary and not (tmp_path / STAGING).exists()
 
@@ -263,19 +263,19 @@ def _move_report_to(plan: dict, name: str) -> None:
         "report-deleted-alone"])
 def test_a_tampered_plan_with_a_report_is_refused_and_nothing_is_touched(tmp_path: Path, entry: str, tamper) -> None:
     output = tmp_path / "out"
-    _commit(Dataset(str(output), StorageConfig()), ["old"], PNG_MAGIC + b"old")
+    _commit(Dataset(Store(str(output))), ["old"], PNG_MAGIC + b"old")
     plan = _plan_with_report(output)
     tamper(plan)
     (output / COMMITTING).write_text(json.dumps(plan))
     before = _tree(tmp_path)
     with pytest.raises(JobError, match=re.escape(entry)):
-        Dataset(str(output), StorageConfig()).roll_forward()
+        Dataset(Store(str(output))).roll_forward()
     assert _tree(tmp_path) == before
 
 
 def test_a_partition_left_with_its_report_and_no_success_is_deleted(tmp_path: Path) -> None:
     """A plan lost after the moves: the partition holds its Parquet files and its report."""
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     _commit(output, ["a"], PNG_MAGIC, incremental=True)
     left = tmp_path / "run=20260101T000000Z-aaaaaa"
     left.mkdir()

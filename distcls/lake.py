@@ -5,11 +5,13 @@ paths cost tens of MB, and the table is handed to Ray Data in slices without ano
 """
 from __future__ import annotations
 
+import calendar
 import itertools
 import os
 import posixpath
 import stat
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,15 +19,21 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError
 
 from distcls import storage
 from distcls.config import URI_USERINFO
 from distcls.errors import UsageError
 
+if TYPE_CHECKING:
+    import s3fs
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.int64())])
 # Manifest rows read and normalised at a time: a few MB, whatever the manifest's size.
 MANIFEST_CHUNK_ROWS = 65_536
+# Keys per page of an S3 listing: the most ListObjectsV2 returns.
+LIST_PAGE_KEYS = 1000
 
 
 def list_files(lake: storage.Store, extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS) -> pa.Table:
@@ -40,19 +48,24 @@ def list_chunks(lake: storage.Store, extensions: tuple[str, ...] | list[str] = I
     """Every file below ``lake``'s root whose extension is in ``extensions``, as tables of at most
     ``chunk_rows`` rows in listing order: URIs of the same kind as the root, ``size``, and ``mtime``
     in nanoseconds since the epoch (0 when the store gives none). A local lake streams folder by
-    folder; an object store's listing comes whole from pyarrow (its recursive ``get_file_info``
-    returns one list), then goes on in chunks. Hidden names (``.x``, ``_x``) are skipped, as
-    Hadoop-style tools do. On a local disk, folders reached through a symlink are not listed
-    (each real folder once); see ``_local_files``."""
+    folder, an S3 prefix page by page (``_s3_files``): memory stays that of one chunk and one page
+    however large the lake. Hidden names (``.x``, ``_x``) are skipped, as Hadoop-style tools do.
+    On a local disk, folders reached through a symlink are not listed (each real folder once); see
+    ``_local_files``."""
     check_lake(lake)
     fs, root = lake.fs, lake.path()
     suffixes = tuple(e.lower() for e in extensions)
-    files = _local_files(root, suffixes) if isinstance(fs, pafs.LocalFileSystem) else _store_files(fs, root, suffixes)
+    if isinstance(fs, pafs.LocalFileSystem):
+        files = _local_files(root, suffixes)
+    elif storage.split_uri(lake.root)[0] in ("s3", "s3a"):
+        files = _s3_files(lake.conditional()[0], root, suffixes)  # s3fs: pyarrow lists a prefix only whole
+    else:
+        files = _store_files(fs, root, suffixes)
     try:
         while chunk := list(itertools.islice(files, chunk_rows)):
             paths, sizes, mtimes = zip(*chunk)
             yield pa.table([[lake.uri_for(p) for p in paths], sizes, mtimes], schema=LISTING_SCHEMA)
-    except OSError as exc:
+    except (OSError, BotoCoreError) as exc:
         raise UsageError(storage.describe_error(lake.root, exc)) from None
 
 
@@ -62,7 +75,36 @@ def check_lake(lake: storage.Store) -> None:
         raise UsageError(f"{lake.root}: is a file; expected a folder/prefix of images (use --manifest for a list)")
 
 
+def _s3_files(fs: s3fs.S3FileSystem, root: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:
+    """(bucket/key, size, mtime_ns) of the objects below ``root`` (bucket or bucket/prefix), one
+    ListObjectsV2 page at a time, without a delimiter: the whole tree below the prefix in key
+    order, a page ending anywhere, inside a folder too. Keys ending in ``/`` are folder markers."""
+    bucket, _, key = root.partition("/")
+    prefix = f"{key}/" if key else ""
+    for page in _s3_pages(fs, bucket, prefix, LIST_PAGE_KEYS):
+        for entry in page:
+            relative = entry["Key"][len(prefix):]
+            if relative.lower().endswith(suffixes) and not _hidden(relative):
+                modified = entry["LastModified"]  # whole milliseconds at most, as pyarrow reads them
+                mtime_ns = calendar.timegm(modified.utctimetuple()) * 10**9 + modified.microsecond * 1000
+                yield f"{bucket}/{entry['Key']}", entry["Size"], mtime_ns
+
+
+def _s3_pages(fs: s3fs.S3FileSystem, bucket: str, prefix: str, page_keys: int) -> Iterator[list[dict[str, Any]]]:
+    """The ``Contents`` of each ListObjectsV2 page of at most ``page_keys`` keys. Through s3fs's
+    ``call_s3``, which retries each page on its own (pyarrow's recursive listing returns only the
+    whole list, and botocore's paginator retries nothing)."""
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_keys}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        yield page.get("Contents", [])
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
 def _store_files(fs: pafs.FileSystem, root: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:
+    """Other object stores (gs://): pyarrow's recursive listing, which comes as one list."""
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         rel = entry.path[len(root):].lstrip("/")
         if entry.type == pafs.FileType.File and not _hidden(rel) and entry.path.lower().endswith(suffixes):

@@ -8,8 +8,10 @@ the image reads use the same ``arrow_filesystem``. pyarrow does not read AWS_END
 is why the endpoint is always passed on explicitly.
 
 The one other client: s3fs (botocore) for the output lock's conditional writes on S3
-(``Store.conditional``, used only by ``dataset._ObjectLock``). pyarrow's S3 client cannot send
-``If-None-Match``/``If-Match`` (apache/arrow#44281); s3fs passes them to PutObject. It is built
+(``Store.conditional``, used by ``dataset._ObjectLock``): pyarrow's S3 client cannot send
+``If-None-Match``/``If-Match`` (apache/arrow#44281); s3fs passes them to PutObject. The same client
+lists an S3 lake page by page (``lake.list_chunks``): pyarrow's recursive listing returns only the
+whole list. It is built
 from the same StorageConfig and makes the same number of attempts with the same (standard) retry
 mode, so that lock requests obey ``--max-attempts`` too.
 """
@@ -412,7 +414,7 @@ class Store:
 
     def conditional(self, *parts: str) -> tuple[Any, str]:
         """(s3fs filesystem, its path of ``parts``) for conditional writes on S3, the one thing
-        pyarrow cannot send (see the module docstring). Its botocore client makes
+        pyarrow cannot send, and paged listings (see the module docstring). Its botocore client makes
         ``--max-attempts`` attempts in standard retry mode, as pyarrow's does; s3fs's own retry
         loop is off so that the attempts do not multiply. (botocore's ``max_attempts`` counts
         retries; ``total_max_attempts`` counts attempts, as pyarrow's ``max_attempts`` does.)"""

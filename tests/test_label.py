@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distcls import engines, predict, storage
+from distcls import engines, inputs, predict, storage
 from distcls.cli import main
 from distcls.dataset import COMMITTING, STAGING, Dataset
 from distcls.artifact import load_model, predict_proba
@@ -178,9 +178,8 @@ def test_resume_reuses_readable_staged_files_and_relabels_the_rest(ray_local, tm
 def _rows_as_a_run_would_stage(config: LabelConfig) -> pa.Table:
     """Output rows made by the pipeline's own functions, called in-process without Ray."""
     listing = list_files(Store(config.input))
-    inputs = label_module._input_table(listing["path"], listing["size"], listing["mtime"],
-                                       pa.nulls(listing.num_rows, pa.string()))
-    decoded = predict.read_and_decode(inputs, StorageConfig(), 32, config.max_image_pixels)
+    found = inputs._input_table(listing["path"], listing["size"], listing["mtime"], pa.nulls(listing.num_rows, pa.string()))
+    decoded = predict.read_and_decode(found, StorageConfig(), 32, config.max_image_pixels)
     threads = torch.get_num_threads()  # the predictor pins its process to one thread
     try:
         to_rows = functools.partial(label_module._rows, top_k=5, run_id="20260101T000000Z-abcdef")
@@ -299,10 +298,12 @@ def test_runs_on_a_path_that_is_no_output_is_a_usage_error(tmp_path: Path, capsy
         assert len(err.splitlines()) == 1 and str(path) in err
 
 
-def test_no_output_row_reaches_the_driver(ray_local, tmp_path: Path, synthetic_lake, model_uri: str,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The workers write the staged files: writing from this (the driver) process fails, and what
+def test_no_input_block_or_output_row_goes_through_the_driver(ray_local, tmp_path: Path, synthetic_lake,
+                                                             model_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker (the inputs' reader) puts the input blocks into the object store, never this (the
+    driver) process; the workers write the staged files: writing from the driver fails, and what
     the driver iterates over holds file names and row counts only."""
+    import ray
     import ray.data
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -316,13 +317,21 @@ def test_no_output_row_reaches_the_driver(ray_local, tmp_path: Path, synthetic_l
             seen.append(batch.column_names)
             yield batch
 
+    put, tables_put = ray.put, []
+
+    def recording_put(value, *args, **kwargs):
+        tables_put.append(isinstance(value, pa.Table))
+        return put(value, *args, **kwargs)
+
     monkeypatch.setattr(Dataset, "write_staged", refuse)
     monkeypatch.setattr(ray.data.Dataset, "iter_batches", recording)
+    monkeypatch.setattr(ray, "put", recording_put)
     lake = _lake(synthetic_lake, tmp_path, 3)
     output = tmp_path / "labels"
     assert main(["label", "--input", str(lake), "--model", model_uri, "--output", str(output),
                  "--rows-per-file", "4"]) == 0
     assert seen and all(columns == ["file", "rows"] for columns in seen)
+    assert not any(tables_put)
     _assert_exactly_once(output, lake)
 
 

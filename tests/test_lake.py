@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distcls import lake
 from distcls.storage import Store
 from distcls.errors import UsageError
 from distcls.lake import labelled_images, list_files, read_manifest, stratified_split
@@ -51,6 +52,38 @@ def test_listing_is_sorted_with_sizes(tmp_path) -> None:
     table = list_files(Store(str(tmp_path)), [".jpg", ".png"])
     assert [p.rsplit("/", 1)[1] for p in table["path"].to_pylist()] == ["a.png", "b.jpg"]
     assert table["size"].to_pylist() == [1, 1]
+
+
+def test_an_s3_prefix_is_listed_page_by_page_each_object_once(s3_bucket: str, monkeypatch) -> None:
+    """Pages of 2 keys (one ListObjectsV2 request each): a page that ends inside a folder loses
+    nothing, no object comes twice, hidden names, folder markers and a sibling prefix stay out, and
+    sizes and mtimes are pyarrow's (the keys of --incremental written by earlier runs)."""
+    import boto3
+
+    client = boto3.client("s3")
+    objects = ["lake/.h.jpg", "lake/a/1.jpg", "lake/a/2.jpg", "lake/a/3.jpg", "lake/a/7.JPG", "lake/b/4.jpg",
+               "lake/b/_x/5.jpg", "lake/c/", "lake/notes.txt", "lake2/6.jpg"]
+    for i, key in enumerate(objects):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"x" * i)
+    pages: list[list[str]] = []
+    s3_pages = lake._s3_pages
+
+    def recording(*args):
+        for page in s3_pages(*args):
+            pages.append([entry["Key"] for entry in page])
+            yield page
+
+    monkeypatch.setattr(lake, "LIST_PAGE_KEYS", 2)
+    monkeypatch.setattr(lake, "_s3_pages", recording)
+    listing = pa.concat_tables(lake.list_chunks(Store(f"s3://{s3_bucket}/lake"), chunk_rows=3))
+
+    assert pages == [objects[i:min(i + 2, 9)] for i in range(0, 9, 2)]  # a/1 | a/2: a page boundary inside a/
+    expected = [f"s3://{s3_bucket}/lake/{name}" for name in ("a/1.jpg", "a/2.jpg", "a/3.jpg", "a/7.JPG", "b/4.jpg")]
+    assert listing["path"].to_pylist() == expected
+    bucket = Store(f"s3://{s3_bucket}")
+    infos = bucket.fs.get_file_info([path.removeprefix("s3://") for path in expected])
+    assert listing["size"].to_pylist() == [info.size for info in infos] == [1, 2, 3, 4, 5]
+    assert listing["mtime"].to_pylist() == [info.mtime_ns for info in infos]
 
 
 def test_stratified_split_is_deterministic_and_per_class() -> None:

@@ -200,6 +200,14 @@ class LabelConfig(InferenceConfig):
     review_sample: int | None = Field(
         None, ge=1, description="Write at most this many of the least confident images to _review/run=<id>/, "
                                 "least confident first (with --review-below: of those below it).")
+    low_confidence: float = Field(
+        0.5, ge=0, le=1, allow_inf_nan=False,
+        description="The quality report counts images whose top-1 score is below this (0..1).")
+    drift_threshold: float = Field(
+        0.2, gt=0, le=1, allow_inf_nan=False,
+        description="drift is set when the total variation distance between this run's label distribution and "
+                    "the model's validation distribution or the earlier runs' exceeds this (0..1).")
+    fail_on_drift: bool = Field(False, description="Exit with code 3 when drift is set (the run is still committed).")
 
     @field_validator("extensions")
     @classmethod

@@ -60,16 +60,12 @@ def _split_score(lake: Path, model_uri: str) -> float:
     return float((scores[middle] + scores[middle + 1]) / 2)
 
 
-class _DiesAtMove(pafs.LocalFileSystem):
-    """The output's filesystem on a machine that dies at its ``n``-th rename."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n, self.moves = n, 0
+class _DiesMovingTheQueue(pafs.LocalFileSystem):
+    """The output's filesystem on a machine that dies as the commit moves the review queue (after
+    the data files: the plan's last move)."""
 
     def move(self, source: str, target: str) -> None:
-        self.moves += 1
-        if self.moves == self.n:
+        if "/_review/" in target:
             raise RuntimeError("machine died")
         super().move(source, target)
 
@@ -82,14 +78,13 @@ def test_review_queue_is_committed_with_its_run(ray_local, synthetic_lake, model
     below = _split_score(lake, model_uri)
     label = ["label", "--input", str(lake), "--model", model_uri, "--output", str(output), "--batch-size", "16"]
     real = storage.arrow_filesystem
-    # Renames: _COMMITTING, the one staged data file, then the review file - where the machine dies.
     monkeypatch.setattr(storage, "arrow_filesystem", lambda uri, s: (
-        (_DiesAtMove(3), real(uri, s)[1]) if uri == str(output) else real(uri, s)))
+        (_DiesMovingTheQueue(), real(uri, s)[1]) if uri == str(output) else real(uri, s)))
     assert main([*label, "--review-below", str(below), "--incremental"]) == 1
     monkeypatch.undo()
     plan = json.loads((output / COMMITTING).read_text())
     assert [target for _, target in plan["moves"]][-1] == f"_review/run={plan['run_id']}/part-00000.parquet"
-    assert not list(output.glob("_review/*/*.parquet"))
+    assert not list(output.glob("_review/*/*.parquet")) and list(output.glob(f"run={plan['run_id']}/part-*.parquet"))
 
     # The next run finishes that commit first (then refuses: a plain run into a dataset).
     assert main(label) == 2

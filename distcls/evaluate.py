@@ -2,6 +2,7 @@
 artifact on a labelled lake: the inference stage of labeling (``distcls.predict``) + metrics."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -12,13 +13,15 @@ from distcls.artifact import ModelInfo, read_info
 from distcls.config import EvaluateConfig, StorageConfig
 from distcls.runtime import ensure_ray
 
+log = logging.getLogger(__name__)
+
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Predict every image of ``config.data`` and score it; prints a table, optionally writes a report.
+    """Predict every image of ``config.input`` and score it; logs a table, optionally writes a report.
     Returns ``accuracy``, ``images``, ``macro_f1``, ``errors`` and per-class metrics."""
     predict.check_usage(config)
     info = read_info(config.model, config.storage())
-    rows, classes = lake.labelled_images(config.data, config.storage(), info.classes)
+    rows, classes = lake.labelled_images(config.input, config.storage(), info.classes)
     ensure_ray()
     predict.check_gpus(config)
     engine = engines.prepare(config.engine, config.model, config.storage(), config.gpu)
@@ -29,7 +32,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     matrix = confusion_matrix(truth, guess, len(classes))
     metrics = scores(matrix, classes)
     metrics["errors"] = int((~ok).sum())
-    print(format_table(metrics, classes, matrix))
+    log.info("\n" + format_table(metrics, classes, matrix))
     if config.report:
         _write_report(config.report, metrics, matrix, classes, info, config.storage())
     return {"accuracy": metrics["accuracy"], "images": metrics["images"], "macro_f1": metrics["macro_f1"],
@@ -90,4 +93,4 @@ def _write_report(folder: str, metrics: dict[str, Any], matrix: np.ndarray, clas
     report = {**metrics, "confusion_matrix": matrix.tolist(), "classes": classes, "model_id": info.model_id}
     storage.write_json(storage.join(folder, "metrics.json"), report, storage_config)
     storage.write_bytes(storage.join(folder, "confusion.png"), plot_confusion(matrix, classes), storage_config)
-    print(f"report written to {folder} (metrics.json, confusion.png)")
+    log.info(f"report written to {folder} (metrics.json, confusion.png)")

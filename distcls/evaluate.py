@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from distcls import engines, lake, predict, storage
+from distcls import console, engines, lake, predict, storage
 from distcls.artifact import ModelInfo, read_info
 from distcls.config import EvaluateConfig, StorageConfig
 from distcls.runtime import ensure_ray
@@ -25,7 +25,12 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     ensure_ray()
     predict.check_gpus(config)
     engine = engines.prepare(config.engine, config.model, config.storage(), config.gpu)
-    table = pa.concat_tables(predict.predict(rows, config, info, _scored, engine))
+    progress, tables = console.Progress(log, rows.num_rows), []
+    for scored in predict.predict(rows, config, info, _scored, engine):
+        tables.append(scored)
+        progress.add(scored.num_rows)
+    progress.close()
+    table = pa.concat_tables(tables)
     ok = table["error"].is_null().to_numpy(zero_copy_only=False)
     truth = table["label"].to_numpy()[ok]
     guess = table["predicted"].to_numpy(zero_copy_only=False)[ok].astype(np.int64)

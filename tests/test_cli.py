@@ -235,8 +235,36 @@ def test_verbose_shows_debug_lines_before_or_after_the_command(captured_config: 
     argv = ["label", "--input", "lake", "--model", "m", "--output", "o"]
     assert cli.main(argv) == 0
     assert "DEBUG" not in capsys.readouterr().err
-    for verbose in (["--verbose", *argv], [*argv, "--verbose"], ["-v", *argv]):
-        assert cli.main(verbose) == 0
-        out, err = capsys.readouterr()
-        assert json.loads(out) == {"ok": True, "path": "/x"}
-        assert re.search(r"DEBUG distcls\.cli: label settings: \{.*\"input\":\"lake\"", err), err
+    try:
+        for verbose in (["--verbose", *argv], [*argv, "--verbose"], ["-v", *argv]):
+            assert cli.main(verbose) == 0
+            out, err = capsys.readouterr()
+            assert json.loads(out) == {"ok": True, "path": "/x"}
+            assert re.search(r"DEBUG distcls\.cli: label settings: \{.*\"input\":\"lake\"", err), err
+    finally:
+        from distcls import console
+
+        console.configure(verbose=False)  # as the next test's library calls expect
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ray_output_reaches_the_driver_only_with_verbose(verbose: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the CLI asks of ray.init: worker/actor logs forwarded (log_to_driver) and Ray's driver
+    loggers below ERROR only with --verbose."""
+    import logging
+
+    import ray
+
+    from distcls import console, runtime
+
+    seen: dict[str, Any] = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    console.configure(verbose=verbose)
+    try:
+        runtime.ensure_ray()
+    finally:
+        console.configure(verbose=False)
+    assert seen["log_to_driver"] is verbose
+    assert seen["logging_level"] == (logging.DEBUG if verbose else logging.ERROR)

@@ -4,7 +4,7 @@ Every flag is generated from the job's pydantic settings class, so the YAML keys
 Python API cannot drift apart: ``--batch-size`` is ``batch_size`` in YAML and in ``TrainConfig``.
 Exit codes: 0 success, 2 bad usage or config (argparse's own convention), 1 a job that failed.
 Output: stdout carries only the command's product, the final JSON summary (``runs`` and ``models``:
-a table, or with ``runs --json`` JSON); everything for people goes to stderr (``distcls.log``).
+a table, or with ``runs --json`` JSON); everything for people goes to stderr (``distcls.console``).
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import argparse
 import atexit
 import importlib.metadata
 import json
+import logging
 import os
 import sys
 import types
-import logging
 import typing
 from typing import Any, Callable
 
@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field: str, name: str, annotation: Any, help_text: str,
-              default: Any) -> None:
+def _add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field: str, name: str, annotation: Any,
+              help_text: str, default: Any) -> None:
     flag = "--" + name.replace("_", "-")
     base = _strip_optional(annotation)
     shown = "" if default is None or callable(default) or repr(default) == "PydanticUndefined" else f" (default: {default})"

@@ -306,7 +306,8 @@ def _run_pipeline(todo: predict.Blocks, config: LabelConfig, info: ModelInfo, ru
             progress.add(sum(table["rows"].to_pylist()))
     except JobError as exc:
         raise JobError(f"{exc}; nothing was committed") from None
-    progress.close()
+    finally:
+        progress.close()
     return files
 
 

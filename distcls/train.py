@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -262,7 +262,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     local_batch = max(1, config.batch_size // config.workers)
     train_data, val_data = (_shard(name, loop_config["cache"], local_batch) for name in ("train", "val"))
-    state = _restore(ray.train.get_checkpoint(), tell) or _fresh_state(config, classes)
+    state = _restore(ray.train.get_checkpoint())
+    if state:
+        tell({"message": f"resuming from checkpoint after epoch {state['epoch']}"})
+    state = state or _fresh_state(config, classes)
     plain = create_model(config.arch, num_classes=len(classes)).to(memory_format=torch.channels_last)
     plain.load_state_dict(state["model"])
     # Every parameter is in the optimizer from the start, frozen or not: its state_dict then has the
@@ -451,7 +454,7 @@ def _pixel_statistics(sample: ray.data.DataIterator) -> tuple[tuple[float, ...],
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
-def _restore(checkpoint: ray.train.Checkpoint | None, tell: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+def _restore(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
@@ -460,7 +463,6 @@ def _restore(checkpoint: ray.train.Checkpoint | None, tell: Callable[[dict[str, 
     state["mean"], state["std"] = tuple(state["mean"]), tuple(state["std"])
     state["restores"] = state.get("restores", 0) + 1
     state.setdefault("pretrained", [])  # checkpoints written before --freeze-epochs existed
-    tell({"message": f"resuming from checkpoint after epoch {state['epoch']}"})
     return state
 
 

@@ -96,3 +96,22 @@ def test_train_gpu_is_accepted_and_a_gpu_node_without_cuda_fails_the_run_naming_
     assert len(gpu_nodes) == 1 and next(iter(gpu_nodes)) in last, last
     assert last.startswith("distcls train: failed: --gpu: a training worker on node "), last
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_train_runs_its_workers_on_nodes_the_autoscaler_adds(on_autoscaling_cluster, synthetic_lake, tmp_path,
+                                                             capsys) -> None:
+    """Two 1-CPU workers on a cluster of 1-CPU nodes: each needs a node of its own, and the decode
+    tasks that stream the lake into them every epoch need CPUs beside them."""
+    from ray._private import state
+
+    code = main(["train", "--data", str(synthetic_lake(4)), "--output", str(tmp_path / "run"), "--workers", "2",
+                 "--epochs", "2", "--batch-size", "8", "--model", "simple_cnn", "--val-fraction", "0.25",
+                 "--max-failures", "0", "--cache", "none"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2] and summary["epoch"] in epochs  # the artifact is the best epoch's
+    assert (tmp_path / "run" / "model" / "model.json").exists()
+    workers = {a["Address"]["NodeID"] for a in state.actors().values() if a["ActorClassName"] == "RayTrainWorker"}
+    assert len(workers) >= 2 and workers <= _worker_nodes(), workers  # autoscaled nodes, never the head

@@ -104,8 +104,8 @@ def test_train_runs_its_workers_on_nodes_the_autoscaler_adds(on_autoscaling_clus
     tasks that stream the lake into them every epoch need CPUs beside them."""
     from ray._private import state
 
-    code = main(["train", "--data", str(synthetic_lake(4)), "--output", str(tmp_path / "run"), "--workers", "2",
-                 "--epochs", "2", "--batch-size", "8", "--model", "simple_cnn", "--val-fraction", "0.25",
+    code = main(["train", "--input", str(synthetic_lake(4)), "--output", str(tmp_path / "run"), "--workers", "2",
+                 "--epochs", "2", "--batch-size", "8", "--arch", "simple_cnn", "--val-fraction", "0.25",
                  "--max-failures", "0", "--cache", "none"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]

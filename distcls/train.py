@@ -235,6 +235,9 @@ def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event) -
             if done.is_set():
                 return
             continue
+        except ray.exceptions.RayError as exc:  # the queue's node is gone: training goes on without lines
+            log.warning(f"no more epoch lines: {type(exc).__name__}")
+            return
         if "message" in item:
             log.info(item["message"])
             continue
@@ -248,14 +251,14 @@ def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event) -
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker loop: restore, then per epoch train, evaluate, report + checkpoint."""
-    if not loop_config.get("verbose"):
+    if not loop_config["verbose"]:
         # The driver's epoch line is the report. Ray Train 2.60 logs every report (its metrics dict
         # per worker per epoch) at INFO from a logger named after its own file, outside "ray.train".
         from ray.train.v2._internal.execution import context as train_context
 
         for name in ("ray.train", train_context.__file__):
             logging.getLogger(name).setLevel(logging.WARNING)
-    tell = functools.partial(_tell, loop_config.get("progress"))
+    tell = functools.partial(_tell, loop_config["progress"])
     config = TrainConfig.model_validate(loop_config["config"])
     classes: list[str] = loop_config["classes"]
     torch.set_num_threads(config.cpus_per_worker)
@@ -483,11 +486,14 @@ def _report(row: dict[str, float], model: nn.Module, optimizer: torch.optim.Opti
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _tell(progress: Queue | None, item: dict[str, Any]) -> None:
+def _tell(progress: Queue, item: dict[str, Any]) -> None:
     """Send ``item`` (an epoch's row and time, or a message) to the driver from rank 0 only, so
     that a line per epoch means one line, not one per worker."""
-    if progress is not None and ray.train.get_context().get_world_rank() == 0:
-        progress.put(item)
+    if ray.train.get_context().get_world_rank() == 0:
+        try:
+            progress.put(item)
+        except ray.exceptions.RayError:
+            pass  # progress lines are for people: losing them (the queue's node died) must not fail training
 
 
 def _sum_across_workers(tensor: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,6 @@ class _Stderr(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record is emitted (a test's capture, say), as
     ``logging``'s own last-resort handler does."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):  # type: ignore[override]
         return sys.stderr

@@ -54,7 +54,7 @@ import torch
 from PIL import Image, ImageOps
 
 from distcls.artifact import ModelInfo, load_model, predict_proba, read_info, save_model
-from distcls.config import StorageConfig
+from distcls.storage import Store
 from distcls.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def make_model(target: Path, image_size: int = 32) -> str:
     torch.manual_seed(0)
     info = ModelInfo(arch="resnet_small", classes=CLASSES, image_size=image_size,
                      mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
-    save_model(create_model("resnet_small", len(CLASSES)), info, str(target), StorageConfig())
+    save_model(create_model("resnet_small", len(CLASSES)), info, Store(str(target)))
     return str(target)
 
 
@@ -104,7 +104,7 @@ def plain_loop(lake: str, model_uri: str, output: str) -> dict:
     """Full decode + resize in a thread pool, batched torch inference on all cores, one Parquet file."""
     started = time.time()
     torch.set_num_threads(os.cpu_count())
-    model, info = load_model(model_uri)
+    model, info = load_model(Store(model_uri))
     paths = sorted(str(p) for p in Path(lake).rglob("*.jpg"))
     classes = np.array(info.classes)
     with ThreadPoolExecutor(os.cpu_count()) as pool, pq.ParquetWriter(output, PLAIN_SCHEMA) as writer:
@@ -144,7 +144,7 @@ def ray_recipe(lake: str, model_uri: str, output: str) -> dict:
     import ray  # here, so that (b) does not pay for importing it
 
     started = time.time()
-    info = read_info(model_uri, StorageConfig())
+    info = read_info(Store(model_uri))
     ray.init(include_dashboard=False, logging_level="WARNING")
     working = time.time()
     mean, std = np.array(info.mean, np.float32), np.array(info.std, np.float32)
@@ -158,7 +158,7 @@ def ray_recipe(lake: str, model_uri: str, output: str) -> dict:
 
     class Classifier:
         def __init__(self) -> None:
-            self.model, _ = load_model(model_uri)
+            self.model, _ = load_model(Store(model_uri))
 
         def __call__(self, batch: dict) -> dict:
             with torch.inference_mode():

@@ -23,9 +23,11 @@ and driver peak at 200k <= 1.25x the peak at 20k; images/s about the same at bot
 --driver-rows A B: two manifests of A and B distinct paths that need no images: every path lies
 outside the run's --allowed-roots, so each becomes an "outside allowed roots" row that is never
 read, yet goes through the whole pipeline (inference actors, writers, staged counts, commit).
-Target: driver peak RSS at B <= 1.25x at A (the driver holds 8 bytes per distinct path, and blocks
-of inputs only on their way to the object store). The driver's RSS less shared pages is printed
-too: pages of the object store that the driver's ray.put touched count as shared.
+Target: driver peak RSS at B <= 1.25x at A: the inputs are read, de-duplicated and put into the
+object store by a Ray actor (distcls.inputs.InputReader), whose own peak RSS is printed as "reader"
+(it holds 8 bytes per distinct path and the refs of the blocks); the driver holds refs and counts.
+RSS less shared pages is printed beside each: pages of the object store a process wrote count as
+shared.
 The model is `resnet_small` with seeded random weights (inference cost does not depend on them).
 """
 from __future__ import annotations
@@ -68,9 +70,11 @@ def link_lake(sources: list[Path], root: Path, images: int) -> list[str]:
 
 def label_run(inputs: list[str], model: str, output: Path) -> dict:
     """One `distcls label` process, sampled; the summary's numbers plus wall time and peak RSS."""
-    got = run_timed([sys.executable, "-m", "distcls", "label", *inputs, "--model", model, "--output", str(output)])
+    got = run_timed([sys.executable, "-m", "distcls", "label", *inputs, "--model", model, "--output", str(output)],
+                    worker_tag="InputReader")
     return {k: got[k] for k in ("images", "errors", "images_per_s", "seconds", "wall_s", "other_cpu_s",
-                                "driver_rss_gib", "driver_private_gib", "tree_rss_gib", "tree_private_gib")}
+                                "driver_rss_gib", "driver_private_gib", "tree_rss_gib", "tree_private_gib",
+                                "worker_rss_gib", "worker_private_gib")}
 
 
 def outside_manifest(path: Path, rows: int) -> None:
@@ -91,11 +95,14 @@ def report(args: argparse.Namespace, runs: dict[str, dict]) -> None:
     print("input: hard links to the 50,000 CIFAR-10 train JPEGs (32x32) on local disk; model resnet_small, "
           "seeded random weights; one run each")
     print(f"{'run':36s}{'images':>10s}{'errors':>10s}{'wall s':>8s}{'label() s':>10s}{'pipeline img/s':>15s}"
-          f"{'driver GiB':>11s}{'less shared':>12s}{'session GiB':>12s}{'less shared':>12s}{'noise CPU-s':>12s}")
+          f"{'driver GiB':>11s}{'less shared':>12s}{'reader GiB':>11s}{'less shared':>12s}"
+          f"{'session GiB':>12s}{'less shared':>12s}{'noise CPU-s':>12s}")
     for name, r in runs.items():
         print(f"{name:36s}{r['images']:10d}{r['errors']:10d}{r['wall_s']:8.0f}{r['seconds']:10.0f}"
               f"{r['images_per_s']:15.0f}{r['driver_rss_gib']:11.2f}{r['driver_private_gib']:12.2f}"
+              f"{r['worker_rss_gib']:11.2f}{r['worker_private_gib']:12.2f}"
               f"{r['tree_rss_gib']:12.2f}{r['tree_private_gib']:12.2f}{r['other_cpu_s']:12.1f}")
+    print(f"load (uptime) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.driver_rows:
         small, big = (runs[f"outside-roots manifest {n:,}"] for n in args.driver_rows)
         for key, what in (("driver_rss_gib", "driver"), ("driver_private_gib", "driver less shared")):

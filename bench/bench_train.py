@@ -71,13 +71,14 @@ def plain_epoch_rate(lake: Path, epochs: int, batch: int) -> float:
     """The same epoch functions in one process, 2 threads, no Ray, no DDP."""
     from distcls import lake as lakes
     from distcls.config import StorageConfig, TrainConfig
+    from distcls.storage import Store
     from distcls.images import read_batch
     from distcls.models import create_model
     from distcls.train import CachedShard, eval_epoch, train_epoch
 
     torch.set_num_threads(2)
     config = TrainConfig(input=str(lake), output="unused", epochs=epochs, batch_size=batch, workers=1)
-    rows, classes = lakes.labelled_images(str(lake), StorageConfig())
+    rows, classes = lakes.labelled_images(Store(str(lake)))
     train_idx, val_idx = lakes.stratified_split(rows["label"].to_numpy(), config.val_fraction, config.seed)
     decoded = read_batch(rows["path"].to_numpy(zero_copy_only=False), StorageConfig(), config.image_size)
     images, labels = torch.from_numpy(decoded["image"]), torch.from_numpy(rows["label"].to_numpy().astype(np.int64))

@@ -20,7 +20,7 @@ _HOMES = {
     "ModelInfo": "distcls.artifact", "load_model": "distcls.artifact",
     "create_model": "distcls.models", "list_models": "distcls.models",
     "EvaluateConfig": "distcls.config", "LabelConfig": "distcls.config", "StorageConfig": "distcls.config",
-    "TrainConfig": "distcls.config",
+    "TrainConfig": "distcls.config", "Store": "distcls.storage",
 }
 
 __all__ = sorted([*_JOBS, *_HOMES])

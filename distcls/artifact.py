@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from distcls import storage
-from distcls.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, StorageConfig
+from distcls.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from distcls.errors import UsageError
 from distcls.images import normalize
 from distcls.models import create_model, list_models
@@ -82,53 +82,55 @@ def model_id_of(info: ModelInfo) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def save_model(model: nn.Module, info: ModelInfo, uri: str, storage_config: StorageConfig) -> ModelInfo:
-    """Write weights, then model.json (last, so a folder with model.json is complete). Returns the
+def save_model(model: nn.Module, info: ModelInfo, store: storage.Store) -> ModelInfo:
+    """Write weights, then model.json (last, so a folder with model.json is complete) into the
+    artifact folder ``store``. Returns the
     info with weights_sha256, model_id and created_at filled in. Raises UsageError when the
     model's head does not output one score per class."""
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
-    _check_fits(uri, info, state)
+    _check_fits(store.root, info, state)
     weights = safetensors.torch.save(state)
     info = _identified(info, weights, datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights, storage_config)
-    storage.write_bytes(storage.join(uri, META_FILE), info.model_dump_json(indent=2).encode(), storage_config)
+    store.write(weights, WEIGHTS_FILE)
+    store.write(info.model_dump_json(indent=2).encode(), META_FILE)
     return info
 
 
-def load_model(uri: str, storage_config: StorageConfig | None = None) -> tuple[nn.Module, ModelInfo]:
-    """Load an artifact folder. Returns the model in eval mode and its verified ModelInfo.
+def load_model(store: storage.Store | str) -> tuple[nn.Module, ModelInfo]:
+    """Load the artifact folder ``store`` (a URI alone: with the default storage settings, from
+    the environment). Returns the model in eval mode and its verified ModelInfo.
 
     Raises UsageError naming the URI (and the model.json field) when it is not an artifact, a
     field is out of bounds, the weights or the fields do not match model_id, the weights are not a
     safetensors file (a pickle planted there is never unpickled), or they do not fit arch and classes.
     """
-    info, state = _verified(uri, storage_config or StorageConfig())
+    info, state = _verified(store if isinstance(store, storage.Store) else storage.Store(store))
     model = create_model(info.arch, num_classes=len(info.classes))
     model.load_state_dict(state, strict=True)  # keys and shapes were checked by _verified
     return model.eval(), info
 
 
-def read_info(uri: str, storage_config: StorageConfig) -> ModelInfo:
+def read_info(store: storage.Store) -> ModelInfo:
     """The ModelInfo of an artifact, verified as load_model does (the weights are read and hashed),
     so that a job refuses a bad artifact before it starts any Ray work."""
-    return _verified(uri, storage_config)[0]
+    return _verified(store)[0]
 
 
-def resave(uri: str, storage_config: StorageConfig | None = None) -> ModelInfo:
+def resave(store: storage.Store) -> ModelInfo:
     """Rewrite a format-1 artifact's model.json in the current format, in place; returns the new
     info. Format 1's model_id covered only the weights, so nothing vouches for its classes,
     image_size, mean and std: check them first, since the new model_id will."""
-    storage_config = storage_config or StorageConfig()
-    meta = _read_json(uri, storage_config)
+    uri = store.root
+    meta = _read_json(store)
     if meta.get("format_version") != 1:
         raise UsageError(f"{uri}: not a format-1 artifact (format_version {meta.get('format_version')!r})")
-    weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE), storage_config)
+    weights = store.read(WEIGHTS_FILE)
     if hashlib.sha256(weights).hexdigest() != meta.get("model_id"):
         raise UsageError(f"{uri}: weights do not match model_id in {META_FILE} (corrupt or replaced)")
     info = _validated(uri, {**meta, "format_version": FORMAT_VERSION})
     _check_fits(uri, info, _safetensors(uri, weights))
     info = _identified(info, weights, info.created_at)
-    storage.write_bytes(storage.join(uri, META_FILE), info.model_dump_json(indent=2).encode(), storage_config)
+    store.write(info.model_dump_json(indent=2).encode(), META_FILE)
     return info
 
 
@@ -138,9 +140,10 @@ def _identified(info: ModelInfo, weights: bytes, created_at: str) -> ModelInfo:
     return info.model_copy(update={"model_id": model_id_of(info)})
 
 
-def _verified(uri: str, storage_config: StorageConfig) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+def _verified(store: storage.Store) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
     """(info, weights) after every check load_model promises, cheapest first."""
-    meta = _read_json(uri, storage_config)
+    uri = store.root
+    meta = _read_json(store)
     version = meta.get("format_version")
     if version == 1:
         raise UsageError(f"{uri}: {META_FILE} is format 1, whose model_id covers the weights but not classes, "
@@ -148,7 +151,7 @@ def _verified(uri: str, storage_config: StorageConfig) -> tuple[ModelInfo, dict[
     if version != FORMAT_VERSION:
         raise UsageError(f"{uri}: {META_FILE} has format_version {version!r}; this distcls reads {FORMAT_VERSION}")
     info = _validated(uri, meta)
-    weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE), storage_config)
+    weights = store.read(WEIGHTS_FILE)
     if hashlib.sha256(weights).hexdigest() != info.weights_sha256:
         raise UsageError(f"{uri}: weights do not match weights_sha256 in {META_FILE} (corrupt or replaced)")
     if model_id_of(info) != info.model_id:
@@ -159,9 +162,10 @@ def _verified(uri: str, storage_config: StorageConfig) -> tuple[ModelInfo, dict[
     return info, state
 
 
-def _read_json(uri: str, storage_config: StorageConfig) -> dict[str, Any]:
+def _read_json(store: storage.Store) -> dict[str, Any]:
+    uri = store.root
     try:
-        raw = storage.read_bytes(storage.join(uri, META_FILE), storage_config)
+        raw = store.read(META_FILE)
     except UsageError as exc:
         raise UsageError(f"{uri}: not a distcls model artifact (cannot read {META_FILE}: {exc})") from None
     try:
@@ -215,10 +219,11 @@ def _check_fits(uri: str, info: ModelInfo, state: dict[str, torch.Tensor]) -> No
                          f"expected {list(shape)}")
 
 
-def load_state_dict(uri: str, storage_config: StorageConfig) -> dict[str, torch.Tensor]:
-    """Initial weights for training: safetensors, or a torch file loaded with ``weights_only=True``
-    (tensors only; a pickle that would run code is refused)."""
-    data = storage.read_bytes(uri, storage_config)
+def load_state_dict(file: storage.Store) -> dict[str, torch.Tensor]:
+    """Initial weights for training from the file ``file``: safetensors, or a torch file loaded
+    with ``weights_only=True`` (tensors only; a pickle that would run code is refused)."""
+    uri = file.root
+    data = file.read()
     if uri.endswith(".safetensors"):
         try:
             return safetensors.torch.load(data)

@@ -29,7 +29,7 @@ The protocol, in the order a run meets it; each step is one method of ``Dataset`
    A ``run=<run_id>/`` folder of only ``part-NNNNN.parquet`` files and no ``_SUCCESS`` (left when a plan was
    lost) is deleted.
 5. ``write_staged()``: output rows -> Parquet files in the run's staging folder. The handle is
-   picklable (URI + StorageConfig): ``StagedWriter``, the last stage of the label pipeline, writes
+   picklable (its ``storage.Store``): ``StagedWriter``, the last stage of the label pipeline, writes
    through it on the workers and returns only (file, rows), so no output row reaches the driver.
 6. ``staged_counts()``: the files the run was told about (those its writers reported, plus those a
    resumed run kept) hold one row per input (row count and distinct paths, checked file by file
@@ -57,9 +57,10 @@ Why not ``ray.data.checkpoint.CheckpointConfig``: in Ray 2.60 it only filters ro
 ``read_*`` datasources (``Planner._CHECKPOINT_FILTER_OPS = (Read, ReadFiles)``, not ``from_blocks``),
 keeps its own id files next to the data, and does not make the final dataset appear atomically.
 
-One filesystem stack, pyarrow, for everything but the lock on object stores: pyarrow's S3 client
-cannot send conditional writes (apache/arrow#44281), s3fs can (``pipe_file(mode="create")`` sends
-``If-None-Match: *``, and ``IfMatch`` passes through to PutObject), so the lock uses fsspec there.
+Every request goes through the output's ``storage.Store`` (pyarrow, one retry policy), except the
+lock's conditional writes on object stores (``Store.conditional``, s3fs; why: storage.py's
+docstring): ``pipe_file(mode="create")`` sends ``If-None-Match: *``, and ``IfMatch`` passes
+through to PutObject.
 """
 from __future__ import annotations
 
@@ -80,7 +81,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import cached_property
 from typing import Any, NoReturn
 
 import pyarrow as pa
@@ -91,7 +91,6 @@ import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError
 
 from distcls import dedup, storage
-from distcls.config import StorageConfig
 from distcls.errors import JobError, UsageError
 
 log = logging.getLogger(__name__)
@@ -131,17 +130,14 @@ class Run:
 
 @dataclass(frozen=True)
 class Dataset:
-    """The output dataset at ``uri``: every read and write of the protocol goes through it."""
+    """The output dataset in ``store``: every read and write of the protocol goes through it.
+    Picklable: only the store's URI and settings travel to a Ray worker."""
 
-    uri: str
-    storage: StorageConfig
+    store: storage.Store
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "uri", self.uri.rstrip("/"))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Only the URI and the settings travel to a Ray worker; it builds its own filesystem.
-        return Dataset, (self.uri, self.storage)
+    @property
+    def uri(self) -> str:
+        return self.store.root.rstrip("/")
 
     # -- 1. The lock ------------------------------------------------------------------------------
 
@@ -150,7 +146,7 @@ class Dataset:
 
         UsageError (exit 2) when another live run holds it, naming that run and when its lease
         ends, and when the output cannot be written at all."""
-        store = _LocalLock(self) if not storage.is_remote(self.uri) else _ObjectLock(self)
+        store = _LocalLock(self) if not self.store.remote else _ObjectLock(self)
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": None, "token": secrets.token_hex(8)}
         lock = Lock(self, store, owner, lease_s)
         try:
@@ -165,10 +161,10 @@ class Dataset:
         """Finish a commit that an earlier run began; returns its summary, or None if there was none.
         JobError, with nothing touched, when the plan found is not one distcls could have written."""
         self._refuse_links()
-        if not self._exists(COMMITTING):
+        if not self.store.exists(COMMITTING):
             return None
         try:
-            plan = json.loads(self._read(COMMITTING))
+            plan = json.loads(self.store.get(COMMITTING))
         except ValueError as exc:
             raise JobError(f"{self.uri_of(COMMITTING)}: not a commit plan ({exc}); nothing was changed") from None
         self._validate(plan)
@@ -179,9 +175,9 @@ class Dataset:
 
     def successes(self) -> dict[str, dict[str, Any]]:
         """The committed summaries by name (``_SUCCESS``, ``run=<id>/_SUCCESS``)."""
-        names = [SUCCESS] if self._exists(SUCCESS) else []
-        names += [f"{e.base_name}/{SUCCESS}" for e in self._entries() if _is_partition(e)
-                  and self._exists(e.base_name, SUCCESS)]
+        names = [SUCCESS] if self.store.exists(SUCCESS) else []
+        names += [f"{e.base_name}/{SUCCESS}" for e in self.store.entries() if _is_partition(e)
+                  and self.store.exists(e.base_name, SUCCESS)]
         return {name: self._summary_at(name) for name in names}
 
     def check_existing(self, *, overwrite: bool, incremental: bool) -> None:
@@ -216,11 +212,11 @@ class Dataset:
 
     def _labelled_tables(self, model_id: str) -> Iterator[pa.Table]:
         files = [e.path for name in self.successes() if name != SUCCESS
-                 for e in self._entries(name.split("/")[0]) if e.base_name.endswith(".parquet")]
+                 for e in self.store.entries(name.split("/")[0]) if e.base_name.endswith(".parquet")]
         final = pc.field("error_kind").is_null() | ~pc.field("error_kind").isin(PASSING_ERROR_KINDS)
         for file in files:
             # An explicit schema: files without error_kind read it as null.
-            found = pads.dataset(file, schema=_KEY_SCHEMA, filesystem=self._fs, format="parquet")
+            found = pads.dataset(file, schema=_KEY_SCHEMA, filesystem=self.store.fs, format="parquet")
             yield found.to_table(columns=["path", "size", "mtime"], filter=(pc.field("model_id") == model_id) & final)
 
     # -- 4. Start or resume a run -----------------------------------------------------------------
@@ -235,23 +231,23 @@ class Dataset:
         self._refuse_links()
         for leftover in self._survey()[2]:
             log.info(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
-            self._delete_tree(leftover)
+            self.store.delete(leftover)
         runs = self._staged_runs()
         if resume and runs:
             self._require_settings(runs[-1], settings)
             for stale in runs[:-1]:
-                self._delete_tree(STAGING, stale)
+                self.store.delete(STAGING, stale)
             staged, files = self._usable_staged(runs[-1], model_id, inputs)
             log.info(f"resuming run {runs[-1]}: {len(staged)} rows already staged")
             return Run(runs[-1], staged, tuple(files))
         if runs:
             log.info(f"discarding staged files of unfinished run(s) {', '.join(runs)} (--resume reuses them)")
-        self._delete_tree(STAGING)
+        self.store.delete(STAGING)
         run_id = _new_run_id()
         # Written in place, not through _write's rename: a record cut off by a kill is unreadable,
         # and --resume then refuses that run, which is the safe answer.
-        self._make_dir(STAGING, run_id)
-        with self._fs.open_output_stream(self._path(STAGING, run_id, _SETTINGS)) as stream:
+        self.store.make_dir(STAGING, run_id)
+        with self.store.open_output(STAGING, run_id, _SETTINGS) as stream:
             stream.write(_json(settings))
         return Run(run_id, pa.array([], pa.string()))
 
@@ -268,7 +264,7 @@ class Dataset:
         --top-k or --allowed-roots (say) must not be committed as this run's."""
         name = f"{STAGING}/{run_id}/{_SETTINGS}"
         try:
-            staged = json.loads(self._read(name)) if self._exists(STAGING, run_id, _SETTINGS) else None
+            staged = json.loads(self.store.get(name)) if self.store.exists(STAGING, run_id, _SETTINGS) else None
         except ValueError:
             staged = None
         if not isinstance(staged, dict):
@@ -284,7 +280,7 @@ class Dataset:
 
     def discard_staging(self) -> None:
         """Drop every staged file: for a run that ends with nothing to commit."""
-        self._delete_tree(STAGING)
+        self.store.delete(STAGING)
 
     # -- 5. Write staged files --------------------------------------------------------------------
 
@@ -294,7 +290,7 @@ class Dataset:
         staging folder; returns (file name, rows) per file. Holds one row group at a time. A file
         cut off by a kill is unreadable, so ``--resume`` relabels its rows."""
         # Also on object stores (an empty marker object there): the run's folder shows from its start.
-        self._fs.create_dir(self._path(STAGING, run_id), recursive=True)
+        self.store.make_dir(STAGING, run_id)
         prefix = secrets.token_hex(4)  # a resumed run keeps the files of the one before: no name may repeat
         names = (f"{prefix}-{i:05d}.parquet" for i in itertools.count())
         written: list[tuple[str, int]] = []
@@ -304,8 +300,8 @@ class Dataset:
                 while group.num_rows:
                     if writer is None:
                         written.append((next(names), 0))
-                        writer = pq.ParquetWriter(self._path(STAGING, run_id, written[-1][0]), group.schema,
-                                                  filesystem=self._fs)
+                        writer = pq.ParquetWriter(self.store.path(STAGING, run_id, written[-1][0]), group.schema,
+                                                  filesystem=self.store.fs)
                         room = rows_per_file
                     rows = min(room, group.num_rows)
                     writer.write_table(group.slice(0, rows))
@@ -356,7 +352,7 @@ class Dataset:
                 "success": f"run={run_id}/{SUCCESS}" if incremental else SUCCESS,
                 "summary": {**summary, "files": [final for _, final in moves]}}
         self._validate(plan)  # the check a found plan gets: an old _SUCCESS may list anything
-        self._write(COMMITTING, _json(plan))
+        self.store.put(_json(plan), COMMITTING)
         self._apply(plan)
         return plan["summary"]
 
@@ -392,7 +388,7 @@ class Dataset:
         for name in delete:
             if not (_is_success_name(name) or re.fullmatch(_DATASET_FILE, name)):
                 refuse(f"delete entry {name!r} is not a file of a distcls dataset")
-            if not (_is_success_name(name) or name in listed or not self._exists(name)):
+            if not (_is_success_name(name) or name in listed or not self.store.exists(name)):
                 refuse(f"delete entry {name!r} is not listed by a committed {SUCCESS}")
 
     def _apply(self, plan: dict[str, Any]) -> None:
@@ -401,48 +397,47 @@ class Dataset:
         if not self._committed_by(success, run_id):
             self._require_sources(plan["moves"])
             for name in filter(_is_success_name, plan["delete"]):
-                if self._exists(name):  # readers stop trusting the old data first
-                    self._move(name, f"{STAGING}/{run_id}/{_RETIRED}/{name}")
+                if self.store.exists(name):  # readers stop trusting the old data first
+                    self.store.move(name, f"{STAGING}/{run_id}/{_RETIRED}/{name}")
             for name in plan["delete"]:
-                if not _is_success_name(name) and self._exists(name):
-                    self._fs.delete_file(self._path(name))
+                if not _is_success_name(name) and self.store.exists(name):
+                    self.store.delete(name)
             self._drop_empty_partitions(plan["delete"])
             for staged, final in plan["moves"]:
-                if self._exists(staged):
-                    self._move(staged, final)
-            missing = [name for name in plan["summary"]["files"] if not self._exists(name)]
+                if self.store.exists(staged):
+                    self.store.move(staged, final)
+            missing = [name for name in plan["summary"]["files"] if not self.store.exists(name)]
             if missing:
                 raise JobError(f"not writing {self.uri_of(success)}: {len(missing)} of the files it lists are gone "
                                f"({missing[0]}, ...); the commit of run {run_id} cannot be finished")
-            self._write(success, _json(plan["summary"]))
-        self._delete_tree(STAGING)  # one run at a time (the lock): nothing else is staged there
-        self._delete_tree(COMMITTING)
+            self.store.put(_json(plan["summary"]), success)
+        self.store.delete(STAGING)  # one run at a time (the lock): nothing else is staged there
+        self.store.delete(COMMITTING)
 
     def _require_sources(self, moves: list[list[str]]) -> None:
         """Every file the commit will list is staged or already moved: checked before the first
         step, so that a commit that cannot finish leaves the old dataset as it was."""
-        gone = [staged for staged, final in moves if not self._exists(staged) and not self._exists(final)]
+        gone = [staged for staged, final in moves if not self.store.exists(staged) and not self.store.exists(final)]
         if gone:
             raise JobError(f"{len(gone)} staged files of the commit in {self.uri_of(COMMITTING)} are gone "
                            f"({gone[0]}, ...); nothing was changed")
 
     def _committed_by(self, success: str, run_id: str) -> bool:
         """Whether ``success`` is already written by this run (the commit reached its last steps)."""
-        return self._exists(success) and self._summary_at(success).get("run_id") == run_id
+        return self.store.exists(success) and self._summary_at(success).get("run_id") == run_id
 
     def _listed(self, run_id: str) -> set[str]:
         """Names the committed ``_SUCCESS`` files list, including those this commit retired."""
         retired = [f"{STAGING}/{run_id}/{_RETIRED}/{name}" for name in
-                   [SUCCESS, *(f"{e.base_name}/{SUCCESS}" for e in self._entries(STAGING, run_id, _RETIRED)
+                   [SUCCESS, *(f"{e.base_name}/{SUCCESS}" for e in self.store.entries(STAGING, run_id, _RETIRED)
                                if _is_partition(e))]]
-        summaries = [*self.successes().values(), *(self._summary_at(n) for n in retired if self._exists(n))]
+        summaries = [*self.successes().values(), *(self._summary_at(n) for n in retired if self.store.exists(n))]
         return {name for s in summaries for name in _files(s)}
 
     def _drop_empty_partitions(self, deleted: list[str]) -> None:
         for partition in sorted({name.split("/")[0] for name in deleted if "/" in name}):
-            info = self._fs.get_file_info(self._path(partition))
-            if info.type == pafs.FileType.Directory and not self._entries(partition):
-                self._fs.delete_dir(info.path)
+            if self.store.info(partition).type == pafs.FileType.Directory and not self.store.entries(partition):
+                self.store.delete(partition)
 
     # -- Staging, inside --------------------------------------------------------------------------
 
@@ -450,12 +445,12 @@ class Dataset:
         """UsageError naming the first symlink inside a local output. distcls never makes one, and
         the steps that move and delete would follow it out of the output: a ``_staging/<run>``
         link to someone's folder would have its files moved into the dataset or deleted."""
-        if storage.is_remote(self.uri):
+        if self.store.remote:
             return
-        for folder, folders, files in os.walk(self._path()):  # followlinks=False: a link is seen, not entered
+        for folder, folders, files in os.walk(self.store.path()):  # followlinks=False: a link is seen, not entered
             for name in sorted([*folders, *files]):
                 if os.path.islink(os.path.join(folder, name)):
-                    link = os.path.relpath(os.path.join(folder, name), self._path())
+                    link = os.path.relpath(os.path.join(folder, name), self.store.path())
                     raise UsageError(f"output {self.uri} holds the symlink {link!r}; distcls never makes one and "
                                      "will not follow it out of the output: remove it or choose another output")
 
@@ -469,11 +464,11 @@ class Dataset:
         only says what would be kept."""
         kept, files = pa.array([], pa.string()), []
         for name in self._staged_files(run_id):
-            path = self._path(STAGING, run_id, name)
+            path = self.store.path(STAGING, run_id, name)
             staged = self._staged_keys(path, model_id)
             if staged is None or pc.any(pc.is_in(staged["path"], value_set=kept)).as_py():
                 if apply:
-                    self._fs.delete_file(path)
+                    self.store.delete(STAGING, run_id, name)
                 continue
             paths = staged["path"].combine_chunks()
             wanted = inputs(staged)
@@ -481,10 +476,10 @@ class Dataset:
             if not pc.all(wanted).as_py() and apply:
                 log.warning(f"resume: dropping {len(paths) - pc.sum(wanted).as_py()} staged rows of {name} "
                             "whose files are not inputs of this run or changed since they were staged")
-                rows = pq.read_table(path, filesystem=self._fs).filter(wanted)
+                rows = pq.read_table(path, filesystem=self.store.fs).filter(wanted)
                 if rows.num_rows:  # written before the old file goes: a kill in between loses nothing
                     files += [written for written, _ in self.write_staged(run_id, [rows], rows.num_rows)]
-                self._fs.delete_file(path)
+                self.store.delete(STAGING, run_id, name)
             else:
                 files.append(name)
             kept = pa.concat_arrays([kept, paths.filter(wanted)])
@@ -496,7 +491,7 @@ class Dataset:
         schema = pa.schema([("path", pa.string()), ("error", pa.string()), ("error_kind", pa.string())])
         for name in names:
             try:
-                file = pads.dataset(self._path(STAGING, run_id, name), schema=schema, filesystem=self._fs,
+                file = pads.dataset(self.store.path(STAGING, run_id, name), schema=schema, filesystem=self.store.fs,
                                     format="parquet")
                 yield file.to_table()
             except (OSError, pa.ArrowException) as exc:
@@ -507,7 +502,7 @@ class Dataset:
         """path, size and mtime of one staged file's rows; None when it is unreadable or was made by
         another model."""
         try:
-            table = pq.read_table(path, columns=["path", "size", "mtime", "model_id"], filesystem=self._fs)
+            table = pq.read_table(path, columns=["path", "size", "mtime", "model_id"], filesystem=self.store.fs)
         except (OSError, pa.ArrowException):
             return None
         if not pc.all(pc.equal(table["model_id"], model_id)).as_py():
@@ -516,11 +511,11 @@ class Dataset:
 
     def _staged_runs(self) -> list[str]:
         """Run ids with a staging folder, oldest first (run ids sort by start time)."""
-        return [e.base_name for e in self._entries(STAGING) if e.type == pafs.FileType.Directory
+        return [e.base_name for e in self.store.entries(STAGING) if e.type == pafs.FileType.Directory
                 and re.fullmatch(_RUN_ID, e.base_name)]
 
     def _staged_files(self, run_id: str) -> list[str]:
-        return [e.base_name for e in self._entries(STAGING, run_id)
+        return [e.base_name for e in self.store.entries(STAGING, run_id)
                 if e.type == pafs.FileType.File and e.base_name.endswith(".parquet")]
 
     def _survey(self) -> tuple[list[str], list[str], list[str]]:
@@ -528,15 +523,15 @@ class Dataset:
         ``_SUCCESS`` and what it lists. Leftover: a ``run=<run_id>`` folder of only ``part-NNNNN.parquet``
         files (the names a commit gives them) and no ``_SUCCESS``. Foreign: anything else not starting with ``_`` or ``.``."""
         listed = {name for s in self.successes().values() for name in _files(s)}
-        committed, foreign, leftovers = [SUCCESS] * self._exists(SUCCESS), [], []
-        for entry in self._entries():
+        committed, foreign, leftovers = [SUCCESS] * self.store.exists(SUCCESS), [], []
+        for entry in self.store.entries():
             name = entry.base_name
             if name.startswith(("_", ".")):
                 continue
             if not _is_partition(entry):
                 (committed if name in listed else foreign).append(name)
                 continue
-            inside = [f"{name}/{e.base_name}" for e in self._entries(name)]
+            inside = [f"{name}/{e.base_name}" for e in self.store.entries(name)]
             if f"{name}/{SUCCESS}" in inside:
                 committed.append(name)
                 foreign += [n for n in inside if n not in listed and n != f"{name}/{SUCCESS}"]
@@ -547,79 +542,19 @@ class Dataset:
                 foreign += inside
         return committed, foreign, leftovers
 
-    # -- Storage, one pyarrow filesystem ----------------------------------------------------------
-
-    @cached_property
-    def _fs_root(self) -> tuple[pafs.FileSystem, str]:
-        return storage.arrow_filesystem(self.uri, self.storage)
-
-    @property
-    def _fs(self) -> pafs.FileSystem:
-        return self._fs_root[0]
-
-    def _path(self, *parts: str) -> str:
-        """The filesystem path of a name inside the output."""
-        return "/".join([self._fs_root[1], *parts])
+    # -- Storage: names inside the output ----------------------------------------------------------
 
     def uri_of(self, *parts: str) -> str:
         return storage.join(self.uri, *parts)
 
-    def _exists(self, *parts: str) -> bool:
-        return self._fs.get_file_info(self._path(*parts)).type != pafs.FileType.NotFound
-
-    def _entries(self, *parts: str) -> list[pafs.FileInfo]:
-        """What is directly inside ``parts`` (none when it does not exist), sorted by name."""
-        selector = pafs.FileSelector(self._path(*parts), allow_not_found=True)
-        return sorted(self._fs.get_file_info(selector), key=lambda e: e.path)
-
-    def _read(self, name: str) -> bytes:
-        # A FIFO named _SUCCESS would block the read for ever, a folder would fail it obscurely.
-        storage.require_regular(self.uri_of(name))
-        with self._fs.open_input_stream(self._path(name)) as stream:
-            return stream.read()
-
     def _summary_at(self, name: str) -> dict[str, Any]:
         try:
-            summary = json.loads(self._read(name))
+            summary = json.loads(self.store.get(name))
         except ValueError:
             summary = None
         if not isinstance(summary, dict):
             raise UsageError(f"{self.uri_of(name)} is not a distcls summary; remove it or choose another output")
         return summary
-
-    def _write(self, name: str, data: bytes) -> None:
-        """Write a whole file; locally through a temporary name and a rename, so that no reader
-        sees half of it (an object store shows an object only once its upload is complete)."""
-        path = self._path(name)
-        if storage.is_remote(self.uri):
-            with self._fs.open_output_stream(path) as stream:
-                stream.write(data)
-            return
-        self._make_dir(*name.split("/")[:-1])
-        temporary = f"{path}.tmp-{secrets.token_hex(4)}"
-        try:
-            with self._fs.open_output_stream(temporary) as stream:
-                stream.write(data)
-            self._fs.move(temporary, path)
-        except BaseException:  # a full disk or an interrupt must not leave the temporary file behind
-            with contextlib.suppress(OSError):
-                self._fs.delete_file(temporary)
-            raise
-
-    def _move(self, source: str, target: str) -> None:
-        self._make_dir(*target.split("/")[:-1])
-        self._fs.move(self._path(source), self._path(target))
-
-    def _make_dir(self, *parts: str) -> None:
-        if not storage.is_remote(self.uri):  # object stores have no folders to make
-            self._fs.create_dir(self._path(*parts), recursive=True)
-
-    def _delete_tree(self, *parts: str) -> None:
-        info = self._fs.get_file_info(self._path(*parts))
-        if info.type == pafs.FileType.Directory:
-            self._fs.delete_dir(info.path)
-        elif info.type == pafs.FileType.File:
-            self._fs.delete_file(info.path)
 
 
 WRITTEN_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64())])
@@ -731,7 +666,7 @@ class _LocalLock:
     compare-and-swap, and the read after each write is what detects a lost race."""
 
     def __init__(self, dataset: Dataset) -> None:
-        self.path = dataset._path(LOCK)
+        self.path = dataset.store.path(LOCK)
 
     def create(self, body: dict[str, Any]) -> None:
         try:
@@ -782,7 +717,7 @@ class _ObjectLock:
     cannot both win. A store that ignores the headers is caught by the read after each write."""
 
     def __init__(self, dataset: Dataset) -> None:
-        self.fs, self.path = storage.fsspec_filesystem(dataset.uri_of(LOCK), dataset.storage)
+        self.fs, self.path = dataset.store.conditional(LOCK)
         self.etag: str | None = None
 
     def create(self, body: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import ray
 import torch
 
 from distcls.artifact import ModelInfo, load_model, predict_proba, read_info
-from distcls.config import StorageConfig
+from distcls.storage import Store
 from distcls.errors import UsageError
 from distcls.export import onnx_for
 
@@ -58,7 +58,7 @@ class OnnxEngine:
         return torch.from_numpy(self.session.run(None, {"images": pixels})[0])
 
 
-def prepare(engine: str, model_uri: str, storage_config: StorageConfig, gpu: bool = False) -> dict[str, Any]:
+def prepare(engine: str, model: Store, gpu: bool = False) -> dict[str, Any]:
     """On the driver, before any actor starts: UsageError for an engine that cannot serve this
     model, else the keyword arguments of ``create_engine``. For ``onnx`` the graph (the artifact's
     model.onnx, or one exported here) goes to the object store once for all actors."""
@@ -66,20 +66,20 @@ def prepare(engine: str, model_uri: str, storage_config: StorageConfig, gpu: boo
         raise UsageError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if engine == "onnx" and gpu:
         raise UsageError("--engine onnx runs on CPUs only; drop --gpu, or use --engine torch for GPUs")
-    prepared: dict[str, Any] = {"engine": engine, "model_uri": model_uri, "storage_config": storage_config}
+    prepared: dict[str, Any] = {"engine": engine, "model": model}
     if engine == "onnx":
-        prepared["onnx"] = ray.put(onnx_for(model_uri, storage_config))
+        prepared["onnx"] = ray.put(onnx_for(model))
     return prepared
 
 
-def create_engine(engine: str, model_uri: str, storage_config: StorageConfig, device: str = "cpu",
+def create_engine(engine: str, model: Store, device: str = "cpu",
                   threads: int = 1, onnx: ray.ObjectRef | None = None) -> tuple[Engine, ModelInfo]:
-    """The engine for the artifact at ``model_uri`` and its ModelInfo. ``threads``: the ONNX
+    """The engine for the artifact folder ``model`` and its ModelInfo. ``threads``: the ONNX
     engine's (the caller sets torch's, a process-wide setting). ``onnx``: the graph from
     ``prepare``; without it the ONNX engine reads (or makes) the graph itself."""
     if engine == "torch":
-        model, info = load_model(model_uri, storage_config)
-        return TorchEngine(model, info, device), info
-    info = read_info(model_uri, storage_config)
-    graph = ray.get(onnx) if onnx is not None else onnx_for(model_uri, storage_config)
+        module, info = load_model(model)
+        return TorchEngine(module, info, device), info
+    info = read_info(model)
+    graph = ray.get(onnx) if onnx is not None else onnx_for(model)
     return OnnxEngine(graph, info, threads), info

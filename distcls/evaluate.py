@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from distcls import console, engines, lake, predict, storage
 from distcls.artifact import ModelInfo, read_info
-from distcls.config import EvaluateConfig, StorageConfig
+from distcls.config import EvaluateConfig
 from distcls.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -20,11 +20,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Predict every image of ``config.input`` and score it; logs a table, optionally writes a report.
     Returns ``accuracy``, ``images``, ``macro_f1``, ``errors`` and per-class metrics."""
     predict.check_usage(config)
-    info = read_info(config.model, config.storage())
-    rows, classes = lake.labelled_images(config.input, config.storage(), info.classes)
+    settings = config.storage()
+    model = storage.Store(config.model, settings)
+    info = read_info(model)
+    rows, classes = lake.labelled_images(storage.Store(config.input, settings), info.classes)
     ensure_ray()
     predict.check_gpus(config)
-    engine = engines.prepare(config.engine, config.model, config.storage(), config.gpu)
+    engine = engines.prepare(config.engine, model, config.gpu)
     progress, tables = console.Progress(log, rows.num_rows), []
     for scored in predict.predict(rows, config, info, _scored, engine):
         tables.append(scored)
@@ -39,7 +41,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     metrics["errors"] = int((~ok).sum())
     log.info("\n" + format_table(metrics, classes, matrix))
     if config.report:
-        _write_report(config.report, metrics, matrix, classes, info, config.storage())
+        _write_report(storage.Store(config.report, settings), metrics, matrix, classes, info)
     return {"accuracy": metrics["accuracy"], "images": metrics["images"], "macro_f1": metrics["macro_f1"],
             "errors": metrics["errors"], "model_id": info.model_id}
 
@@ -91,11 +93,11 @@ def format_table(metrics: dict[str, Any], classes: list[str], matrix: np.ndarray
     return "\n".join(lines)
 
 
-def _write_report(folder: str, metrics: dict[str, Any], matrix: np.ndarray, classes: list[str], info: ModelInfo,
-                  storage_config: StorageConfig) -> None:
+def _write_report(folder: storage.Store, metrics: dict[str, Any], matrix: np.ndarray, classes: list[str],
+                  info: ModelInfo) -> None:
     from distcls.plots import confusion_matrix as plot_confusion
 
     report = {**metrics, "confusion_matrix": matrix.tolist(), "classes": classes, "model_id": info.model_id}
-    storage.write_json(storage.join(folder, "metrics.json"), report, storage_config)
-    storage.write_bytes(storage.join(folder, "confusion.png"), plot_confusion(matrix, classes), storage_config)
-    log.info(f"report written to {folder} (metrics.json, confusion.png)")
+    folder.write_json(report, "metrics.json")
+    folder.write(plot_confusion(matrix, classes), "confusion.png")
+    log.info(f"report written to {folder.root} (metrics.json, confusion.png)")

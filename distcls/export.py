@@ -23,7 +23,7 @@ from torch import nn
 
 from distcls import storage
 from distcls.artifact import ModelInfo, load_model, read_info
-from distcls.config import ExportConfig, StorageConfig
+from distcls.config import ExportConfig
 from distcls.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,16 @@ OPSET = 17
 
 def export(config: ExportConfig) -> dict[str, Any]:
     """Export ``config.model`` and write it next to the artifact. Returns the sidecar's fields and paths."""
-    storage_config = config.storage()
-    model, info = load_model(config.model, storage_config)
+    artifact = storage.Store(config.model, config.storage())
+    model, info = load_model(artifact)
     graph = to_onnx(model, info, config.model)
     meta = {"model_id": info.model_id, "sha256": hashlib.sha256(graph).hexdigest(), "opset": OPSET,
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "input": "images: uint8 [N, image_size, image_size, 3] RGB", "output": "probs: float32 [N, classes]"}
     # The graph first, the sidecar last: a sidecar is only ever next to the graph it describes.
-    storage.write_bytes(storage.join(config.model, ONNX_FILE), graph, storage_config)
-    storage.write_bytes(storage.join(config.model, ONNX_META_FILE), json.dumps(meta, indent=2).encode(), storage_config)
-    return {"onnx": storage.join(config.model, ONNX_FILE), "bytes": len(graph), **meta}
+    artifact.write(graph, ONNX_FILE)
+    artifact.write(json.dumps(meta, indent=2).encode(), ONNX_META_FILE)
+    return {"onnx": artifact.uri_of(ONNX_FILE), "bytes": len(graph), **meta}
 
 
 def to_onnx(model: nn.Module, info: ModelInfo, uri: str) -> bytes:
@@ -73,31 +73,33 @@ def to_onnx(model: nn.Module, info: ModelInfo, uri: str) -> bytes:
     return graph
 
 
-def onnx_for(uri: str, storage_config: StorageConfig) -> bytes:
-    """The ONNX graph of the artifact at ``uri``: its model.onnx when that was exported from these
+def onnx_for(artifact: storage.Store) -> bytes:
+    """The ONNX graph of the artifact folder ``artifact``: its model.onnx when that was exported from these
     weights, else one made here (in memory, not written: the artifact's folder may be read-only and
     belongs to the run that trained it). Raises UsageError when a model.onnx does not match its
     sidecar (corrupt or replaced) or the architecture cannot be exported."""
-    info = read_info(uri, storage_config)
-    graph = _read_onnx(uri, storage_config, info)
+    uri = artifact.root
+    info = read_info(artifact)
+    graph = _read_onnx(artifact, info)
     if graph is None:
-        graph = to_onnx(load_model(uri, storage_config)[0], info, uri)
+        graph = to_onnx(load_model(artifact)[0], info, uri)
         log.info(f"no {ONNX_FILE} exported from model {info.model_id[:12]} in {uri}: exported one for this "
                  f"run (`distcls export --model {uri}` saves it)")
     return graph
 
 
-def _read_onnx(uri: str, storage_config: StorageConfig, info: ModelInfo) -> bytes | None:
+def _read_onnx(artifact: storage.Store, info: ModelInfo) -> bytes | None:
     """model.onnx when its sidecar says it was made from ``info.model_id``; None when absent or stale."""
+    uri = artifact.root
     try:
-        meta = json.loads(storage.read_bytes(storage.join(uri, ONNX_META_FILE), storage_config))
+        meta = artifact.read_json(ONNX_META_FILE)
     except UsageError:
         return None
     except ValueError:
         raise UsageError(f"{uri}: {ONNX_META_FILE} is not JSON; rerun distcls export") from None
     if not isinstance(meta, dict) or meta.get("model_id") != info.model_id:
         return None
-    graph = storage.read_bytes(storage.join(uri, ONNX_FILE), storage_config)
+    graph = artifact.read(ONNX_FILE)
     if hashlib.sha256(graph).hexdigest() != meta.get("sha256"):
         raise UsageError(f"{uri}: {ONNX_FILE} does not match the sha256 in {ONNX_META_FILE} (corrupt or replaced); "
                          "rerun distcls export")

@@ -1,6 +1,7 @@
 """``distcls label``: every image of a lake (or manifest) -> one Parquet row, with Ray Data, streaming.
 
-Pipeline: the listing (an Arrow table) goes through the inference stage of ``distcls.predict``
+Pipeline: the inputs (blocks of the listing or the manifest's paths, which ``distcls.inputs``
+reads in a Ray actor: the driver holds only refs to them) go through the inference stage of ``distcls.predict``
 (a pool of actors that load the model once, decode and predict; ``_rows`` shapes their output),
 then a pool of writer actors (``dataset.StagedWriter``) writes Parquet files of about
 ``rows_per_file`` rows into ``<output>/_staging/<run_id>/`` and tells the driver only each file's
@@ -18,22 +19,19 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
-from distcls import artifact, dedup, engines, lake, predict, runtime, storage
-from distcls import console
+from distcls import artifact, console, engines, inputs, lake, predict, runtime, storage
 from distcls.artifact import ModelInfo
-from distcls.config import LabelConfig, StorageConfig, public_dict
-from distcls.dataset import Dataset, Lock, StagedWriter, keys
+from distcls.config import LabelConfig, public_dict
+from distcls.dataset import Dataset, Lock, Run, StagedWriter
 from distcls.errors import JobError, UsageError
+from distcls.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +52,6 @@ OUTPUT_SCHEMA = pa.schema([
     ("run_id", pa.string()),
     ("labeled_at", pa.timestamp("us", tz="UTC")),
 ])
-# What the driver hands to Ray: one row per input; ``error`` is preset for inputs never to be read.
-INPUT_SCHEMA = pa.schema([
-    ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC")), ("error", pa.string()),
-])
 
 
 def label(config: LabelConfig) -> dict[str, Any]:
@@ -68,13 +62,14 @@ def label(config: LabelConfig) -> dict[str, Any]:
     Raises UsageError for bad input (before any Ray work) and JobError when the run cannot finish.
     """
     started = time.time()
-    storage_config = config.storage()
     _check_usage(config)
-    info = artifact.read_info(config.model, storage_config)
-    _check_inputs(config, storage_config)
-    output = Dataset(config.output, storage_config)
+    settings = config.storage()
+    model, source = Store(config.model, settings), Store(config.input or config.manifest, settings)
+    info = artifact.read_info(model)
+    _check_inputs(config, source)
+    output = Dataset(Store(config.output, settings))
     if config.dry_run:
-        return _dry_run(config, output, info, storage_config)
+        return _dry_run(config, output, info, source)
     with output.lock() as lock:
         finished = output.roll_forward()
         if finished:
@@ -84,21 +79,22 @@ def label(config: LabelConfig) -> dict[str, Any]:
         output.check_existing(overwrite=config.overwrite, incremental=config.incremental)
         runtime.ensure_ray()
         predict.check_gpus(config)
-        engine = engines.prepare(config.engine, config.model, storage_config, config.gpu)
-        # After ensure_ray: the inputs go into the object store chunk by chunk as they are read.
-        inputs = _inputs(config, storage_config, _workers(config, info))
-        return _stage_and_commit(config, output, lock, info, inputs, started, engine)
+        # The reader owns the input blocks: it lives until the run ends.
+        with inputs.reading(config, source) as reader:
+            engine = engines.prepare(config.engine, model, config.gpu)
+            workers = _workers(config, info)
+            found = reader.read(workers)
+            run = output.start_run(resume=config.resume, model_id=info.model_id, inputs=reader.contains,
+                                   settings=_row_settings(config))
+            lock.name_run(run.run_id)
+            todo = reader.pending(run.staged, output if config.incremental else None, info.model_id, workers)
+            del found  # blocks that pending replaced leave the object store
+            return _stage_and_commit(config, output, lock, info, run, todo, started, engine)
 
 
-def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: ModelInfo, inputs: Inputs,
-                      started: float, engine: dict[str, Any]) -> dict[str, Any]:
+def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: ModelInfo, run: Run,
+                      todo: inputs.Blocks, started: float, engine: dict[str, Any]) -> dict[str, Any]:
     """Label what is pending into the staging folder, check it, commit it; returns the summary."""
-    run = output.start_run(resume=config.resume, model_id=info.model_id, inputs=inputs.contains,
-                           settings=_row_settings(config))
-    lock.name_run(run.run_id)
-    labelled = output.labelled_key_set(info.model_id) if config.incremental else None
-    todo = _pending(inputs.blocks, run.staged, labelled, _workers(config, info))
-    del inputs  # the last reference: blocks that _pending replaced leave the object store
     if todo.rows == 0 and len(run.staged) == 0:
         return _nothing_new(config, output, info, started)
     labelling = time.time()
@@ -122,31 +118,31 @@ def _row_settings(config: LabelConfig) -> dict[str, Any]:
             ("top_k", "allowed_roots", "max_image_pixels", "max_file_bytes", "engine")}
 
 
-def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, storage_config: StorageConfig) -> dict[str, Any]:
+def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, source: Store) -> dict[str, Any]:
     """What this run would label, changing nothing (no lock, no Ray, no write): pending, already
     labelled (--incremental) and already staged (--resume) images, and the time the pending ones
-    would take at the rate of the last committed run. Reads the inputs chunk by chunk, as a run does."""
+    would take at the rate of the last committed run. Reads the inputs chunk by chunk, as a run
+    does, but in the driver (a run reads them in a Ray actor)."""
     output.check_existing(overwrite=config.overwrite, incremental=config.incremental)
-    first = dedup.Distinct()
-    tables = list(_input_tables(config, storage_config, first))
-    contains = _contains(config, first)
-    staged = (output.resumable(info.model_id, contains, _row_settings(config)) if config.resume
+    reader = inputs.InputReader(config, source)
+    tables = list(reader.tables())
+    staged = (output.resumable(info.model_id, reader.contains, _row_settings(config)) if config.resume
               else pa.array([], pa.string()))
     labelled = output.labelled_key_set(info.model_id) if config.incremental else None
-    inputs = sum(t.num_rows for t in tables)
-    if inputs == 0:
-        raise _nothing_to_label(config)
-    pending = sum(_fresh(t, staged, labelled).num_rows for t in tables)
+    count = sum(t.num_rows for t in tables)
+    if count == 0:
+        raise inputs.nothing_to_label(config)
+    pending = sum(inputs.fresh(t, staged, labelled).num_rows for t in tables)
     last = max((s for s in output.successes().values() if s.get("images_per_s")),
                key=lambda s: str(s.get("started_at")), default=None)
     rate = last["images_per_s"] if last else None
-    plan = {"dry_run": True, "inputs": inputs, "pending": pending, "already_staged": len(staged),
-            "already_labelled": inputs - pending - len(staged), "model_id": info.model_id,
+    plan = {"dry_run": True, "inputs": count, "pending": pending, "already_staged": len(staged),
+            "already_labelled": count - pending - len(staged), "model_id": info.model_id,
             "estimated_seconds": round(pending / rate, 1) if rate else None,
             "rate_images_per_s": rate, "rate_of_run": last["run_id"] if last else None}
     estimate = (f"~{plan['estimated_seconds']:.0f} s at the {rate:g} images/s of run {plan['rate_of_run']}"
                 if rate else "no committed run to estimate the time from")
-    log.info(f"dry run: {pending} of {inputs} images to label ({plan['already_labelled']} already labelled, "
+    log.info(f"dry run: {pending} of {count} images to label ({plan['already_labelled']} already labelled, "
              f"{len(staged)} already staged); {estimate}; nothing was started or written")
     return plan
 
@@ -165,94 +161,15 @@ def _check_usage(config: LabelConfig) -> None:
         raise UsageError(f"input {config.input} is inside the output {config.output}; choose an output elsewhere")
 
 
-def _check_inputs(config: LabelConfig, storage_config: StorageConfig) -> None:
+def _check_inputs(config: LabelConfig, source: Store) -> None:
     """UsageError before any Ray work for an input that is missing or not a folder, or a manifest
     that cannot be read, has no path column or no row (read up to its first chunk with rows). An
     empty lake is found only when it is listed, after Ray starts: listing an object store twice
     would cost what the run's own listing costs."""
     if config.input:
-        lake.check_lake(config.input, storage_config)
-    elif not any(chunk.num_rows for chunk in lake.manifest_chunks(config.manifest, storage_config)):
-        raise _nothing_to_label(config)
-
-
-def _nothing_to_label(config: LabelConfig) -> UsageError:
-    return UsageError(f"{config.input or config.manifest}: no images to label "
-                      f"(extensions {', '.join(config.extensions)})")
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What to label, in the object store, and a test of whether staged rows (path, size, mtime)
-    are of current inputs as they are now, for --resume: by 64-bit hash, so a staged row of an
-    earlier run's inputs that only shares its hash with an input of this one (about 1 in 10^12 per
-    row for 5 million inputs) would be kept."""
-
-    blocks: predict.Blocks
-    contains: Callable[[pa.Table], pa.Array]
-
-
-def _inputs(config: LabelConfig, storage_config: StorageConfig, workers: int,
-            chunk_rows: int = lake.MANIFEST_CHUNK_ROWS) -> Inputs:
-    """Everything to label as INPUT_SCHEMA blocks: the lake's listing, or the manifest's distinct
-    paths with those outside ``allowed_roots`` marked as errors (never read). Read, normalised,
-    de-duplicated and put into the object store ``chunk_rows`` at a time: the driver keeps 8 bytes
-    per distinct input (dedup.Distinct), not the paths."""
-    first = dedup.Distinct()
-    blocks = predict.put_blocks(_input_tables(config, storage_config, first, chunk_rows), workers)
-    if blocks.rows == 0:
-        raise _nothing_to_label(config)
-    return Inputs(blocks, _contains(config, first))
-
-
-def _input_tables(config: LabelConfig, storage_config: StorageConfig, first: dedup.Distinct,
-                  chunk_rows: int = lake.MANIFEST_CHUNK_ROWS) -> Iterator[pa.Table]:
-    if config.input:
-        return _listing_inputs(config, storage_config, first, chunk_rows)
-    return _manifest_inputs(config, storage_config, first, chunk_rows)
-
-
-def _contains(config: LabelConfig, first: dedup.Distinct) -> Callable[[pa.Table], pa.Array]:
-    """Whether staged rows are of inputs as they are now: a listed file by (path, size, mtime), so
-    that one rewritten since its row was staged is labelled again; a manifest row by path (it
-    carries no size or mtime)."""
-    if config.input:
-        return lambda staged: pa.array(first.contains(keys(staged)))
-    return lambda staged: pa.array(first.contains(staged["path"].combine_chunks()))
-
-
-def _listing_inputs(config: LabelConfig, storage_config: StorageConfig, first: dedup.Distinct,
-                    chunk_rows: int) -> Iterator[pa.Table]:
-    """INPUT_SCHEMA tables of the lake's listing (no path twice: nothing to de-duplicate); ``first``
-    remembers each file's (path, size, mtime) key for --resume."""
-    for listing in lake.list_chunks(config.input, storage_config, config.extensions, chunk_rows):
-        table = _input_table(listing["path"], listing["size"], listing["mtime"], pa.nulls(listing.num_rows, pa.string()))
-        first.remember(keys(table))
-        yield table
-
-
-def _manifest_inputs(config: LabelConfig, storage_config: StorageConfig, first: dedup.Distinct,
-                     chunk_rows: int) -> Iterator[pa.Table]:
-    """INPUT_SCHEMA tables of the manifest's paths, each once (its first row)."""
-    def manifest() -> Iterator[pa.Array]:
-        return (t["path"] for t in lake.manifest_chunks(config.manifest, storage_config, chunk_rows))
-
-    for paths in manifest():
-        yield _manifest_table(paths.filter(pa.array(first.keep(paths))), config.allowed_roots)
-    yield _manifest_table(first.collided(manifest), config.allowed_roots)
-
-
-def _manifest_table(paths: pa.Array, allowed_roots: list[str]) -> pa.Table:
-    nulls = pa.nulls(len(paths), pa.int64())
-    return _input_table(paths, nulls, nulls, _outside_errors(paths, allowed_roots))
-
-
-def _outside_errors(paths: pa.Array, allowed_roots: list[str]) -> pa.Array:
-    """"outside allowed roots" for each path outside them, else null."""
-    if not allowed_roots:
-        return pa.nulls(len(paths), pa.string())
-    inside = storage.inside_any(paths.to_pylist(), allowed_roots)
-    return pa.array([None if i else "outside allowed roots" for i in inside], pa.string())
+        lake.check_lake(source)
+    elif not any(chunk.num_rows for chunk in lake.manifest_chunks(source)):
+        raise inputs.nothing_to_label(config)
 
 
 def _workers(config: LabelConfig, info: ModelInfo) -> int:
@@ -260,35 +177,11 @@ def _workers(config: LabelConfig, info: ModelInfo) -> int:
     return max(predict.pool(config, info, 2**62).max_actors, runtime.cluster_cpus())
 
 
-def _input_table(paths: pa.Array, sizes: pa.Array, mtime_ns: pa.Array, errors: pa.Array) -> pa.Table:
-    # Microseconds, as in the output column, so that listing and output keys compare equal.
-    mtime = pc.cast(pc.divide(mtime_ns, 1000), pa.timestamp("us", tz="UTC"))
-    return pa.Table.from_arrays([paths, sizes, mtime, errors], schema=INPUT_SCHEMA)
-
-
-def _pending(blocks: predict.Blocks, staged_paths: pa.Array, labelled: dedup.KeySet | None,
-             workers: int) -> predict.Blocks:
-    """Inputs minus paths already staged (resume) minus keys already committed (incremental),
-    block by block."""
-    if not len(staged_paths) and not labelled:
-        return blocks  # the usual case: no filtered copy of millions of inputs
-    return predict.put_blocks((_fresh(ray.get(ref), staged_paths, labelled) for ref in blocks.refs), workers)
-
-
-def _fresh(todo: pa.Table, staged_paths: pa.Array, labelled: dedup.KeySet | None) -> pa.Table:
-    """The rows of one block that are neither staged nor labelled (their (path, size, mtime) key)."""
-    if len(staged_paths):
-        todo = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=staged_paths)))
-    if labelled:
-        todo = todo.filter(pa.array(~labelled.contains(keys(todo))))
-    return todo
-
-
 # ---------------------------------------------------------------------------------------------
 # The Ray Data pipeline
 
 
-def _run_pipeline(todo: predict.Blocks, config: LabelConfig, info: ModelInfo, run_id: str, output: Dataset,
+def _run_pipeline(todo: inputs.Blocks, config: LabelConfig, info: ModelInfo, run_id: str, output: Dataset,
                   engine: dict[str, Any]) -> list[str]:
     """Read, decode and predict (the shared inference stage), then write Parquet into the run's
     staging folder from the workers (``StagedWriter``); returns the names of the files written."""

@@ -5,11 +5,13 @@ paths cost tens of MB, and the table is handed to Ray Data in slices without ano
 """
 from __future__ import annotations
 
+import calendar
 import itertools
 import os
 import posixpath
 import stat
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,52 +19,92 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError
 
 from distcls import storage
-from distcls.config import URI_USERINFO, StorageConfig
+from distcls.config import URI_USERINFO
 from distcls.errors import UsageError
+
+if TYPE_CHECKING:
+    import s3fs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.int64())])
 # Manifest rows read and normalised at a time: a few MB, whatever the manifest's size.
 MANIFEST_CHUNK_ROWS = 65_536
+# Keys per page of an S3 listing: the most ListObjectsV2 returns.
+LIST_PAGE_KEYS = 1000
 
 
-def list_files(uri: str, storage_config: StorageConfig, extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS) -> pa.Table:
-    """Every file below ``uri`` whose extension is in ``extensions``, as URIs of the same kind as
-    ``uri``, sorted; see list_chunks."""
-    chunks = list(list_chunks(uri, storage_config, extensions))
+def list_files(lake: storage.Store, extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS) -> pa.Table:
+    """Every file below ``lake``'s root whose extension is in ``extensions``, as URIs of the same
+    kind as the root, sorted; see list_chunks."""
+    chunks = list(list_chunks(lake, extensions))
     return (pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table()).sort_by("path")
 
 
-def list_chunks(uri: str, storage_config: StorageConfig, extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS,
+def list_chunks(lake: storage.Store, extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS,
                 chunk_rows: int = MANIFEST_CHUNK_ROWS) -> Iterator[pa.Table]:
-    """Every file below ``uri`` whose extension is in ``extensions``, as tables of at most
-    ``chunk_rows`` rows in listing order: URIs of the same kind as ``uri``, ``size``, and ``mtime``
+    """Every file below ``lake``'s root whose extension is in ``extensions``, as tables of at most
+    ``chunk_rows`` rows in listing order: URIs of the same kind as the root, ``size``, and ``mtime``
     in nanoseconds since the epoch (0 when the store gives none). A local lake streams folder by
-    folder; an object store's listing comes whole from pyarrow (its recursive ``get_file_info``
-    returns one list), then goes on in chunks. Hidden names (``.x``, ``_x``) are skipped, as
-    Hadoop-style tools do. On a local disk, folders reached through a symlink are not listed
-    (each real folder once); see ``_local_files``."""
-    check_lake(uri, storage_config)
-    fs, root = storage.arrow_filesystem(uri, storage_config)
+    folder, an S3 prefix page by page (``_s3_files``): memory stays that of one chunk and one page
+    however large the lake. Hidden names (``.x``, ``_x``) are skipped, as Hadoop-style tools do.
+    On a local disk, folders reached through a symlink are not listed (each real folder once); see
+    ``_local_files``."""
+    check_lake(lake)
+    fs, root = lake.fs, lake.path()
     suffixes = tuple(e.lower() for e in extensions)
-    files = _local_files(root, suffixes) if isinstance(fs, pafs.LocalFileSystem) else _store_files(fs, root, suffixes)
+    if isinstance(fs, pafs.LocalFileSystem):
+        files = _local_files(root, suffixes)
+    elif storage.split_uri(lake.root)[0] in ("s3", "s3a"):
+        files = _s3_files(lake.conditional()[0], root, suffixes)  # s3fs: pyarrow lists a prefix only whole
+    else:
+        files = _store_files(fs, root, suffixes)
     try:
         while chunk := list(itertools.islice(files, chunk_rows)):
             paths, sizes, mtimes = zip(*chunk)
-            yield pa.table([[storage.uri_for(uri, p) for p in paths], sizes, mtimes], schema=LISTING_SCHEMA)
-    except OSError as exc:
-        raise UsageError(storage.describe_error(uri, exc)) from None
+            yield pa.table([[lake.uri_for(p) for p in paths], sizes, mtimes], schema=LISTING_SCHEMA)
+    except (OSError, BotoCoreError) as exc:
+        raise UsageError(storage.describe_error(lake.root, exc)) from None
 
 
-def check_lake(uri: str, storage_config: StorageConfig) -> None:
-    """UsageError unless ``uri`` is a folder or prefix that exists."""
-    if storage.require_exists(uri, storage_config).type == pafs.FileType.File:
-        raise UsageError(f"{uri}: is a file; expected a folder/prefix of images (use --manifest for a list)")
+def check_lake(lake: storage.Store) -> None:
+    """UsageError unless ``lake``'s root is a folder or prefix that exists."""
+    if lake.require_exists().type == pafs.FileType.File:
+        raise UsageError(f"{lake.root}: is a file; expected a folder/prefix of images (use --manifest for a list)")
+
+
+def _s3_files(fs: s3fs.S3FileSystem, root: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:
+    """(bucket/key, size, mtime_ns) of the objects below ``root`` (bucket or bucket/prefix), one
+    ListObjectsV2 page at a time, without a delimiter: the whole tree below the prefix in key
+    order, a page ending anywhere, inside a folder too. Keys ending in ``/`` are folder markers."""
+    bucket, _, key = root.partition("/")
+    prefix = f"{key}/" if key else ""
+    for page in _s3_pages(fs, bucket, prefix, LIST_PAGE_KEYS):
+        for entry in page:
+            relative = entry["Key"][len(prefix):]
+            if relative.lower().endswith(suffixes) and not _hidden(relative):
+                modified = entry["LastModified"]  # whole milliseconds at most, as pyarrow reads them
+                mtime_ns = calendar.timegm(modified.utctimetuple()) * 10**9 + modified.microsecond * 1000
+                yield f"{bucket}/{entry['Key']}", entry["Size"], mtime_ns
+
+
+def _s3_pages(fs: s3fs.S3FileSystem, bucket: str, prefix: str, page_keys: int) -> Iterator[list[dict[str, Any]]]:
+    """The ``Contents`` of each ListObjectsV2 page of at most ``page_keys`` keys. Through s3fs's
+    ``call_s3``, which retries each page on its own (pyarrow's recursive listing returns only the
+    whole list, and botocore's paginator retries nothing)."""
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_keys}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        yield page.get("Contents", [])
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def _store_files(fs: pafs.FileSystem, root: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:
+    """Other object stores (gs://): pyarrow's recursive listing, which comes as one list."""
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         rel = entry.path[len(root):].lstrip("/")
         if entry.type == pafs.FileType.File and not _hidden(rel) and entry.path.lower().endswith(suffixes):
@@ -97,18 +139,19 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
-def read_manifest(uri: str, storage_config: StorageConfig) -> pa.Table:
-    """A Parquet or CSV manifest with at least a ``path`` column, as one table (see manifest_chunks)."""
-    chunks = list(manifest_chunks(uri, storage_config))
+def read_manifest(manifest: storage.Store) -> pa.Table:
+    """A Parquet or CSV manifest (the file ``manifest``) with at least a ``path`` column, as one
+    table (see manifest_chunks)."""
+    chunks = list(manifest_chunks(manifest))
     return pa.concat_tables(chunks) if chunks else pa.table({"path": pa.array([], pa.string())})
 
 
-def manifest_chunks(uri: str, storage_config: StorageConfig, chunk_rows: int = MANIFEST_CHUNK_ROWS) -> Iterator[pa.Table]:
-    """A Parquet or CSV manifest with at least a ``path`` column, as tables of at most ``chunk_rows``
+def manifest_chunks(manifest: storage.Store, chunk_rows: int = MANIFEST_CHUNK_ROWS) -> Iterator[pa.Table]:
+    """A Parquet or CSV manifest (the file ``manifest``) with at least a ``path`` column, as tables of at most ``chunk_rows``
     rows, read and normalised one at a time. Relative paths are taken relative to the manifest's
     folder; rows without a path are dropped; columns other than path/label are dropped."""
-    fs, path = storage.arrow_filesystem(uri, storage_config)
-    storage.require_exists(uri, storage_config)
+    uri, fs, path = manifest.root, manifest.fs, manifest.path()
+    manifest.require_exists()
     storage.require_regular(uri)
     # From the resolved path, not the URI text: a bare "manifest.csv" has no "/" to split at.
     base = storage.uri_for(uri, posixpath.dirname(path))
@@ -174,21 +217,22 @@ def _manifest_path(base: str, entry: str) -> str:
         return entry
 
 
-def labelled_images(uri: str, storage_config: StorageConfig, classes: list[str] | None = None) -> tuple[pa.Table, list[str]]:
+def labelled_images(lake: storage.Store, classes: list[str] | None = None) -> tuple[pa.Table, list[str]]:
     """(table of ``path``, ``label`` (int32 class index), class names) for an ImageFolder lake
-    (class = first folder below ``uri``) or a manifest with a ``label`` column of class names.
+    (class = first folder below ``lake``'s root) or a manifest file with a ``label`` column of class names.
 
     With ``classes`` given (evaluation, a separate validation lake), indices follow that order and
     unknown class names are an error; otherwise classes are the sorted names found.
     """
+    uri = lake.root
     if uri.lower().endswith((".parquet", ".csv")):
-        table = read_manifest(uri, storage_config)
+        table = read_manifest(lake)
         if "label" not in table.column_names:
             raise UsageError(f"{uri}: a training manifest needs a 'label' column")
         paths = table["path"]
         names = pc.cast(table["label"], pa.string())
     else:
-        listing = list_files(uri, storage_config)
+        listing = list_files(lake)
         # The listing holds resolved paths ("lake" and "file:///x/lake" list as absolute paths),
         # so the prefix to cut must be resolved the same way.
         root = storage.uri_for(uri, storage.split_uri(uri)[1]).rstrip("/") + "/"

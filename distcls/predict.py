@@ -7,10 +7,12 @@ decoding and inference then both use every core whichever is slower, and decoded
 the object store. With --gpu, CPU tasks decode ahead of the GPU actors, which only run the model.
 
 The actors form a pool of --min-actors to --max-actors (``ActorPoolStrategy(min_size, max_size)``):
-Ray Data starts the minimum, grows the pool while batches wait and resources allow, and asks the
-cluster for more nodes when the ones it has are busy (its ``DefaultClusterAutoscalerV2``); actors
-that cannot be placed are resource demands the Ray autoscaler launches nodes for. So a cluster that
-starts with no worker nodes gets them, and a fixed one is filled from the start.
+Ray Data starts the minimum (actors that cannot be placed are resource demands the Ray autoscaler
+launches nodes for), and grows the pool while blocks wait, but only within the resources the
+cluster has now. It asks for more nodes itself (Ray 2.60's default ``RateBasedClusterAutoscaler``)
+once the CPUs it has were over half busy on average over 10 s, at most every 10 s. So growth past
+the minimum needs work that outlasts that, a node launch and an actor start: a large lake, not a
+small one. A cluster that starts with no worker nodes gets them; a fixed one is filled from the start.
 
 A file that cannot be read or decoded is a row with ``error`` set and never fails its batch; a store
 unreachable after retries, or an actor given a GPU that torch cannot use, fails the run: JobError.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +35,13 @@ from ray.actor import ActorHandle
 from ray.data._internal.logical.interfaces import LogicalPlan
 from ray.data._internal.logical.operators import FromBlocks
 from ray.data._internal.stats import DatasetStats
-from ray.data.block import BlockMetadataWithSchema
 from ray.data.extensions import ArrowTensorArray
 
 from distcls import crashes, engines, images, runtime
 from distcls.artifact import ModelInfo
 from distcls.config import MAX_FILE_BYTES, InferenceConfig, StorageConfig
 from distcls.errors import JobError, UsageError
+from distcls.inputs import Blocks, slices
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,6 @@ log = logging.getLogger(__name__)
 # Runs in the actors, so it must pickle: a module-level function, or a functools.partial of one.
 RowMaker = Callable[[pa.Table, np.ndarray, np.ndarray, ModelInfo], pa.Table]
 
-_MAX_SLICE_ROWS = 2000
 _DECODE_THREADS = 8
 # A decode worker holds Python, numpy, Pillow and torch (Ray measured ~450 MiB) plus its batches.
 _DECODE_BASE_MEMORY = 2**30
@@ -152,44 +153,6 @@ def _fits(resources: dict[str, float], need: dict[str, float]) -> int:
     return min(counts) if counts else 0
 
 
-@dataclass(frozen=True)
-class Blocks:
-    """Input rows already in the object store: refs to Arrow tables (their metadata beside them),
-    and the number of rows in all. The driver holds refs, not rows."""
-
-    refs: list[ray.ObjectRef]
-    metadata: list[BlockMetadataWithSchema]
-    rows: int
-
-
-def put_blocks(tables: Iterable[pa.Table], workers: int) -> Blocks:
-    """The rows of ``tables`` as blocks in the object store, put as they come so that the driver
-    holds about one table at a time. While the rows fit in ~4 blocks of ``_MAX_SLICE_ROWS`` per
-    worker they are held back and cut finer (``_slices``): a small input still spreads over every
-    worker; a large one is cut into blocks of ``_MAX_SLICE_ROWS``."""
-    refs: list[ray.ObjectRef] = []
-    metadata: list[BlockMetadataWithSchema] = []
-
-    def put(block: pa.Table) -> None:
-        if block.num_rows:
-            refs.append(ray.put(block))
-            metadata.append(BlockMetadataWithSchema.from_block(block))
-
-    rows, held = 0, []
-    for table in tables:
-        rows += table.num_rows
-        held.append(table)
-        if rows > 4 * max(1, workers) * _MAX_SLICE_ROWS:
-            for block in held:
-                for start in range(0, block.num_rows, _MAX_SLICE_ROWS):
-                    put(block.slice(start, _MAX_SLICE_ROWS))
-            held = []
-    if held:
-        for block in _slices(pa.concat_tables(held), workers):
-            put(block)
-    return Blocks(refs, metadata, rows)
-
-
 def _dataset(blocks: Blocks) -> ray.data.Dataset:
     """``ray.data.from_blocks`` for blocks already put: what it does after its own ``ray.put``
     (Ray's internal classes, as from_blocks uses them in Ray 2.60).
@@ -234,7 +197,7 @@ def predict(inputs: pa.Table | Blocks, config: InferenceConfig, info: ModelInfo,
     else:
         # from_blocks, not from_arrow: that runs a Ray task per slice just to read its schema, which
         # costs the first worker process ~1 s before the pipeline starts.
-        dataset = ray.data.from_blocks(_slices(inputs, max(sizing.max_actors, runtime.cluster_cpus())))
+        dataset = ray.data.from_blocks(slices(inputs, max(sizing.max_actors, runtime.cluster_cpus())))
     if config.gpu:
         dataset = dataset.map_batches(
             read_and_decode, batch_format="pyarrow", batch_size=config.batch_size, fn_kwargs=decode_args,
@@ -266,13 +229,6 @@ def predict(inputs: pa.Table | Blocks, config: InferenceConfig, info: ModelInfo,
 
 def _memory(memory: int) -> dict[str, Any]:
     return {"memory": memory} if memory else {}
-
-
-def _slices(table: pa.Table, workers: int) -> list[pa.Table]:
-    """Blocks of at most 2000 rows, but at least ~4 per worker (an actor of the pool or, with
-    --gpu, a CPU of the decode tasks) so that a small lake still spreads over all of them."""
-    rows = max(1, min(_MAX_SLICE_ROWS, -(-table.num_rows // (4 * max(1, workers)))))
-    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
 
 
 def read_and_decode(batch: pa.Table, storage_config: StorageConfig, size: int, max_pixels: int,

@@ -16,8 +16,9 @@ def runs(config: RunsConfig) -> dict[str, Any] | None:
     """One row per committed run (run id, start, images, errors by kind, images/s, model id), newest
     first: printed as a table, or returned for the CLI's JSON line with --json. UsageError when
     ``config.output`` is not a distcls output."""
-    storage.require_exists(config.output, config.storage())
-    summaries = Dataset(config.output, config.storage()).successes()
+    output = storage.Store(config.output, config.storage())
+    output.require_exists()
+    summaries = Dataset(output).successes()
     if not summaries:
         raise UsageError(f"{config.output}: not a distcls output (no _SUCCESS); runs lists what `distcls label` committed")
     rows = sorted((_row(summary) for summary in summaries.values()), key=lambda r: r["started_at"], reverse=True)

@@ -1,24 +1,33 @@
 """URIs to filesystems: one place that knows about local paths, file:// and s3:// (and gs:// via pyarrow).
 
-Ray Data and the labeling pipeline use pyarrow filesystems; fsspec is used where a Python file
-object is handier (torch.save / safetensors, small JSON files). Both are built from the same
-StorageConfig so the endpoint, region and anonymous flag apply everywhere. pyarrow does not read
-AWS_ENDPOINT_URL, which is why the endpoint is always passed on explicitly.
+``Store`` is the handle a command builds once from its config: a root URI and its StorageConfig,
+picklable (a Ray worker rebuilds the filesystem from those two), with every read, write, listing,
+move and delete below that root. One filesystem stack, pyarrow, serves every request, so one retry
+policy (``--max-attempts``: pyarrow's standard S3 retry strategy) covers them all; Ray Data and
+the image reads use the same ``arrow_filesystem``. pyarrow does not read AWS_ENDPOINT_URL, which
+is why the endpoint is always passed on explicitly.
+
+The one other client: s3fs (botocore) for the output lock's conditional writes on S3
+(``Store.conditional``, used by ``dataset._ObjectLock``): pyarrow's S3 client cannot send
+``If-None-Match``/``If-Match`` (apache/arrow#44281); s3fs passes them to PutObject. The same client
+lists an S3 lake page by page (``lake.list_chunks``): pyarrow's recursive listing returns only the
+whole list. It is built
+from the same StorageConfig and makes the same number of attempts with the same (standard) retry
+mode, so that lock requests obey ``--max-attempts`` too.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import stat
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlparse
 
-import fsspec
 import pyarrow.fs as pafs
-# s3fs turns the store's answers into OSError but lets botocore's own errors through, such as
-# EndpointConnectionError for an unreachable endpoint.
-from botocore.exceptions import BotoCoreError
 
 from distcls.config import StorageConfig
 from distcls.errors import UsageError
@@ -163,24 +172,6 @@ def _arrow_filesystem(uri: str, storage: StorageConfig, attempts: int) -> tuple[
     return fs, fs_path
 
 
-def fsspec_filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and the path inside it for ``uri``."""
-    scheme, path = split_uri(uri)
-    if scheme == "file":
-        return fsspec.filesystem("file"), path
-    if scheme in ("s3", "s3a"):
-        client_kwargs = {"region_name": storage.region} if storage.region else {}
-        fs = fsspec.filesystem(
-            "s3",
-            anon=storage.anonymous,
-            endpoint_url=storage.endpoint_url,
-            client_kwargs=client_kwargs,
-            skip_instance_cache=True,
-        )
-        return fs, path
-    return fsspec.filesystem(scheme), path
-
-
 def join(uri: str, *parts: str) -> str:
     """Append path parts to a URI or local path."""
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
@@ -213,28 +204,14 @@ def describe_error(uri: str, exc: BaseException) -> str:
     elif "connection reset" in lowered or "curlcode: 56" in lowered or "curlcode: 52" in lowered:
         reason = "connection reset"
     elif any(k in lowered for k in ("slow_down", "slowdown", "throttl", "service_unavailable", "internal_failure",
-                                    "internalerror", "http status 5")):
+                                    "internalerror", "http status 5",
+                                    "reduce your request rate")):  # s3fs's text for SlowDown
         reason = "store busy or failing (throttled or HTTP 5xx)"
     elif isinstance(exc, FileNotFoundError) or "not found" in lowered or "no such file" in lowered:
         reason = "not found"
     else:
         reason = text.splitlines()[0][:200] if text else type(exc).__name__
     return f"{uri}: {reason}"
-
-
-def require_exists(uri: str, storage: StorageConfig) -> pafs.FileInfo:
-    """The FileInfo of ``uri``; UsageError naming the URI when it is missing or unreachable."""
-    _require_credentials(uri, storage)
-    fs, path = _arrow_filesystem(uri, storage, min(_CHECK_ATTEMPTS, storage.max_attempts))
-    try:
-        info = fs.get_file_info(path)
-    except OSError as exc:
-        raise UsageError(describe_error(uri, exc)) from None
-    if info.type == pafs.FileType.NotFound:
-        if is_remote(uri):
-            _require_bucket(fs, uri, path)
-        raise UsageError(f"{uri}: not found")
-    return info
 
 
 def _require_credentials(uri: str, storage: StorageConfig) -> None:
@@ -275,42 +252,182 @@ def require_regular(uri: str) -> None:
         raise UsageError(f"{uri}: not a regular file; refusing to read it")
 
 
-def read_bytes(uri: str, storage: StorageConfig) -> bytes:
-    fs, path = fsspec_filesystem(uri, storage)
-    require_regular(uri)
-    try:
-        with fs.open(path, "rb") as handle:
-            return handle.read()
-    except (OSError, ValueError, BotoCoreError) as exc:
-        raise UsageError(describe_error(uri, exc)) from None
 
 
-def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
-    """Write a whole object; for local paths via a temp file + rename so readers never see half of it."""
-    fs, path = fsspec_filesystem(uri, storage)
-    try:
-        parent = path.rsplit("/", 1)[0]
-        if not is_remote(uri):
-            fs.makedirs(parent, exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            try:
-                with fs.open(tmp, "wb") as handle:
-                    handle.write(data)
-                os.replace(tmp, path)
-            except BaseException:  # a full disk or an interrupt must not leave the temp file behind
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise
-        else:
-            with fs.open(path, "wb") as handle:
-                handle.write(data)
-    except (OSError, BotoCoreError) as exc:
-        raise UsageError(f"cannot write {describe_error(uri, exc)}") from None
+@dataclass(frozen=True)
+class Store:
+    """A root URI and its storage settings: every request below the root goes through here.
 
+    Names below the root are given as parts (``store.read("run=x", "_SUCCESS")``); no parts is the
+    root itself (a store bound to a file). Pickles as the URI and the settings, so a handle passed
+    to a Ray task or actor builds its own filesystem there.
 
-def read_json(uri: str, storage: StorageConfig) -> Any:
-    return json.loads(read_bytes(uri, storage))
+    Errors: ``read``, ``write``, ``read_json``, ``write_json`` and ``require_exists`` raise
+    UsageError with one line naming the URI, as a command reports them. The others (``get``,
+    ``put``, listing, moves, deletes, streams) raise the filesystem's OSError, for callers such as
+    the commit protocol that decide themselves what a failure means.
+    """
 
+    root: str
+    config: StorageConfig = field(default_factory=StorageConfig)
 
-def write_json(uri: str, value: Any, storage: StorageConfig) -> None:
-    write_bytes(uri, json.dumps(value, indent=2, sort_keys=True).encode(), storage)
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Store, (self.root, self.config)
+
+    @cached_property
+    def _fs_root(self) -> tuple[pafs.FileSystem, str]:
+        return arrow_filesystem(self.root, self.config)
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """The pyarrow filesystem, for readers and writers that take one (Parquet, Ray Data)."""
+        return self._fs_root[0]
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.root)
+
+    def path(self, *parts: str) -> str:
+        """The path of ``parts`` inside ``fs``."""
+        return "/".join([self._fs_root[1], *parts])
+
+    def uri_of(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def uri_for(self, fs_path: str) -> str:
+        """A path found by listing ``fs`` as a URI of the same kind as the root."""
+        return uri_for(self.root, fs_path)
+
+    def child(self, *parts: str) -> Store:
+        """The store bound to ``parts`` below this root, with the same settings."""
+        return Store(self.uri_of(*parts), self.config)
+
+    # -- Checks, listing --------------------------------------------------------------------------
+
+    def require_exists(self) -> pafs.FileInfo:
+        """The FileInfo of the root; UsageError naming it when it is missing or unreachable. A
+        job's first contact with the store: it retries little (3 attempts report an unreachable
+        endpoint in about a second)."""
+        _require_credentials(self.root, self.config)
+        fs, path = _arrow_filesystem(self.root, self.config, min(_CHECK_ATTEMPTS, self.config.max_attempts))
+        try:
+            info = fs.get_file_info(path)
+        except OSError as exc:
+            raise UsageError(describe_error(self.root, exc)) from None
+        if info.type == pafs.FileType.NotFound:
+            if self.remote:
+                _require_bucket(fs, self.root, path)
+            raise UsageError(f"{self.root}: not found")
+        return info
+
+    def info(self, *parts: str) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path(*parts))
+
+    def exists(self, *parts: str) -> bool:
+        return self.info(*parts).type != pafs.FileType.NotFound
+
+    def entries(self, *parts: str) -> list[pafs.FileInfo]:
+        """What is directly inside ``parts`` (none when it does not exist), sorted by path."""
+        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
+        return sorted(self.fs.get_file_info(selector), key=lambda e: e.path)
+
+    # -- Whole files ------------------------------------------------------------------------------
+
+    def read(self, *parts: str) -> bytes:
+        """The whole file; UsageError naming its URI when it cannot be read."""
+        try:
+            return self.get(*parts)
+        except (OSError, ValueError) as exc:
+            raise UsageError(describe_error(self.uri_of(*parts), exc)) from None
+
+    def write(self, data: bytes, *parts: str) -> None:
+        """Write a whole file (see ``put``); UsageError "cannot write <uri>: ..." when it fails."""
+        try:
+            self.put(data, *parts)
+        except OSError as exc:
+            raise UsageError(f"cannot write {describe_error(self.uri_of(*parts), exc)}") from None
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read(*parts))
+
+    def write_json(self, value: Any, *parts: str) -> None:
+        self.write(json.dumps(value, indent=2, sort_keys=True).encode(), *parts)
+
+    def get(self, *parts: str) -> bytes:
+        with self.open_input(*parts) as stream:
+            return stream.read()
+
+    def put(self, data: bytes, *parts: str) -> None:
+        """Write a whole file; locally through a temporary name and a rename, so that no reader
+        sees half of it (an object store shows an object only once its upload is complete)."""
+        if self.remote:
+            with self.open_output(*parts) as stream:
+                stream.write(data)
+            return
+        path = self.path(*parts)
+        self._make_parent(path)
+        temporary = f"{path}.tmp-{secrets.token_hex(4)}"
+        try:
+            with self.fs.open_output_stream(temporary) as stream:
+                stream.write(data)
+            self.fs.move(temporary, path)  # a rename: readers see the old file or the new one
+        except BaseException:  # a full disk or an interrupt must not leave the temporary file behind
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(temporary)
+            raise
+
+    # -- Streams, moves, deletes ------------------------------------------------------------------
+
+    def open_input(self, *parts: str) -> pafs.NativeFile:
+        # A FIFO would block the read for ever and /dev/zero fill memory, whatever the file is called.
+        require_regular(self.uri_of(*parts))
+        return self.fs.open_input_stream(self.path(*parts))
+
+    def open_output(self, *parts: str) -> pafs.NativeFile:
+        """A stream that writes ``parts`` (its folder made first on a local disk)."""
+        self._make_parent(self.path(*parts))
+        return self.fs.open_output_stream(self.path(*parts))
+
+    def move(self, source: str, target: str) -> None:
+        """Rename a file below the root (``a/b`` names below it) to another name below it; on an
+        object store a copy, then a delete."""
+        self._make_parent(self.path(target))
+        self.fs.move(self.path(source), self.path(target))
+
+    def delete(self, *parts: str) -> None:
+        """Delete a file, or a folder with everything below it; nothing when it does not exist."""
+        info = self.info(*parts)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(info.path)
+
+    def make_dir(self, *parts: str) -> None:
+        if not self.remote:  # object stores have no folders to make
+            self.fs.create_dir(self.path(*parts), recursive=True)
+
+    def _make_parent(self, path: str) -> None:
+        if not self.remote:
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+
+    # -- The second client ------------------------------------------------------------------------
+
+    def conditional(self, *parts: str) -> tuple[Any, str]:
+        """(s3fs filesystem, its path of ``parts``) for conditional writes on S3, the one thing
+        pyarrow cannot send, and paged listings (see the module docstring). Its botocore client makes
+        ``--max-attempts`` attempts in standard retry mode, as pyarrow's does; s3fs's own retry
+        loop is off so that the attempts do not multiply. (botocore's ``max_attempts`` counts
+        retries; ``total_max_attempts`` counts attempts, as pyarrow's ``max_attempts`` does.)"""
+        import s3fs
+
+        scheme, path = split_uri(self.uri_of(*parts))
+        if scheme not in ("s3", "s3a"):
+            raise UsageError(f"{self.uri_of(*parts)}: conditional writes need an s3:// URI")
+        fs = s3fs.S3FileSystem(
+            anon=self.config.anonymous, endpoint_url=self.config.endpoint_url,
+            client_kwargs={"region_name": self.config.region} if self.config.region else {},
+            config_kwargs={"retries": {"total_max_attempts": self.config.max_attempts, "mode": "standard"},
+                           "connect_timeout": 5, "read_timeout": 60},
+            skip_instance_cache=True)
+        fs.retries = 1
+        return fs, path

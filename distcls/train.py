@@ -61,7 +61,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.init_weights:
         # Checked on the driver first: a refused or unreadable file is a usage error before
         # anything is written, not a worker failure that Ray Train retries --max-failures times.
-        load_state_dict(config.init_weights, config.storage())
+        load_state_dict(storage.Store(config.init_weights, config.storage()))
     train_rows, val_rows, classes = _split(config)
     if config.init_weights:
         _check_init_weights(config, len(classes))
@@ -89,16 +89,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
     info = _save_artifact(config, classes, best_checkpoint, best_metrics)
     _write_curves(config)
-    return {"model": storage.join(config.output, "model"), "model_id": info.model_id, **info.metrics}
+    return {"model": _output(config).uri_of("model"), "model_id": info.model_id, **info.metrics}
 
 
 def _split(config: TrainConfig) -> tuple[pa.Table, pa.Table, list[str]]:
     """(training rows in a seeded random order, held-out rows, class names). Writes nothing: the
     held-out manifest is written once the run's settings have been checked against the cluster."""
-    rows, classes = lake.labelled_images(config.input, config.storage())
+    rows, classes = lake.labelled_images(storage.Store(config.input, config.storage()))
     rng = np.random.default_rng(config.seed)
     if config.val_input:
-        val_rows, _ = lake.labelled_images(config.val_input, config.storage(), classes)
+        val_rows, _ = lake.labelled_images(storage.Store(config.val_input, config.storage()), classes)
         return rows.take(rng.permutation(rows.num_rows)), val_rows, classes
     train_idx, val_idx = lake.stratified_split(rows["label"].to_numpy(), config.val_fraction, config.seed)
     if len(val_idx) == 0:
@@ -118,7 +118,7 @@ def _write_val_manifest(val_rows: pa.Table, classes: list[str], config: TrainCon
     names = pa.array(classes).take(val_rows["label"])
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table({"path": val_rows["path"], "label": names}), sink)
-    storage.write_bytes(storage.join(config.output, "val.parquet"), sink.getvalue().to_pybytes(), config.storage())
+    _output(config).write(sink.getvalue().to_pybytes(), "val.parquet")
 
 
 def plan_cpus(config: TrainConfig, total_cpus: float, can_grow: bool = False) -> tuple[float, float]:
@@ -185,7 +185,7 @@ def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, si
 
 def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_rows: pa.Table, cache: str,
              worker_cpus: float, decode_cpus: float, progress: Queue) -> ray.train.torch.TorchTrainer:
-    fs, path = storage.arrow_filesystem(config.output, config.storage())
+    output = _output(config)
     loop_config = {"config": config.model_dump(), "classes": classes, "cache": cache, "train_images": train_rows.num_rows,
                    "progress": progress, "verbose": console.verbose()}
     stats_rows = train_rows.slice(0, STATS_IMAGES)  # already in a seeded random order
@@ -203,7 +203,7 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers, use_gpu=config.gpu, resources_per_worker={"CPU": worker_cpus}),
         run_config=ray.train.RunConfig(
-            name=config.name, storage_path=path, storage_filesystem=fs,
+            name=config.name, storage_path=output.path(), storage_filesystem=output.fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max")),
@@ -416,7 +416,7 @@ def _prepare(plain: nn.Module, state: dict[str, Any], frozen: bool) -> nn.Module
 
 def _init_match(config: TrainConfig, model: nn.Module) -> InitMatch:
     """How --init-weights fits ``model``; UsageError when it does not (see match_state_dict)."""
-    state = load_state_dict(config.init_weights, config.storage())
+    state = load_state_dict(storage.Store(config.init_weights, config.storage()))
     return match_state_dict(model, state, config.init_weights, config.init_weights_partial)
 
 
@@ -476,7 +476,7 @@ def _report(row: dict[str, float], model: nn.Module, optimizer: torch.optim.Opti
         ray.train.report(row)
         return
     lines = "".join(json.dumps(r) + "\n" for r in state["history"])
-    storage.write_bytes(storage.join(config.output, "metrics.jsonl"), lines.encode(), config.storage())
+    _output(config).write(lines.encode(), "metrics.jsonl")
     with tempfile.TemporaryDirectory() as folder:
         plain = model.module if hasattr(model, "module") else model
         safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()},
@@ -513,15 +513,21 @@ def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.trai
     final = {k: metrics[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "elapsed_s")}
     info = ModelInfo(arch=config.arch, classes=classes, image_size=config.image_size, mean=state["mean"],
                      std=state["std"], config=public_dict(config), metrics=final)
-    info = save_model(model, info, storage.join(config.output, "model"), config.storage())
+    artifact = _output(config).child("model")
+    info = save_model(model, info, artifact)
     log.info(f"model {info.model_id[:12]} (epoch {final['epoch']}, val_accuracy {final['val_accuracy']:.4f}) "
-             f"saved to {storage.join(config.output, 'model')}")
+             f"saved to {artifact.root}")
     return info
 
 
 def _write_curves(config: TrainConfig) -> None:
     from distcls.plots import training_curves
 
-    raw = storage.read_bytes(storage.join(config.output, "metrics.jsonl"), config.storage())
-    history = [json.loads(line) for line in raw.decode().splitlines()]
-    storage.write_bytes(storage.join(config.output, "curves.png"), training_curves(history), config.storage())
+    output = _output(config)
+    history = [json.loads(line) for line in output.read("metrics.jsonl").decode().splitlines()]
+    output.write(training_curves(history), "curves.png")
+
+
+def _output(config: TrainConfig) -> storage.Store:
+    """The run's output folder (workers rebuild it from the config they are given)."""
+    return storage.Store(config.output, config.storage())

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from faultstore import FaultStore
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
@@ -75,6 +76,13 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture()
+def fault_store(s3_endpoint: str) -> Iterator[FaultStore]:
+    """A fault-injecting proxy in front of the S3 server (faultstore.py); set ``.faults``."""
+    with FaultStore(s3_endpoint, stall_s=3) as store:
+        yield store
 
 
 @pytest.fixture(scope="session")
@@ -207,14 +215,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from distcls.artifact import ModelInfo, save_model
-    from distcls.config import StorageConfig
     from distcls.models import create_model
+    from distcls.storage import Store
     from distcls.synthetic import CLASSES
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_model")
     info = ModelInfo(arch="simple_cnn", classes=list(CLASSES), image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
-    save_model(create_model("simple_cnn", num_classes=len(CLASSES)), info, str(folder), StorageConfig())
+    save_model(create_model("simple_cnn", num_classes=len(CLASSES)), info, Store(str(folder)))
     return folder
 
 

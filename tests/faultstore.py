@@ -97,8 +97,7 @@ class FaultStore:
                 pass
 
             def _any(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                body = self._body()
                 path = unquote(urlparse(self.path).path)
                 kind = store._fault_for(self.command, path)
                 with store._lock:
@@ -111,6 +110,21 @@ class FaultStore:
                     self._answer(*_ANSWERS[kind])
                     return
                 self._forward(body)
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    length = int(self.headers.get("Content-Length") or 0)
+                    return self.rfile.read(length) if length else b""
+                # pyarrow streams uploads in HTTP chunks: forwarded whole, with a Content-Length.
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                del self.headers["Transfer-Encoding"]
+                self.headers["Content-Length"] = str(sum(map(len, chunks)))
+                return b"".join(chunks)
 
             def _answer(self, status: int, code: str, message: str) -> None:
                 body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'

@@ -93,7 +93,7 @@ def tiny_model(directory: Path) -> str:
     import torch
 
     from distcls.artifact import ModelInfo, save_model
-    from distcls.config import StorageConfig
+    from distcls.storage import Store
     from distcls.images import normalize
     from distcls.models import create_model
 
@@ -113,5 +113,5 @@ def tiny_model(directory: Path) -> str:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    save_model(model.eval(), info, str(directory), StorageConfig())
+    save_model(model.eval(), info, Store(str(directory)))
     return str(directory)

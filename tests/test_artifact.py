@@ -14,10 +14,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from distcls import artifact, storage
+from distcls import artifact
 from distcls.artifact import ModelInfo, load_model, load_state_dict, model_id_of, predict_proba, resave, save_model
 from distcls.cli import main
-from distcls.config import StorageConfig
+from distcls.storage import Store
 from distcls.errors import UsageError
 from distcls.models import create_model
 
@@ -42,15 +42,15 @@ def _images() -> torch.Tensor:
     return torch.randint(0, 256, (4, 32, 32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
 
 
-def _assert_round_trip(uri: str, storage_config: StorageConfig) -> None:
+def _assert_round_trip(store: Store) -> None:
     model = _trained_looking_model()
-    saved = save_model(model, _info(), uri, storage_config)
-    loaded, info = load_model(uri, storage_config)
+    saved = save_model(model, _info(), store)
+    loaded, info = load_model(store)
 
     assert not loaded.training
     assert info == saved and info.arch == "simple_cnn" and info.classes == CLASSES
     assert (info.image_size, info.mean, info.std, info.config) == (32, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25), {"epochs": 2})
-    weights = storage.read_bytes(storage.join(uri, artifact.WEIGHTS_FILE), storage_config)
+    weights = store.read(artifact.WEIGHTS_FILE)
     assert info.weights_sha256 == hashlib.sha256(weights).hexdigest() and info.created_at
     assert info.model_id == model_id_of(info) != info.weights_sha256 and info.format_version == 2
     expected = predict_proba(model, info, _images())
@@ -60,7 +60,7 @@ def _assert_round_trip(uri: str, storage_config: StorageConfig) -> None:
 
 def test_round_trip_local(tmp_path: Path) -> None:
     uri = str(tmp_path / "model")
-    _assert_round_trip(uri, StorageConfig())
+    _assert_round_trip(Store(uri))
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.json", "model.safetensors"]
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
     assert meta["weights_sha256"] == hashlib.sha256((tmp_path / "model" / "model.safetensors").read_bytes()).hexdigest()
@@ -68,7 +68,7 @@ def test_round_trip_local(tmp_path: Path) -> None:
 
 
 def test_round_trip_s3(s3_bucket: str) -> None:
-    _assert_round_trip(f"s3://{s3_bucket}/runs/a/model", StorageConfig())
+    _assert_round_trip(Store(f"s3://{s3_bucket}/runs/a/model"))
 
 
 def test_saving_a_ddp_style_wrapper_saves_the_inner_module(tmp_path: Path) -> None:
@@ -78,39 +78,39 @@ def test_saving_a_ddp_style_wrapper_saves_the_inner_module(tmp_path: Path) -> No
             self.module = module
 
     inner = _trained_looking_model()
-    save_model(Wrapper(inner), _info(), str(tmp_path), StorageConfig())
-    loaded, info = load_model(str(tmp_path))
+    save_model(Wrapper(inner), _info(), Store(str(tmp_path)))
+    loaded, info = load_model(Store(str(tmp_path)))
     assert torch.equal(predict_proba(loaded, info, _images()), predict_proba(inner, info, _images()))
 
 
 def test_folder_without_model_json(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=f"^{tmp_path}: not a distcls model artifact"):
-        load_model(str(tmp_path))
+        load_model(Store(str(tmp_path)))
 
 
 def test_invalid_model_json_names_the_problem(tmp_path: Path) -> None:
-    save_model(_trained_looking_model(), _info(), str(tmp_path), StorageConfig())
+    save_model(_trained_looking_model(), _info(), Store(str(tmp_path)))
     meta = json.loads((tmp_path / "model.json").read_text())
     meta["classes"] = ["only-one"]
     (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(UsageError, match=f"^{tmp_path}: invalid model.json: .*classes"):
-        load_model(str(tmp_path))
+        load_model(Store(str(tmp_path)))
 
 
 def test_tampered_weights_do_not_match_model_id(tmp_path: Path) -> None:
-    save_model(_trained_looking_model(), _info(), str(tmp_path), StorageConfig())
+    save_model(_trained_looking_model(), _info(), Store(str(tmp_path)))
     state = safetensors.torch.load_file(tmp_path / "model.safetensors")
     state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     safetensors.torch.save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(UsageError, match="weights do not match weights_sha256"):
-        load_model(str(tmp_path))
+        load_model(Store(str(tmp_path)))
 
 
 def test_weights_of_another_arch_are_refused(tmp_path: Path) -> None:
     weights = safetensors.torch.save(create_model("resnet_small", num_classes=3).state_dict())
     _plant(tmp_path, weights)
     with pytest.raises(UsageError, match="do not fit arch 'simple_cnn'"):
-        load_model(str(tmp_path))
+        load_model(Store(str(tmp_path)))
 
 
 class _CreatesFile:
@@ -157,7 +157,7 @@ def test_malicious_pickle_as_weights_is_never_unpickled(tmp_path: Path, make: st
     marker = tmp_path / "pwned"
     _plant(tmp_path / "model", _payload(marker, make))
     with pytest.raises(UsageError, match="is not a safetensors file"):
-        load_model(str(tmp_path / "model"))
+        load_model(Store(str(tmp_path / "model")))
     assert not marker.exists()
 
 
@@ -167,7 +167,7 @@ def test_load_state_dict_refuses_a_malicious_torch_file(tmp_path: Path, make: st
     target = tmp_path / "init.pt"
     target.write_bytes(_payload(marker, make))
     with pytest.raises(UsageError, match=f"^{target}: refused to load weights"):
-        load_state_dict(str(target), StorageConfig())
+        load_state_dict(Store(str(target)))
     assert not marker.exists()
 
 
@@ -176,15 +176,15 @@ def test_load_state_dict_reads_safetensors_and_torch_files(tmp_path: Path) -> No
     safetensors.torch.save_file(state, tmp_path / "w.safetensors")
     torch.save(state, tmp_path / "w.pt")
     for name in ("w.safetensors", "w.pt"):
-        loaded = load_state_dict(str(tmp_path / name), StorageConfig())
+        loaded = load_state_dict(Store(str(tmp_path / name)))
         assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(UsageError, match="expected a state dict, got list"):
-        load_state_dict(str(tmp_path / "list.pt"), StorageConfig())
+        load_state_dict(Store(str(tmp_path / "list.pt")))
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UsageError, match="not a safetensors file"):
-        load_state_dict(str(tmp_path / "bad.safetensors"), StorageConfig())
+        load_state_dict(Store(str(tmp_path / "bad.safetensors")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,11 +240,11 @@ def test_tampered_model_json_is_refused_by_load_model_and_the_cli(tmp_path: Path
     """Each a one-line exit-2 error naming the artifact (and the field), from load_model and from
     the driver of `distcls label` and `distcls evaluate`, before Ray or any output."""
     uri = str(tmp_path / "model")
-    save_model(_trained_looking_model(), _info(), uri, StorageConfig())
+    save_model(_trained_looking_model(), _info(), Store(uri))
     changes, expected = TAMPERED[case]
     _rewrite(Path(uri), **changes)
     with pytest.raises(UsageError) as raised:
-        load_model(uri)
+        load_model(Store(uri))
     message = str(raised.value)
     assert message.startswith(f"{uri}: ") and "\n" not in message and re.search(expected, message), message
 
@@ -262,7 +262,7 @@ def test_a_class_count_that_does_not_match_the_head_is_refused_even_with_consist
     uri = str(tmp_path / "model")
     expected = f"{uri}: model.json field 'classes' lists 4 classes but the weights' head outputs 3"
     with pytest.raises(UsageError, match=f"^{re.escape(expected)}$"):
-        load_model(uri)
+        load_model(Store(uri))
     line = _cli_error(capsys, "label", "--input", str(tmp_path / "lake"), "--model", uri,
                       "--output", str(tmp_path / "labels"))
     assert line == f"distcls label: error: {expected}"
@@ -270,7 +270,7 @@ def test_a_class_count_that_does_not_match_the_head_is_refused_even_with_consist
 
 def test_save_model_refuses_a_head_that_does_not_match_the_classes(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="lists 3 classes but the weights' head outputs 10"):
-        save_model(create_model("simple_cnn", num_classes=10), _info(), str(tmp_path / "model"), StorageConfig())
+        save_model(create_model("simple_cnn", num_classes=10), _info(), Store(str(tmp_path / "model")))
     assert not (tmp_path / "model").exists()
 
 
@@ -278,17 +278,17 @@ def test_resave_upgrades_a_checked_format_1_artifact(tmp_path: Path) -> None:
     """Format 1: model_id was the weights' sha256 and there was no weights_sha256."""
     uri = str(tmp_path / "model")
     model = _trained_looking_model()
-    saved = save_model(model, _info(), uri, StorageConfig())
+    saved = save_model(model, _info(), Store(uri))
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
     del meta["weights_sha256"]
     (tmp_path / "model" / "model.json").write_text(json.dumps({**meta, "format_version": 1,
                                                                 "model_id": saved.weights_sha256}))
     with pytest.raises(UsageError, match="format 1"):
-        load_model(uri)
+        load_model(Store(uri))
 
-    upgraded = resave(uri)
-    loaded, info = load_model(uri)
+    upgraded = resave(Store(uri))
+    loaded, info = load_model(Store(uri))
     assert info == upgraded and info.model_id == saved.model_id and info.created_at == saved.created_at
     assert torch.equal(predict_proba(loaded, info, _images()), predict_proba(model, info, _images()))
     with pytest.raises(UsageError, match="not a format-1 artifact"):
-        resave(uri)
+        resave(Store(uri))

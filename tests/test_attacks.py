@@ -153,14 +153,14 @@ def test_resume_relabels_a_file_that_changed_since_its_row_was_staged(
     import pandas as pd
 
     from distcls.artifact import read_info
-    from distcls.config import StorageConfig
+    from distcls.storage import Store
     from distcls.label import OUTPUT_SCHEMA
     from distcls.lake import list_files
 
     lake, output = tmp_path / "lake", tmp_path / "out"
     shutil.copytree(synthetic_lake(1, labelled=False), lake)
-    listing = list_files(str(lake), StorageConfig()).to_pylist()
-    model_id = read_info(str(tiny_model), StorageConfig()).model_id
+    listing = list_files(Store(str(lake))).to_pylist()
+    model_id = read_info(Store(str(tiny_model))).model_id
     rows = [{"path": f["path"], "label": "circle", "label_id": 0, "score": 1.0, "topk_labels": ["circle"],
              "topk_scores": [1.0], "width": 8, "height": 8, "error": None, "error_kind": None, "size": f["size"],
              "mtime": pd.Timestamp(f["mtime"] // 1000, unit="us", tz="UTC"), "model_id": model_id, "run_id": RUN,

@@ -5,6 +5,7 @@ the run fails with one line naming it. One cluster for the file: later tests may
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -28,9 +29,12 @@ def on_autoscaling_cluster(autoscaling_cluster: str, no_ray, monkeypatch: pytest
 
 def _inference_nodes() -> set[str]:
     """Ids of the nodes that ran inference actors (MapWorker(MapBatches(Predictor))) in this job."""
+    import ray
     from ray._private import state
 
-    return {a["Address"]["NodeID"] for a in state.actors().values() if "(Predictor)" in a["ActorClassName"]}
+    job = ray.get_runtime_context().get_job_id()
+    return {a["Address"]["NodeID"] for a in state.actors().values()
+            if "(Predictor)" in a["ActorClassName"] and a["JobID"] == job}
 
 
 def _worker_nodes(resource: str = "CPU") -> set[str]:
@@ -40,18 +44,34 @@ def _worker_nodes(resource: str = "CPU") -> set[str]:
             if n["Alive"] and n["Resources"].get(resource) and "node:__internal_head__" not in n["Resources"]}
 
 
-def test_label_runs_on_nodes_the_autoscaler_adds(on_autoscaling_cluster, synthetic_lake, tiny_model, tmp_path,
-                                                 capsys) -> None:
+def test_label_pool_grows_past_its_minimum_onto_nodes_the_autoscaler_adds(
+        on_autoscaling_cluster, autoscaling_cluster: str, synthetic_lake, tiny_model, tmp_path, capsys) -> None:
+    """--min-actors 1 --max-actors 2: Ray Data starts one inference actor and adds the second on
+    its own. It adds actors only within the resources the cluster has now, and asks for nodes
+    itself only after its CPUs were over half busy for 10 s (longer than this small lake takes),
+    so the autoscaler is first asked for two 1-CPU nodes (as a busy earlier run would have)."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    ray.init(address=autoscaling_cluster)
+    request_resources(bundles=[{"CPU": 1}] * 2)
+    deadline = time.time() + 180
+    while len(_worker_nodes()) < 2 and time.time() < deadline:
+        time.sleep(1)
+    request_resources(bundles=[])
+    assert len(_worker_nodes()) == 2, "the autoscaler did not add two nodes in 180 s"
+
     lake = synthetic_lake(6, labelled=False)
     output = tmp_path / "labels"
-    code = main(["label", "--input", str(lake), "--model", str(tiny_model), "--output", str(output), *POOL])
+    code = main(["label", "--input", str(lake), "--model", str(tiny_model), "--output", str(output),
+                 "--batch-size", "2", "--min-actors", "1", "--max-actors", "2", "--memory-per-actor", "0"])
     assert code == 0, capsys.readouterr().err[-3000:]
 
     rows = pq.read_table(output)
     assert sorted(rows["path"].to_pylist()) == sorted(str(p) for p in lake.rglob("*.jpg"))  # each image once
     assert rows["error"].null_count == rows.num_rows == 60
     used = _inference_nodes()
-    assert len(used) >= 2 and used <= _worker_nodes(), used  # on autoscaled workers, never the head
+    assert len(used) == 2 and used <= _worker_nodes(), used  # the pool grew to 2 actors, one per worker node
 
 
 def test_evaluate_runs_on_nodes_the_autoscaler_adds(on_autoscaling_cluster, synthetic_lake, tiny_model,

@@ -27,6 +27,7 @@ from distcls import storage
 from distcls.artifact import read_info
 from distcls.cli import main
 from distcls.config import LabelConfig, StorageConfig
+from distcls.storage import Store
 from distcls.dataset import COMMITTING, LOCK, STAGING, SUCCESS, Dataset, keys
 from distcls.errors import JobError, UsageError
 from distcls.lake import list_files
@@ -99,7 +100,7 @@ def _label_args(lake: Path | str, model: Path, output: Path | str, *flags: str) 
 
 
 def test_a_commit_makes_exactly_the_staged_rows_the_dataset_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    output = Dataset(str(tmp_path / "out"), StorageConfig())
+    output = Dataset(Store(str(tmp_path / "out")))
     summary = _commit(output, [_rows(["a", "b"]), _rows(["c", "d", "e"])])
     assert sorted(pd.read_parquet(tmp_path / "out")["path"]) == ["a", "b", "c", "d", "e"]
     assert output.successes() == {SUCCESS: summary} and len(summary["files"]) == 2  # 3 rows per file
@@ -107,7 +108,7 @@ def test_a_commit_makes_exactly_the_staged_rows_the_dataset_and_leaves_nothing_b
 
 
 def test_run_ids_sort_by_time_and_differ(tmp_path: Path) -> None:
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     with output.lock():
         first, second = (output.start_run(resume=False, settings=SETTINGS, model_id="m", inputs=_inputs(["a"])).run_id for _ in range(2))
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", first) and first != second
@@ -116,7 +117,7 @@ def test_run_ids_sort_by_time_and_differ(tmp_path: Path) -> None:
 def test_staged_files_have_rows_per_file_rows_in_order_and_return_name_and_rows(tmp_path: Path) -> None:
     """Batches of any size in, files of exactly rows_per_file rows out (the last one fewer), in row
     groups of at most row_group_rows; a second write into the same run adds files."""
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     batches = [pa.table({"path": [f"p{i}" for i in range(start, start + n)]}) for start, n in [(0, 3), (3, 10), (13, 1)]]
     written = output.write_staged(RUN_A, iter(batches), rows_per_file=4, row_group_rows=3)
     files = [tmp_path / STAGING / RUN_A / name for name, _ in written]
@@ -128,7 +129,7 @@ def test_staged_files_have_rows_per_file_rows_in_order_and_return_name_and_rows(
 
 
 def test_staged_rows_lost_or_doubled_are_never_committed(tmp_path: Path) -> None:
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     output.write_staged(RUN_A, [pa.table({"path": ["a", "b"], "error": [None, "empty file"]})], rows_per_file=10)
     assert output.staged_counts(RUN_A, expected=2) == {"images": 2, "labelled": 1, "errors": 1, "errors_by_kind": {}}
     output.write_staged(RUN_A, [pa.table({"path": ["b"], "error": pa.nulls(1, pa.string())})], rows_per_file=10)
@@ -139,7 +140,7 @@ def test_staged_rows_lost_or_doubled_are_never_committed(tmp_path: Path) -> None
 def test_only_the_staged_files_reported_are_counted_and_committed(tmp_path: Path) -> None:
     """A file a retried write left in staging (its attempt never reported) is neither counted nor
     committed; the reported files are."""
-    output = Dataset(str(tmp_path / "out"), StorageConfig())
+    output = Dataset(Store(str(tmp_path / "out")))
     with output.lock() as lock:
         run = output.start_run(resume=False, settings=SETTINGS, model_id="m", inputs=_inputs(["a", "b"]))
         reported = [name for name, _ in output.write_staged(run.run_id, [_rows(["a", "b"])], rows_per_file=1)]
@@ -157,7 +158,7 @@ def test_the_handle_pickles_and_a_ray_worker_writes_staged_files_into_s3(ray_loc
     handle, commit, committed keys."""
     import ray
 
-    output = Dataset(f"s3://{s3_bucket}/labels", StorageConfig())
+    output = Dataset(Store(f"s3://{s3_bucket}/labels"))
     assert pickle.loads(pickle.dumps(output)) == output
     with output.lock() as lock:
         with pytest.raises(UsageError, match=f"output s3://{s3_bucket}/labels is in use by run .* on host "
@@ -180,7 +181,7 @@ def test_the_handle_pickles_and_a_ray_worker_writes_staged_files_into_s3(ray_loc
 
 def _plant_plan(output: Path, **changes) -> dict:
     """A staged file of RUN_B and a plan to commit it, as distcls writes them, with ``changes``."""
-    Dataset(str(output), StorageConfig()).write_staged(RUN_B, [_rows(["n1", "n2"])], rows_per_file=10)
+    Dataset(Store(str(output))).write_staged(RUN_B, [_rows(["n1", "n2"])], rows_per_file=10)
     staged = f"{STAGING}/{RUN_B}/" + next((output / STAGING / RUN_B).iterdir()).name
     plan = {"run_id": RUN_B, "delete": [], "moves": [[staged, f"part-{RUN_B}-00000.parquet"]], "success": SUCCESS,
             "summary": {"run_id": RUN_B, "files": [f"part-{RUN_B}-00000.parquet"]}}
@@ -211,7 +212,7 @@ def test_a_tampered_commit_plan_is_refused_with_exit_1_and_nothing_is_touched(
     """A _COMMITTING planted by anyone who can write the output: refused before its first step,
     naming the entry; the dataset, the staged files and everything outside the output unchanged."""
     output = tmp_path / "out"
-    _commit(Dataset(str(output), StorageConfig()), [_rows(["old"])])
+    _commit(Dataset(Store(str(output))), [_rows(["old"])])
     (output / f"part-{RUN_A}-00000.parquet").write_bytes(b"not listed by _SUCCESS")
     (output / "model").mkdir()
     (output / "model" / "model.safetensors").write_bytes(b"weights")
@@ -228,7 +229,7 @@ def test_a_tampered_commit_plan_is_refused_with_exit_1_and_nothing_is_touched(
 def test_success_is_not_written_when_a_file_it_would_list_is_gone(tmp_path: Path) -> None:
     """An --overwrite commit whose second staged file vanished: refused before the old dataset is
     touched, no _SUCCESS for the new one."""
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     old = _commit(output, [_rows(["old"])])
     plan = _plant_plan(tmp_path, delete=[SUCCESS, *old["files"]])
     plan["moves"].append([f"{STAGING}/{RUN_B}/gone.parquet", f"part-{RUN_B}-00001.parquet"])
@@ -259,15 +260,15 @@ def test_an_overwrite_interrupted_at_any_step_is_rolled_forward_to_exactly_the_n
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moves: int) -> None:
     """Retire the old _SUCCESS, delete its files, move the new ones: a crash after each rename is
     finished by the next run, whose validation still accepts the half-applied plan."""
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     _commit(output, [_rows(["old1", "old2", "old3", "old4"])])
     real = storage.arrow_filesystem
     monkeypatch.setattr(storage, "arrow_filesystem", lambda uri, config: (_DiesAfterMoves(moves), real(uri, config)[1]))
     with pytest.raises(KeyboardInterrupt):
-        _commit(Dataset(str(tmp_path), StorageConfig()), [_rows(["new1", "new2", "new3", "new4"])], overwrite=True)
+        _commit(Dataset(Store(str(tmp_path))), [_rows(["new1", "new2", "new3", "new4"])], overwrite=True)
     monkeypatch.undo()
     assert (tmp_path / COMMITTING).exists()
-    finished = Dataset(str(tmp_path), StorageConfig()).roll_forward()
+    finished = Dataset(Store(str(tmp_path))).roll_forward()
     assert sorted(pd.read_parquet(tmp_path)["path"]) == ["new1", "new2", "new3", "new4"]
     assert output.successes() == {SUCCESS: finished}
     assert not (tmp_path / COMMITTING).exists() and not (tmp_path / STAGING).exists()
@@ -278,7 +279,7 @@ def test_an_overwrite_interrupted_at_any_step_is_rolled_forward_to_exactly_the_n
 
 
 def test_overwrite_deletes_only_what_success_lists(tmp_path: Path) -> None:
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     _commit(output, [_rows(["a", "b"])], incremental=True)
     _commit(output, [_rows(["c"])], incremental=True)
     (tmp_path / "_notes.txt").write_text("readers skip names starting with _")
@@ -295,7 +296,7 @@ def test_overwrite_refuses_an_output_holding_foreign_files_and_deletes_nothing(
     the entry, every file still there. Refusing rather than skipping: an output that mixes other
     files with the dataset would not read as one dataset (readers take every file as Parquet)."""
     output = tmp_path / "out"
-    _commit(Dataset(str(output), StorageConfig()), [_rows(["x"])], incremental=True)
+    _commit(Dataset(Store(str(output))), [_rows(["x"])], incremental=True)
     (output / foreign).parent.mkdir(parents=True, exist_ok=True)
     (output / foreign).write_text("someone else's")
     before = _tree(output)
@@ -337,10 +338,10 @@ def test_another_runs_interrupted_commit_is_finished_then_this_input_labelled(
     exactly once, B's summary on stdout."""
     lake = tmp_path / "lake"
     shutil.copytree(synthetic_lake(1, labelled=False), lake)
-    listing = list_files(str(lake), StorageConfig()).sort_by("path").slice(0, 6)
-    model_id = read_info(str(tiny_model), StorageConfig()).model_id
+    listing = list_files(Store(str(lake))).sort_by("path").slice(0, 6)
+    model_id = read_info(Store(str(tiny_model))).model_id
     output = tmp_path / "out"
-    Dataset(str(output), StorageConfig()).write_staged(RUN_A, [_rows(
+    Dataset(Store(str(output))).write_staged(RUN_A, [_rows(
         listing["path"].to_pylist(), model_id, sizes=listing["size"].to_pylist(),
         mtimes_us=[t // 1000 for t in listing["mtime"].to_pylist()])], rows_per_file=100)
     staged = f"{STAGING}/{RUN_A}/" + next((output / STAGING / RUN_A).iterdir()).name
@@ -375,7 +376,7 @@ def test_a_second_run_on_a_locked_output_exits_2_naming_the_holder(tmp_path: Pat
     `distcls label` on the same output, even with --overwrite, stops before touching anything: it
     neither deletes the first run's staging nor its committed dataset."""
     output = tmp_path / "out"
-    first = Dataset(str(output), StorageConfig())
+    first = Dataset(Store(str(output)))
     _commit(first, [_rows(["a"])])
     with first.lock() as lock:
         lock.name_run(RUN_A)
@@ -393,7 +394,7 @@ def test_a_lock_planted_by_another_host_refuses_until_its_lease_ends(tmp_path: P
     _plant_lock(tmp_path)
     with pytest.raises(UsageError, match=f"in use by run {RUN_A} on host other-host \\(pid 4242\\), "
                                          "lease until 2099-01-01T00:00:00"):
-        Dataset(str(tmp_path), StorageConfig()).lock()
+        Dataset(Store(str(tmp_path))).lock()
     assert json.loads((tmp_path / LOCK).read_text())["token"] == "planted"
 
 
@@ -407,7 +408,7 @@ def test_an_expired_lock_is_taken_over_and_said_so(tmp_path: Path, caplog, holde
         dead.wait()
         _plant_lock(tmp_path, host=socket.gethostname(), pid=dead.pid)
         reason = f"process {dead.pid} on this host is gone"
-    with Dataset(str(tmp_path), StorageConfig()).lock():
+    with Dataset(Store(str(tmp_path))).lock():
         assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
     err = caplog.text  # the library logs (distcls.dataset); the CLI sends it to stderr
     assert f"taking over the lock of {tmp_path} from run {RUN_A}" in err and reason in err
@@ -415,7 +416,7 @@ def test_an_expired_lock_is_taken_over_and_said_so(tmp_path: Path, caplog, holde
 
 
 def test_the_lease_is_renewed_while_the_run_holds_the_lock(tmp_path: Path) -> None:
-    with Dataset(str(tmp_path), StorageConfig()).lock(lease_s=0.6):
+    with Dataset(Store(str(tmp_path))).lock(lease_s=0.6):
         first = json.loads((tmp_path / LOCK).read_text())["expires"]
         deadline = time.monotonic() + 30
         while json.loads((tmp_path / LOCK).read_text())["expires"] == first:
@@ -425,7 +426,7 @@ def test_the_lease_is_renewed_while_the_run_holds_the_lock(tmp_path: Path) -> No
 
 
 def test_a_run_whose_lock_was_taken_over_does_not_commit(tmp_path: Path) -> None:
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     with output.lock() as lock:
         run = output.start_run(resume=False, settings=SETTINGS, model_id="m", inputs=_inputs(["a"]))
         output.write_staged(run.run_id, [_rows(["a"])], rows_per_file=10)
@@ -440,7 +441,7 @@ def test_a_run_whose_lock_was_taken_over_does_not_commit(tmp_path: Path) -> None
 
 
 def test_resume_keeps_only_staged_rows_of_current_inputs(tmp_path: Path) -> None:
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     output.write_staged(RUN_A, [_rows(["a", "b", "c"]), _rows(["d"])], rows_per_file=3)  # files abc, d
     output.write_staged(RUN_A, [_rows(["e"], model_id="other")], rows_per_file=3)
     _stage_settings(tmp_path, RUN_A, SETTINGS)
@@ -459,11 +460,11 @@ def test_resume_with_a_changed_input_labels_every_current_input_exactly_once(
         ray_local, tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
     lake = tmp_path / "lake"
     shutil.copytree(synthetic_lake(1, labelled=False), lake)
-    model_id = read_info(str(tiny_model), StorageConfig()).model_id
+    model_id = read_info(Store(str(tiny_model))).model_id
     output = tmp_path / "out"
     kept = sorted(str(p) for p in lake.glob("*.jpg"))[:3]
     stats = [Path(p).stat() for p in kept]
-    Dataset(str(output), StorageConfig()).write_staged(
+    Dataset(Store(str(output))).write_staged(
         RUN_A, [_rows(kept + [str(tmp_path / "removed-from-the-lake.jpg")], model_id,
                       sizes=[s.st_size for s in stats] + [1], mtimes_us=[s.st_mtime_ns // 1000 for s in stats] + [0])],
         rows_per_file=100)
@@ -476,7 +477,7 @@ def test_resume_with_a_changed_input_labels_every_current_input_exactly_once(
 
 
 def test_incremental_keys_read_passing_errors_again_and_old_files_without_error_kind(tmp_path: Path) -> None:
-    output = Dataset(str(tmp_path), StorageConfig())
+    output = Dataset(Store(str(tmp_path)))
     _commit(output, [_rows(["old-1", "old-2"])], incremental=True)  # written before error_kind existed
     _commit(output, [_rows(["ok", "corrupt", "gone", "throttled"],
                            error_kind=[None, "corrupt", "not_found", "transient"])], incremental=True)
@@ -494,7 +495,7 @@ def test_resume_under_other_row_settings_is_refused(tmp_path: Path, synthetic_la
     lake = synthetic_lake(1, labelled=False)
     output = tmp_path / "out"
     settings = label_module._row_settings(LabelConfig(input=str(lake), model="m", output="o"))
-    Dataset(str(output), StorageConfig()).write_staged(RUN_A, [_rows([str(next(Path(lake).iterdir()))])], 10)
+    Dataset(Store(str(output))).write_staged(RUN_A, [_rows([str(next(Path(lake).iterdir()))])], 10)
     _stage_settings(output, RUN_A, settings)
     for extra in ([], ["--dry-run"]):
         code = main(_label_args(lake, tiny_model, output, "--resume", flag, value, *extra))

@@ -15,7 +15,7 @@ from torch import nn
 from distcls import export, models
 from distcls.artifact import ModelInfo, load_model, predict_proba, save_model
 from distcls.cli import main
-from distcls.config import StorageConfig
+from distcls.storage import Store
 from distcls.engines import OnnxEngine, create_engine
 from distcls.errors import UsageError
 from distcls.synthetic import CLASSES as SHAPES
@@ -32,7 +32,7 @@ def _artifact(folder: Path, arch: str = "resnet_small", classes: list[str] = CIF
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     info = ModelInfo(arch=arch, classes=classes, image_size=32, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
-    save_model(model, info, str(folder), StorageConfig())
+    save_model(model, info, Store(str(folder)))
     return folder
 
 
@@ -50,7 +50,7 @@ def test_export_writes_the_graph_and_its_lineage(tmp_path: Path, capsys) -> None
     assert meta["model_id"] == model_json["model_id"] == result["model_id"]
     assert meta["sha256"] == hashlib.sha256(graph).hexdigest()
     # The graph alone (uint8 NHWC in, probabilities out) gives predict_proba's numbers.
-    model, info = load_model(str(model_dir))
+    model, info = load_model(Store(str(model_dir)))
     expected = predict_proba(model, info, _pixels()).numpy()
     got = OnnxEngine(graph, info)(_pixels()).numpy()
     assert got.shape == expected.shape and got.dtype == np.float32
@@ -71,19 +71,19 @@ def test_a_replaced_graph_is_refused_and_a_stale_one_is_not_used(tmp_path: Path)
     good = (model_dir / "model.onnx").read_bytes()
     (model_dir / "model.onnx").write_bytes(good + b"\0")
     with pytest.raises(UsageError, match="model.onnx does not match the sha256"):
-        export.onnx_for(str(model_dir), StorageConfig())
+        export.onnx_for(Store(str(model_dir)))
     # Retrained into the same folder: model.json has a new model_id, the old graph is ignored.
     (model_dir / "model.onnx").write_bytes(good)
     _artifact(model_dir, classes=CIFAR[:5])
-    graph = export.onnx_for(str(model_dir), StorageConfig())
-    info = load_model(str(model_dir))[1]
+    graph = export.onnx_for(Store(str(model_dir)))
+    info = load_model(Store(str(model_dir)))[1]
     assert OnnxEngine(graph, info)(_pixels(2)).shape == (2, 5)
 
 
 def test_the_engines_are_drop_ins_for_predict_proba(tmp_path: Path) -> None:
     model_dir = _artifact(tmp_path / "model")
-    torch_engine, info = create_engine("torch", str(model_dir), StorageConfig())
-    onnx_engine, onnx_info = create_engine("onnx", str(model_dir), StorageConfig())
+    torch_engine, info = create_engine("torch", Store(str(model_dir)))
+    onnx_engine, onnx_info = create_engine("onnx", Store(str(model_dir)))
     assert info == onnx_info
     a, b = torch_engine(_pixels()), onnx_engine(torch.from_numpy(_pixels()))
     assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype == torch.float32
@@ -111,7 +111,7 @@ def test_label_and_evaluate_with_onnx_agree_with_torch(cifar_root, tiny_model, r
     # topk_scores holds 5 of the 10 probabilities, sorted: same classes, same numbers.
     difference = np.abs(np.array(torch_rows["topk_scores"]) - np.array(onnx_rows["topk_scores"]))
     assert difference.max() <= 1e-3
-    assert set(onnx_rows["model_id"]) == set(torch_rows["model_id"]) == {load_model(str(model_dir))[1].model_id}
+    assert set(onnx_rows["model_id"]) == set(torch_rows["model_id"]) == {load_model(Store(str(model_dir)))[1].model_id}
 
     scores = {}
     for engine in ("torch", "onnx"):
@@ -173,12 +173,10 @@ def test_every_registered_architecture_exports_and_agrees(arch: str) -> None:
 
 
 def test_export_and_use_on_s3(s3_bucket: str, tmp_path: Path) -> None:
-    from distcls import storage
-
     local = _artifact(tmp_path / "model")
     uri = f"s3://{s3_bucket}/runs/a/model"
     for name in ("model.json", "model.safetensors"):
-        storage.write_bytes(f"{uri}/{name}", (local / name).read_bytes(), StorageConfig())
+        Store(f"{uri}/{name}").write((local / name).read_bytes())
     assert main(["export", "--model", uri]) == 0
-    graph = storage.read_bytes(f"{uri}/model.onnx", StorageConfig())
-    assert export.onnx_for(uri, StorageConfig()) == graph
+    graph = Store(f"{uri}/model.onnx").read()
+    assert export.onnx_for(Store(uri)) == graph

@@ -8,6 +8,7 @@ import pytest
 
 from distcls.cli import main
 from distcls.evaluate import confusion_matrix, scores
+from distcls.storage import Store
 
 
 def test_scores_match_a_hand_computed_example() -> None:
@@ -39,7 +40,7 @@ def test_evaluate_cli_matches_predictions_made_by_hand(ray_local, tiny_model, sy
     from distcls.images import decode
 
     lake = synthetic_lake(2)
-    model, info = load_model(str(tiny_model))
+    model, info = load_model(Store(str(tiny_model)))
     expected = np.zeros((10, 10), dtype=int)
     for path in sorted(lake.rglob("*.jpg")):
         pixels = decode(path.read_bytes(), info.image_size)[0]

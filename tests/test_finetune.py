@@ -12,6 +12,7 @@ import torchvision
 from distcls.artifact import load_state_dict, match_state_dict
 from distcls.cli import main
 from distcls.errors import UsageError
+from distcls.storage import Store
 from distcls.models import create_model
 
 
@@ -26,7 +27,7 @@ def imagenet_resnet18(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_head_for_other_classes_is_skipped_and_the_rest_loads(imagenet_resnet18: Path) -> None:
-    state = load_state_dict(str(imagenet_resnet18), _storage())
+    state = load_state_dict(Store(str(imagenet_resnet18), _storage()))
     match = match_state_dict(create_model("resnet18", num_classes=10), state, "x.pth", partial=True)
     assert match.skipped == {"fc.weight": ((1000, 512), (10, 512)), "fc.bias": ((1000,), (10,))}
     assert sorted(match.loaded) == sorted(k for k in state if not k.startswith("fc."))
@@ -40,13 +41,13 @@ def test_a_ddp_checkpoint_wrapped_in_state_dict_loads(tmp_path: Path) -> None:
     model = create_model("resnet_small", num_classes=3)
     path = tmp_path / "ckpt.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, path)
-    match = match_state_dict(create_model("resnet_small", num_classes=3), load_state_dict(str(path), _storage()),
+    match = match_state_dict(create_model("resnet_small", num_classes=3), load_state_dict(Store(str(path), _storage())),
                              str(path), partial=False)
     assert sorted(match.loaded) == sorted(model.state_dict())
 
 
 def test_strict_by_default(imagenet_resnet18: Path) -> None:
-    state = load_state_dict(str(imagenet_resnet18), _storage())
+    state = load_state_dict(Store(str(imagenet_resnet18), _storage()))
     with pytest.raises(UsageError, match="--init-weights-partial"):
         match_state_dict(create_model("resnet18", num_classes=10), state, "x.pth", partial=False)
     same_head = match_state_dict(create_model("resnet18", num_classes=1000), state, "x.pth", partial=False)

@@ -25,6 +25,7 @@ from distcls.artifact import load_model, predict_proba
 from distcls.config import LabelConfig, StorageConfig
 from distcls.images import ImageError, decode, read_batch
 from distcls.label import label
+from distcls.storage import Store
 from hostile_corpus import Expect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +132,7 @@ def test_one_run_labels_every_hostile_file_once_and_good_ones_as_the_model_does(
     assert table.num_rows == len(rows) == len(files) == summary["images"]  # every file, once
     assert sorted(rows) == sorted(str(f) for f in files)
 
-    model, info = load_model(model_uri)
+    model, info = load_model(Store(model_uri))
     good_paths, good_pixels = [], []
     for file in files:
         row = rows[str(file)]

@@ -25,12 +25,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distcls import engines, predict, storage
+from distcls import engines, inputs, predict, storage
 from distcls.cli import main
 from distcls.dataset import COMMITTING, STAGING, Dataset
 from distcls.artifact import load_model, predict_proba
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
+from distcls.storage import Store
 from distcls.images import decode
 from distcls.label import OUTPUT_SCHEMA, label
 from distcls.lake import list_files
@@ -74,7 +75,7 @@ def test_s3_lake_on_cluster_matches_direct_model_call(ray_cluster, s3_bucket: st
     assert sorted(table["path"].to_pylist()) == sorted(f"{lake}/{p.name}" for p in local.glob("*.jpg"))
     assert len(summary["files"]) <= 3  # rows_per_file=20 for 50 rows: a few files, not one per block
 
-    model, info = load_model(model_uri)
+    model, info = load_model(Store(model_uri))
     decoded = [decode(p.read_bytes(), info.image_size) for p in sorted(local.glob("*.jpg"))]
     pixels, sizes = [a for a, _, _ in decoded], [(w, h) for _, w, h in decoded]
     probs = predict_proba(model, info, np.stack(pixels)).numpy()
@@ -85,7 +86,7 @@ def test_s3_lake_on_cluster_matches_direct_model_call(ray_cluster, s3_bucket: st
     np.testing.assert_allclose([r["topk_scores"] for r in rows], -np.sort(-probs, axis=1)[:, :5], atol=1e-5)
     assert [(r["width"], r["height"]) for r in rows] == list(sizes)
 
-    success = storage.read_bytes(f"{config.output}/_SUCCESS", StorageConfig())
+    success = Store(f"{config.output}/_SUCCESS").read()
     assert json.loads(success) == summary and b"testing-secret-canary" not in success
     assert (summary["images"], summary["labelled"], summary["errors"]) == (50, 50, 0)
     assert summary["model_id"] == info.model_id and re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", summary["run_id"])
@@ -177,14 +178,13 @@ def test_resume_reuses_readable_staged_files_and_relabels_the_rest(ray_local, tm
 
 def _rows_as_a_run_would_stage(config: LabelConfig) -> pa.Table:
     """Output rows made by the pipeline's own functions, called in-process without Ray."""
-    listing = list_files(config.input, StorageConfig())
-    inputs = label_module._input_table(listing["path"], listing["size"], listing["mtime"],
-                                       pa.nulls(listing.num_rows, pa.string()))
-    decoded = predict.read_and_decode(inputs, StorageConfig(), 32, config.max_image_pixels)
+    listing = list_files(Store(config.input))
+    found = inputs._input_table(listing["path"], listing["size"], listing["mtime"], pa.nulls(listing.num_rows, pa.string()))
+    decoded = predict.read_and_decode(found, StorageConfig(), 32, config.max_image_pixels)
     threads = torch.get_num_threads()  # the predictor pins its process to one thread
     try:
         to_rows = functools.partial(label_module._rows, top_k=5, run_id="20260101T000000Z-abcdef")
-        engine = engines.prepare("torch", config.model, StorageConfig())
+        engine = engines.prepare("torch", Store(config.model))
         return predict.Predictor(engine, to_rows, 1, False)(decoded)
     finally:
         torch.set_num_threads(threads)
@@ -300,11 +300,14 @@ def test_runs_on_a_path_that_is_no_output_is_a_usage_error(tmp_path: Path, capsy
         assert len(err.splitlines()) == 1 and str(path) in err
 
 
-def test_no_output_row_reaches_the_driver(ray_local, tmp_path: Path, synthetic_lake, model_uri: str,
-                                         monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    """The workers write the staged files: writing from this (the driver) process fails, and what
+def test_no_input_block_or_output_row_goes_through_the_driver(ray_local, tmp_path: Path, synthetic_lake,
+                                                             model_uri: str, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys) -> None:
+    """A worker (the inputs' reader) puts the input blocks into the object store, never this (the
+    driver) process; the workers write the staged files: writing from the driver fails, and what
     the driver iterates over holds file names and row counts only: enough for its progress line.
     stdout is the JSON summary alone."""
+    import ray
     import ray.data
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -318,13 +321,21 @@ def test_no_output_row_reaches_the_driver(ray_local, tmp_path: Path, synthetic_l
             seen.append(batch.column_names)
             yield batch
 
+    put, tables_put = ray.put, []
+
+    def recording_put(value, *args, **kwargs):
+        tables_put.append(isinstance(value, pa.Table))
+        return put(value, *args, **kwargs)
+
     monkeypatch.setattr(Dataset, "write_staged", refuse)
     monkeypatch.setattr(ray.data.Dataset, "iter_batches", recording)
+    monkeypatch.setattr(ray, "put", recording_put)
     lake = _lake(synthetic_lake, tmp_path, 3)
     output = tmp_path / "labels"
     assert main(["label", "--input", str(lake), "--model", model_uri, "--output", str(output),
                  "--rows-per-file", "4"]) == 0
     assert seen and all(columns == ["file", "rows"] for columns in seen)
+    assert not any(tables_put)
     _assert_exactly_once(output, lake)
     out, err = capsys.readouterr()
     images = json.loads(out)["images"]

@@ -13,11 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distcls import dedup, images, predict, storage
+from distcls import dedup, images, inputs, predict, storage
 from distcls.dataset import keys
 from distcls.artifact import read_info
 from distcls.config import LabelConfig, StorageConfig
 from distcls.errors import UsageError
+from distcls.storage import Store
 from distcls.cli import main
 from distcls.label import OUTPUT_SCHEMA, label
 from distcls.lake import list_files
@@ -28,8 +29,8 @@ label_module = importlib.import_module("distcls.label")
 
 
 def _listing(root: Path) -> pa.Table:
-    listing = list_files(str(root), StorageConfig())
-    return label_module._input_table(listing["path"], listing["size"], listing["mtime"],
+    listing = list_files(Store(str(root)))
+    return inputs._input_table(listing["path"], listing["size"], listing["mtime"],
                                      pa.nulls(listing.num_rows, pa.string()))
 
 
@@ -62,7 +63,7 @@ def test_read_and_decode_gives_one_row_per_odd_file(tmp_path: Path) -> None:
 
 
 def test_read_and_decode_never_reads_rows_with_a_preset_error(tmp_path: Path) -> None:
-    table = label_module._input_table(pa.array([str(tmp_path / "does-not-matter.jpg")]), pa.nulls(1, pa.int64()),
+    table = inputs._input_table(pa.array([str(tmp_path / "does-not-matter.jpg")]), pa.nulls(1, pa.int64()),
                                       pa.nulls(1, pa.int64()), pa.array(["outside allowed roots"]))
     decoded = predict.read_and_decode(table, StorageConfig(), size=8, max_pixels=100)
     assert decoded["error"].to_pylist() == ["outside allowed roots"]
@@ -71,7 +72,7 @@ def test_read_and_decode_never_reads_rows_with_a_preset_error(tmp_path: Path) ->
 
 
 def test_output_table_nulls_failed_rows_and_sorts_topk(model_uri: str) -> None:
-    info = read_info(model_uri, StorageConfig())
+    info = read_info(Store(model_uri))
     batch = pa.table({
         "path": ["a", "b", "c"], "size": pa.array([1, 2, None], pa.int64()),
         "mtime": pa.array([0, 0, None], pa.timestamp("us", tz="UTC")),
@@ -94,13 +95,13 @@ def test_output_table_nulls_failed_rows_and_sorts_topk(model_uri: str) -> None:
 
 
 def test_pending_skips_staged_paths_and_same_keys_only() -> None:
-    inputs = label_module._input_table(pa.array(["a", "b", "c", "d"]), pa.array([1, 2, 3, None], pa.int64()),
-                                       pa.array([1000, 2000, 3000, None], pa.int64()), pa.nulls(4, pa.string()))
-    labelled = label_module._input_table(pa.array(["b", "c", "d"]), pa.array([2, 99, None], pa.int64()),
-                                         pa.array([2000, 3000, None], pa.int64()), pa.nulls(3, pa.string()))
+    found = inputs._input_table(pa.array(["a", "b", "c", "d"]), pa.array([1, 2, 3, None], pa.int64()),
+                                pa.array([1000, 2000, 3000, None], pa.int64()), pa.nulls(4, pa.string()))
+    labelled = inputs._input_table(pa.array(["b", "c", "d"]), pa.array([2, 99, None], pa.int64()),
+                                   pa.array([2000, 3000, None], pa.int64()), pa.nulls(3, pa.string()))
     seen = dedup.KeySet()
     seen.add(keys(labelled))
-    todo = label_module._fresh(inputs, pa.array(["a"]), seen)
+    todo = inputs.fresh(found, pa.array(["a"]), seen)
     # a: staged; b: same key; c: size changed; d: a manifest path (no size/mtime) labelled before
     assert todo["path"].to_pylist() == ["c"]
 
@@ -149,9 +150,9 @@ def test_an_object_key_with_dot_segments_is_a_refused_row_never_read() -> None:
 
 def test_slices_spread_small_lakes_and_cap_big_ones() -> None:
     small = pa.table({"path": [str(i) for i in range(60)]})
-    assert [s.num_rows for s in predict._slices(small, workers=3)] == [5] * 12
+    assert [s.num_rows for s in inputs.slices(small, workers=3)] == [5] * 12
     big = pa.table({"path": pa.array(np.arange(100_000).astype(str))})
-    assert max(s.num_rows for s in predict._slices(big, workers=2)) == 2000
+    assert max(s.num_rows for s in inputs.slices(big, workers=2)) == 2000
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def test_manifest_spellings_of_one_file_give_one_row_and_roots_compare_normalise
 
 def test_manifest_read_in_small_chunks_gives_each_file_once_with_roots_per_chunk(ray_local, tmp_path: Path) -> None:
     """Spellings of one file and repeats in different chunks of 2 rows: each file once, at its first
-    row, outside-roots errors set chunk by chunk; the blocks reach the object store, not the driver."""
+    row, outside-roots errors set chunk by chunk; --resume's test knows them all."""
     import ray
 
     (tmp_path / "lake").mkdir()
@@ -291,13 +292,37 @@ def test_manifest_read_in_small_chunks_gives_each_file_once_with_roots_per_chunk
     (tmp_path / "lake" / "m.csv").write_text("path\n" + "\n".join(entries) + "\n")
     config = LabelConfig(manifest=str(tmp_path / "lake" / "m.csv"), model="m", output=str(tmp_path / "out"),
                          allowed_roots=[str(tmp_path / "lake")])
-    inputs = label_module._inputs(config, StorageConfig(), workers=1, chunk_rows=2)
-    rows = pa.concat_tables(ray.get(inputs.blocks.refs)).to_pylist()
+    reader = inputs.InputReader(config, Store(config.manifest), chunk_rows=2)
+    blocks = reader.read(workers=1)
+    rows = pa.concat_tables(ray.get(blocks.refs)).to_pylist()
     lake = tmp_path / "lake"
     assert [(r["path"], r["error"]) for r in rows] == [
         (f"{lake}/a.jpg", None), (f"{lake}/b.jpg", None), (f"{lake}/c.jpg", None),
         ("/elsewhere/d.jpg", "outside allowed roots")]
-    assert inputs.blocks.rows == 4
+    assert blocks.rows == 4
     staged = pa.table({"path": [f"{lake}/c.jpg", f"{lake}/e.jpg"], "size": pa.nulls(2, pa.int64()),
                        "mtime": pa.nulls(2, pa.timestamp("us", tz="UTC"))})
-    assert inputs.contains(staged).to_pylist() == [True, False]
+    assert reader.contains(staged).to_pylist() == [True, False]
+    todo = reader.pending(staged["path"].combine_chunks(), None, "m", workers=1)
+    assert sorted(pa.concat_tables(ray.get(todo.refs))["path"].to_pylist()) == [
+        "/elsewhere/d.jpg", f"{lake}/a.jpg", f"{lake}/b.jpg"]
+
+
+def test_a_bad_row_found_by_the_reading_actor_is_the_one_line_usage_error(
+        ray_local, tmp_path: Path, model_uri: str, capsys) -> None:
+    """A manifest whose first chunk is fine passes the driver's early check; the row with
+    credentials in its second chunk is found by the actor that reads the inputs, and the CLI still
+    says it in one line (exit 2) with the secret not shown and nothing written."""
+    from distcls.lake import MANIFEST_CHUNK_ROWS
+
+    rows = [f"/nowhere/{i}.jpg" for i in range(MANIFEST_CHUNK_ROWS + 10)]
+    rows[MANIFEST_CHUNK_ROWS + 4] = "s3://AKIACANARY:CANARY/SECRET@bucket/x.jpg"
+    manifest, output = tmp_path / "manifest.parquet", tmp_path / "out"
+    pq.write_table(pa.table({"path": rows}), manifest)
+    code = main(["label", "--manifest", str(manifest), "--model", model_uri, "--output", str(output)])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.strip().splitlines() == [
+        f"distcls label: error: {manifest}: data row {MANIFEST_CHUNK_ROWS + 5} holds a URI with credentials "
+        "(user:password@; not shown): give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile"], err
+    assert "CANARY" not in out + err
+    assert not output.exists() or not [p for p in output.rglob("*") if p.is_file()]

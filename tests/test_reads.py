@@ -105,12 +105,6 @@ def test_label_cli_gives_special_files_in_a_manifest_their_error_rows(ray_local,
 
 
 @pytest.fixture()
-def fault_store(s3_endpoint: str) -> Iterator[FaultStore]:
-    with FaultStore(s3_endpoint, stall_s=3) as store:
-        yield store
-
-
-@pytest.fixture()
 def s3_lake(s3_bucket: str, upload_folder, synthetic_lake) -> tuple[str, list[str]]:
     """(lake URI, its 10 image URIs) on the moto server."""
     local = synthetic_lake(1, labelled=False)

@@ -24,6 +24,7 @@ from distcls.config import TrainConfig
 from distcls.images import decode
 from distcls.errors import UsageError
 from distcls.train import choose_cache, one_cycle, plan_cpus, train
+from distcls.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"epochs": 6, "batch_size": 64, "lr": 0.05, "workers": 2}
@@ -49,7 +50,7 @@ def test_two_workers_on_three_nodes_over_s3(ray_cluster, synthetic_lake, upload_
     output = f"s3://{s3_bucket}/runs/one"
     result = train(TrainConfig(input=lake, output=output, **QUICK))
 
-    model, info = load_model(result["model"])
+    model, info = load_model(Store(result["model"]))
     assert info.classes == sorted(info.classes) and len(info.classes) == 10
     assert not model.training
     # Loss fell and accuracy is far above chance (10%) on the held-out 10%.
@@ -134,7 +135,7 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_cluster, synthetic_l
     history = _history(output)
     assert [row["epoch"] for row in history] == list(range(1, LONGER["epochs"] + 1))  # no epoch lost or repeated
     assert history[-1]["restores"] >= 1  # the replacement workers started from a checkpoint
-    model, info = load_model(result["model"])
+    model, info = load_model(Store(result["model"]))
     assert info.model_id == result["model_id"] and info.metrics["val_accuracy"] == max(r["val_accuracy"] for r in history)
 
 

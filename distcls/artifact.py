@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import numpy as np
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from distcls import storage
@@ -43,6 +43,18 @@ _Mean = Annotated[float, Field(ge=0, le=1)]  # of pixels scaled to [0, 1]
 _Std = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # divided by: 0 or inf make every input the same
 
 
+class Validation(BaseModel):
+    """What the model predicted on its held-out split at the end of training: the reference a
+    labeling run's label distribution is compared with (distcls.quality)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    predicted: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        description="Share of the held-out images predicted as each class.")
+    mean_top1: float = Field(ge=0, le=1, description="Mean top-1 probability over the held-out images.")
+    images: int = Field(ge=1, description="Held-out images.")
+
+
 class ModelInfo(BaseModel):
     """Everything needed to rebuild and feed a trained model."""
 
@@ -59,6 +71,9 @@ class ModelInfo(BaseModel):
     created_at: str = ""
     config: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # Not an IDENTITY_FIELD: it describes the model, it does not change a prediction. Artifacts
+    # saved before it existed have none.
+    validation: Validation | None = None
 
     @field_validator("arch")
     @classmethod
@@ -74,6 +89,13 @@ class ModelInfo(BaseModel):
         if repeated:
             raise ValueError(f"class names repeat: {', '.join(map(repr, repeated))}")
         return value
+
+    @model_validator(mode="after")
+    def _validation_of_own_classes(self) -> ModelInfo:
+        if self.validation is not None and not set(self.validation.predicted) <= set(self.classes):
+            odd = sorted(set(self.validation.predicted) - set(self.classes))
+            raise ValueError(f"validation.predicted names classes the model does not have: {', '.join(map(repr, odd))}")
+        return self
 
 
 def model_id_of(info: ModelInfo) -> str:

@@ -2,7 +2,8 @@
 
 Every flag is generated from the job's pydantic settings class, so the YAML keys, the flags and the
 Python API cannot drift apart: ``--batch-size`` is ``batch_size`` in YAML and in ``TrainConfig``.
-Exit codes: 0 success, 2 bad usage or config (argparse's own convention), 1 a job that failed.
+Exit codes: 0 success, 2 bad usage or config (argparse's own convention), 1 a job that failed,
+3 ``label --fail-on-drift`` when the run's label distribution drifted (the run is committed).
 Output: stdout carries only the command's product, the final JSON summary (``runs`` and ``models``:
 a table, or with ``runs --json`` JSON); everything for people goes to stderr (``distcls.console``).
 """
@@ -27,6 +28,10 @@ from distcls.config import (DemoConfig, EvaluateConfig, ExportConfig, LabelConfi
 from distcls.errors import JobError, UsageError
 
 log = logging.getLogger(__name__)
+
+EXIT_DRIFT = 3  # distinct from 1 (failed) and 2 (usage): the run succeeded, and a scheduler should alert
+EXIT_CODES = ("exit codes: 0 success; 1 the job failed; 2 bad usage or config; 3 label --fail-on-drift "
+              "and drift was set (the run is committed)")
 
 
 def _train(config: TrainConfig) -> dict[str, Any]:
@@ -91,12 +96,12 @@ _OUTPUT_RULE = ("stdout carries only the final JSON summary (runs and models: th
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: `--epoch 3` must be an error, not silently `--epochs 3`.
     parser = argparse.ArgumentParser(prog="distcls", description="Distributed batch image classification on Ray. "
-                                     + _OUTPUT_RULE, allow_abbrev=False)
+                                     + _OUTPUT_RULE, epilog=EXIT_CODES, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"distcls {importlib.metadata.version('distcls')}")
     parser.add_argument("--verbose", "-v", action="store_true", help=_VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (settings, _, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES, allow_abbrev=False)
         # Also after the command (`distcls label --verbose`); SUPPRESS keeps `distcls -v label`'s value.
         sub.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
         sub.add_argument("--config", metavar="FILE", help="YAML file of settings; flags override it.")
@@ -164,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if result is not None:
         print(json.dumps(result, default=str))
+    if getattr(config, "fail_on_drift", False) and ((result or {}).get("quality") or {}).get("drift"):
+        print(f"distcls {args.command}: drift: the label distribution moved more than --drift-threshold "
+              f"{config.drift_threshold:g} from {', '.join(result['quality']['drifted_from'])}; the run was committed",
+              file=sys.stderr)
+        return EXIT_DRIFT
     return 0
 
 

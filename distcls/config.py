@@ -216,6 +216,14 @@ class LabelConfig(InferenceConfig):
         89_478_485, ge=1, description="Decompression-bomb limit: images declaring more pixels become error rows."
     )
     rows_per_file: int = Field(100_000, ge=1, description="Target rows per Parquet file.")
+    low_confidence: float = Field(
+        0.5, ge=0, le=1, allow_inf_nan=False,
+        description="The quality report counts images whose top-1 score is below this (0..1).")
+    drift_threshold: float = Field(
+        0.2, gt=0, le=1, allow_inf_nan=False,
+        description="drift is set when the total variation distance between this run's label distribution and "
+                    "the model's validation distribution or the earlier runs' exceeds this (0..1).")
+    fail_on_drift: bool = Field(False, description="Exit with code 3 when drift is set (the run is still committed).")
 
     @field_validator("extensions")
     @classmethod

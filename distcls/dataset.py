@@ -7,8 +7,12 @@ and DuckDB dataset readers skip::
     _LOCK                           which run works on this output, and until when (its lease)
     _staging/<run_id>/*.parquet     a run's rows before its commit
     _COMMITTING                     the plan of a commit in progress
-    part-<run_id>-00000.parquet ... _SUCCESS            a whole dataset, or with --incremental
-    run=<run_id>/part-00000.parquet ... run=<run_id>/_SUCCESS   one partition per run
+    part-<run_id>-00000.parquet ... _report.png _SUCCESS            a whole dataset, or with --incremental
+    run=<run_id>/part-00000.parquet ... run=<run_id>/_report.png run=<run_id>/_SUCCESS   one partition per run
+
+``_report.png`` is the run's quality report (``distcls.quality``), named with ``_`` so that dataset
+readers skip it (they would try to read ``report.png`` as Parquet); it is committed like the data:
+staged, moved by the plan, listed in ``_SUCCESS`` (``report``), deleted with it by --overwrite.
 
 The protocol, in the order a run meets it; each step is one method of ``Dataset``:
 
@@ -37,7 +41,8 @@ The protocol, in the order a run meets it; each step is one method of ``Dataset`
    a task attempt that died before it reported, then retried) is neither counted nor committed.
 7. ``commit()``: the plan (old files to delete on --overwrite, staged -> final names, the summary)
    is written to ``_COMMITTING`` and applied: retire the old ``_SUCCESS`` files into staging (readers
-   stop trusting the old data first), delete the files they list, move the staged files, write
+   stop trusting the old data first; each one's report is deleted just before it, while it is surely
+   the old one), delete the files they list, move the staged files (the report too), write
    ``_SUCCESS`` once every file it lists exists, drop staging and the plan. Every step is
    idempotent (on S3 a move is a copy, then a delete), so a later run that finds the plan applies it
    again from the start.
@@ -45,8 +50,9 @@ The protocol, in the order a run meets it; each step is one method of ``Dataset`
 
 A plan is validated before any step is applied, whether this run wrote it or found it: every name
 is a plain relative name inside the output; moves go only from this output's ``_staging/<run_id>/``
-to dataset names of that run; deletes name only ``_SUCCESS`` files and files that a committed
-``_SUCCESS`` lists (or that are already gone); ``success`` is ``_SUCCESS`` or ``run=<id>/_SUCCESS``.
+to dataset names of that run (its Parquet files and at most one report, which the summary names);
+deletes name only ``_SUCCESS`` files and files that a committed ``_SUCCESS`` lists (or that are
+already gone), a report only with its ``_SUCCESS``; ``success`` is ``_SUCCESS`` or ``run=<id>/_SUCCESS``.
 A plan that fails is refused with JobError naming the entry, and nothing is touched.
 
 ``successes()`` and ``labelled_keys()`` read what is committed (``--incremental`` skips inputs whose
@@ -96,6 +102,7 @@ from distcls.errors import JobError, UsageError
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
+REPORT = "_report.png"
 COMMITTING = "_COMMITTING"
 STAGING = "_staging"
 LOCK = "_LOCK"
@@ -112,6 +119,7 @@ PASSING_ERROR_KINDS = ("not_found", "transient")
 _RUN_ID = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
 # The names distcls gives committed files: the only files a commit may ever delete.
 _DATASET_FILE = r"part-[^/]+\.parquet|run=[^/]+/part-[^/]+\.parquet"
+_REPORT_FILE = r"_report\.png|run=[^/]+/_report\.png"
 _SETTINGS = "_settings.json"  # below _staging/<run_id>/: what shaped its rows, checked by --resume
 _RETIRED = "_retired"  # below _staging/<run_id>/: the _SUCCESS files an --overwrite commit replaces
 _KEY_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.timestamp("us", tz="UTC")),
@@ -338,19 +346,27 @@ class Dataset:
     # -- 7. Commit --------------------------------------------------------------------------------
 
     def commit(self, run_id: str, summary: dict[str, Any], *, incremental: bool, overwrite: bool,
-               lock: Lock, files: Iterable[str] | None = None) -> dict[str, Any]:
+               lock: Lock, files: Iterable[str] | None = None, report: bytes | None = None) -> dict[str, Any]:
         """Make the run's staged ``files`` (default: every staged file) the dataset (a ``run=<id>/``
-        partition with ``incremental``; replacing what distcls committed before with ``overwrite``).
-        Returns the summary written to ``_SUCCESS``: ``summary`` plus the committed ``files``."""
+        partition with ``incremental``; replacing what distcls committed before with ``overwrite``),
+        with ``report`` (PNG bytes) as its ``_report.png``. Returns the summary written to
+        ``_SUCCESS``: ``summary`` plus the committed ``files`` and ``report`` (its name, if any)."""
         lock.require_held()
         prefix = f"run={run_id}/part-" if incremental else f"part-{run_id}-"
         names = self._staged_files(run_id) if files is None else sorted(files)
         moves = [[f"{STAGING}/{run_id}/{name}", f"{prefix}{i:05d}.parquet"] for i, name in enumerate(names)]
+        extra: dict[str, Any] = {}
+        if report is not None:
+            # In place, as the staged Parquet files: only the plan, written after it, makes it count.
+            with self.store.open_output(STAGING, run_id, REPORT) as stream:
+                stream.write(report)
+            extra["report"] = f"run={run_id}/{REPORT}" if incremental else REPORT
+            moves.append([f"{STAGING}/{run_id}/{REPORT}", extra["report"]])
         old = self.successes() if overwrite else {}
         delete = [name for success, committed in sorted(old.items()) for name in (success, *_files(committed))]
         plan = {"run_id": run_id, "delete": delete, "moves": moves,
                 "success": f"run={run_id}/{SUCCESS}" if incremental else SUCCESS,
-                "summary": {**summary, "files": [final for _, final in moves]}}
+                "summary": {**summary, "files": [final for _, final in moves if final != extra.get("report")], **extra}}
         self._validate(plan)  # the check a found plan gets: an old _SUCCESS may list anything
         self.store.put(_json(plan), COMMITTING)
         self._apply(plan)
@@ -376,37 +392,51 @@ class Dataset:
         if success not in (SUCCESS, f"run={run_id}/{SUCCESS}"):
             refuse(f"success entry {success!r} is neither {SUCCESS} nor run={run_id}/{SUCCESS}")
         final = rf"run={run_id}/part-\d{{5}}\.parquet" if success != SUCCESS else rf"part-{run_id}-\d{{5}}\.parquet"
+        staged_report, report = f"{STAGING}/{run_id}/{REPORT}", _report_beside(success)
         for source, target in moves:
+            if source == staged_report:
+                if target != report:
+                    refuse(f"moves entry {target!r} is not the report of run {run_id} ({report})")
+                continue
             if not re.fullmatch(rf"{STAGING}/{run_id}/[^/]+\.parquet", source):
                 refuse(f"moves entry {source!r} is not a staged file of run {run_id}")
             if not re.fullmatch(final, target):
                 refuse(f"moves entry {target!r} is not a dataset file of run {run_id}")
         targets = [target for _, target in moves]
-        if summary.get("files") != targets or summary.get("run_id") != run_id or len(set(targets)) < len(targets):
+        if (summary.get("files") != [t for t in targets if t != report] or summary.get("run_id") != run_id
+                or len(set(targets)) < len(targets)):
             refuse("the summary's files or run_id differ from the moves")
+        if summary.get("report") != (report if report in targets else None):
+            refuse("the summary's report differs from the moves")
         listed = self._listed(run_id)
         for name in delete:
-            if not (_is_success_name(name) or re.fullmatch(_DATASET_FILE, name)):
+            if not (_is_success_name(name) or re.fullmatch(_DATASET_FILE, name) or re.fullmatch(_REPORT_FILE, name)):
                 refuse(f"delete entry {name!r} is not a file of a distcls dataset")
             if not (_is_success_name(name) or name in listed or not self.store.exists(name)):
                 refuse(f"delete entry {name!r} is not listed by a committed {SUCCESS}")
+            if re.fullmatch(_REPORT_FILE, name) and _success_beside(name) not in delete:
+                refuse(f"delete entry {name!r} is a report whose {SUCCESS} the plan does not delete")
 
     def _apply(self, plan: dict[str, Any]) -> None:
         """Carry out a validated plan. Idempotent: a step already done is skipped."""
         run_id, success = plan["run_id"], plan["success"]
         if not self._committed_by(success, run_id):
-            self._require_sources(plan["moves"])
+            self._require_sources(plan["moves"], plan["delete"])
             for name in filter(_is_success_name, plan["delete"]):
                 if self.store.exists(name):  # readers stop trusting the old data first
+                    # Its report only while it is there: once it is retired, a report of the same
+                    # name (_report.png of a plain --overwrite) may already be this run's.
+                    if _report_beside(name) in plan["delete"] and self.store.exists(_report_beside(name)):
+                        self.store.delete(_report_beside(name))
                     self.store.move(name, f"{STAGING}/{run_id}/{_RETIRED}/{name}")
             for name in plan["delete"]:
-                if not _is_success_name(name) and self.store.exists(name):
+                if not (_is_success_name(name) or re.fullmatch(_REPORT_FILE, name)) and self.store.exists(name):
                     self.store.delete(name)
             self._drop_empty_partitions(plan["delete"])
             for staged, final in plan["moves"]:
                 if self.store.exists(staged):
                     self.store.move(staged, final)
-            missing = [name for name in plan["summary"]["files"] if not self.store.exists(name)]
+            missing = [name for name in _files(plan["summary"]) if not self.store.exists(name)]
             if missing:
                 raise JobError(f"not writing {self.uri_of(success)}: {len(missing)} of the files it lists are gone "
                                f"({missing[0]}, ...); the commit of run {run_id} cannot be finished")
@@ -414,10 +444,13 @@ class Dataset:
         self.store.delete(STAGING)  # one run at a time (the lock): nothing else is staged there
         self.store.delete(COMMITTING)
 
-    def _require_sources(self, moves: list[list[str]]) -> None:
+    def _require_sources(self, moves: list[list[str]], delete: list[str]) -> None:
         """Every file the commit will list is staged or already moved: checked before the first
-        step, so that a commit that cannot finish leaves the old dataset as it was."""
-        gone = [staged for staged, final in moves if not self.store.exists(staged) and not self.store.exists(final)]
+        step, so that a commit that cannot finish leaves the old dataset as it was. A report the
+        plan deletes beside a ``_SUCCESS`` still there is the old run's, not a moved one."""
+        old = {name for name in delete if re.fullmatch(_REPORT_FILE, name) and self.store.exists(_success_beside(name))}
+        gone = [staged for staged, final in moves
+                if not self.store.exists(staged) and (final in old or not self.store.exists(final))]
         if gone:
             raise JobError(f"{len(gone)} staged files of the commit in {self.uri_of(COMMITTING)} are gone "
                            f"({gone[0]}, ...); nothing was changed")
@@ -489,6 +522,11 @@ class Dataset:
         """path, error and error_kind of each staged file in turn (error_kind null in files staged
         before it existed); JobError naming a file that cannot be read."""
         schema = pa.schema([("path", pa.string()), ("error", pa.string()), ("error_kind", pa.string())])
+        return self.read_staged(run_id, names, schema)
+
+    def read_staged(self, run_id: str, names: Iterable[str], schema: pa.Schema) -> Iterator[pa.Table]:
+        """Only the columns of ``schema`` of each of the run's staged files ``names`` in turn (a column
+        a file lacks reads as null); JobError naming a file that cannot be read."""
         for name in names:
             try:
                 file = pads.dataset(self.store.path(STAGING, run_id, name), schema=schema, filesystem=self.store.fs,
@@ -521,7 +559,7 @@ class Dataset:
     def _survey(self) -> tuple[list[str], list[str], list[str]]:
         """(committed entries, foreign entries, leftover partitions) of the output. Committed: a
         ``_SUCCESS`` and what it lists. Leftover: a ``run=<run_id>`` folder of only ``part-NNNNN.parquet``
-        files (the names a commit gives them) and no ``_SUCCESS``. Foreign: anything else not starting with ``_`` or ``.``."""
+        files and a ``_report.png`` (the names a commit gives them) and no ``_SUCCESS``. Foreign: anything else not starting with ``_`` or ``.``."""
         listed = {name for s in self.successes().values() for name in _files(s)}
         committed, foreign, leftovers = [SUCCESS] * self.store.exists(SUCCESS), [], []
         for entry in self.store.entries():
@@ -536,7 +574,7 @@ class Dataset:
                 committed.append(name)
                 foreign += [n for n in inside if n not in listed and n != f"{name}/{SUCCESS}"]
             elif re.fullmatch(rf"run={_RUN_ID}", name) and all(
-                    re.fullmatch(rf"{re.escape(name)}/part-\d{{5}}\.parquet", n) for n in inside):
+                    re.fullmatch(rf"{re.escape(name)}/(part-\d{{5}}\.parquet|{re.escape(REPORT)})", n) for n in inside):
                 leftovers.append(name)
             else:  # not named as distcls names a partition's files: another tool's, never deleted
                 foreign += inside
@@ -813,10 +851,21 @@ def _not_plain(name: Any) -> str | None:
 
 
 def _files(summary: dict[str, Any]) -> list[str]:
-    """The dataset files a committed summary lists; anything else in its list is ignored (and
-    so, being in the output, refuses the run as foreign)."""
+    """The dataset files a committed summary lists, and its report; anything else in its list is
+    ignored (and so, being in the output, refuses the run as foreign)."""
     files = summary.get("files")
-    return [f for f in files if isinstance(f, str) and re.fullmatch(_DATASET_FILE, f)] if isinstance(files, list) else []
+    listed = [f for f in files if isinstance(f, str) and re.fullmatch(_DATASET_FILE, f)] if isinstance(files, list) else []
+    report = summary.get("report")
+    return listed + ([report] if isinstance(report, str) and re.fullmatch(_REPORT_FILE, report) else [])
+
+
+def _report_beside(success: str) -> str:
+    """``_report.png`` in the folder of the ``_SUCCESS`` named ``success``."""
+    return success[:-len(SUCCESS)] + REPORT
+
+
+def _success_beside(report: str) -> str:
+    return report[:-len(REPORT)] + SUCCESS
 
 
 def _is_success_name(name: str) -> bool:

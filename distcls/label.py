@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from distcls import artifact, console, engines, inputs, lake, predict, runtime, storage
+from distcls import artifact, console, engines, inputs, lake, metrics, predict, quality, runtime, storage
 from distcls.artifact import ModelInfo
 from distcls.config import LabelConfig, public_dict
 from distcls.dataset import Dataset, Lock, Run, StagedWriter
@@ -105,11 +105,28 @@ def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: Mo
     # The pipeline's own rate: connecting to Ray and listing the lake are not labeling.
     counts.update(resumed=len(run.staged),
                   images_per_s=round(todo.rows / max(time.time() - labelling, 1e-9), 2))
-    summary = output.commit(run.run_id, _summary(config, output, info, run.run_id, started, counts),
-                            incremental=config.incremental, overwrite=config.overwrite, lock=lock, files=files)
+    from distcls.plots import quality_report  # here, not at the top: the inference actors import this module
+
+    checked = _quality(config, output, info, run.run_id, files)
+    summary = output.commit(run.run_id, {**_summary(config, output, info, run.run_id, started, counts), "quality": checked},
+                            incremental=config.incremental, overwrite=config.overwrite, lock=lock, files=files,
+                            report=quality_report(checked, run.run_id))
+    metrics.record_run(output.uri, summary)
     log.info(f"labelled {summary['images']} images ({summary['errors']} errors) at "
              f"{summary['images_per_s']:.1f} images/s -> {summary['output']}")
+    if checked["drift"]:
+        log.warning(f"drift: the label distribution moved more than {config.drift_threshold:g} (total variation) from "
+                    f"{' and '.join(checked['drifted_from'])}; see {output.uri_of(summary['report'])}")
     return summary
+
+
+def _quality(config: LabelConfig, output: Dataset, info: ModelInfo, run_id: str, files: list[str]) -> dict[str, Any]:
+    """The run's quality block (distcls.quality), from its staged files, before they are committed:
+    the previous runs are then those committed before this one."""
+    found = quality.tally(output.read_staged(run_id, files, quality.COLUMNS), config.low_confidence)
+    validation = info.validation.model_dump() if info.validation else None
+    previous = quality.previous_counts(output.successes().values(), info.model_id, run_id)
+    return quality.report(found, validation=validation, previous=previous, drift_threshold=config.drift_threshold)
 
 
 def _row_settings(config: LabelConfig) -> dict[str, Any]:
@@ -205,8 +222,12 @@ def _run_pipeline(todo: inputs.Blocks, config: LabelConfig, info: ModelInfo, run
 
 
 def _rows(batch: pa.Table, ok: np.ndarray, probs: np.ndarray, info: ModelInfo, top_k: int, run_id: str) -> pa.Table:
-    """The inference stage's row maker for labeling (runs in the actors)."""
-    return _output_table(batch, ok, probs, info, top_k, run_id, datetime.now(timezone.utc))
+    """The inference stage's row maker for labeling (runs in the actors, which count the batch in
+    the distcls metrics)."""
+    rows = _output_table(batch, ok, probs, info, top_k, run_id, datetime.now(timezone.utc))
+    failed = pc.value_counts(rows["error_kind"].filter(pc.is_null(rows["label"]))).to_pylist()
+    metrics.count_batch(int(ok.sum()), {row["values"] or "unknown": row["counts"] for row in failed})
+    return rows
 
 
 def _output_table(batch: pa.Table, ok: np.ndarray, probs: np.ndarray, info: ModelInfo, top_k: int,

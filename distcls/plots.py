@@ -61,3 +61,39 @@ def label_summary(scores: np.ndarray, counts: dict[str, int]) -> bytes:
     bar_ax.set(xlabel="predicted class", ylabel="images", title="Images per predicted class")
     bar_ax.tick_params(axis="x", rotation=45)
     return _png(figure)
+
+
+def quality_report(quality: dict[str, Any], run_id: str) -> bytes:
+    """A labeling run's quality block (``distcls.quality.report``) for people: label shares beside
+    those of the references, the top-1 score histogram with the confidence threshold, errors by kind."""
+    references = {name: ref for name, ref in quality["references"].items() if ref}
+    figure, (share_ax, score_ax, error_ax) = plt.subplots(1, 3, figsize=(16, 4.5), width_ratios=(3, 2, 1.2))
+    names = sorted(set(quality["shares"]).union(*(ref["shares"] for ref in references.values())))
+    series = {"this run": quality["shares"], **{name.replace("_", " "): ref["shares"] for name, ref in references.items()}}
+    width = 0.8 / len(series)
+    for i, (label, shares) in enumerate(series.items()):
+        share_ax.bar(np.arange(len(names)) + i * width, [shares.get(n, 0.0) for n in names], width, label=label)
+    share_ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right")
+    share_ax.set(ylabel="share of labelled images", title="Predicted classes")
+    share_ax.legend()
+    histogram = quality["score_histogram"]
+    edges = np.linspace(0, 1, len(histogram) + 1)
+    score_ax.bar(edges[:-1], histogram, width=np.diff(edges), align="edge", color="tab:blue")
+    low = quality["low_confidence"]
+    score_ax.axvline(low["threshold"], color="tab:red", linestyle="--",
+                     label=f"below {low['threshold']:g}: {low['images']} images")
+    mean = quality["mean_top1"]
+    score_ax.set(xlabel="top-1 score", ylabel="images",
+                 title="Confidence" + (f" (mean {mean:.3f})" if mean is not None else ""))
+    score_ax.legend()
+    kinds = quality["errors_by_kind"]
+    error_ax.bar(list(kinds), list(kinds.values()), color="tab:gray")
+    error_ax.set(ylabel="images", title=f"Errors by kind ({sum(kinds.values())})")
+    error_ax.tick_params(axis="x", rotation=45)
+    error_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    distances = ", ".join(f"TV to {name.replace('_', ' ')} {ref['total_variation']:.3f}"
+                          for name, ref in references.items() if ref["total_variation"] is not None)
+    figure.suptitle(f"run {run_id}: {quality['images']} labelled images; drift "
+                    f"{'YES' if quality['drift'] else 'no'} (threshold {quality['drift_threshold']:g})"
+                    + (f"; {distances}" if distances else ""))
+    return _png(figure)

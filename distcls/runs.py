@@ -9,12 +9,12 @@ from distcls.config import RunsConfig
 from distcls.dataset import Dataset
 from distcls.errors import UsageError
 
-_COLUMNS = ("run_id", "started_at", "images", "errors", "images_per_s", "model_id")
+_COLUMNS = ("run_id", "started_at", "images", "errors", "images_per_s", "mean_top1", "drift", "model_id")
 
 
 def runs(config: RunsConfig) -> dict[str, Any] | None:
-    """One row per committed run (run id, start, images, errors by kind, images/s, model id), newest
-    first: printed as a table, or returned for the CLI's JSON line with --json. UsageError when
+    """One row per committed run (run id, start, images, errors by kind, images/s, mean top-1 score,
+    drift, model id; with --json also its quality block), newest first: printed as a table, or returned for the CLI's JSON line with --json. UsageError when
     ``config.output`` is not a distcls output."""
     output = storage.Store(config.output, config.storage())
     output.require_exists()
@@ -34,6 +34,9 @@ def _row(summary: dict[str, Any]) -> dict[str, Any]:
         "images": summary.get("images"), "errors": summary.get("errors"),
         "errors_by_kind": summary.get("errors_by_kind", {}), "images_per_s": summary.get("images_per_s"),
         "model_id": summary.get("model_id"), "output": summary.get("output"),
+        # Runs committed before the quality report existed have none: null, shown as "-".
+        "mean_top1": (summary.get("quality") or {}).get("mean_top1"),
+        "drift": (summary.get("quality") or {}).get("drift"), "quality": summary.get("quality"),
     }
 
 
@@ -43,7 +46,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(row["errors_by_kind"].items()))
         return [str(row["run_id"]), row["started_at"], str(row["images"]),
                 f"{row['errors']}" + (f" ({kinds})" if kinds else ""), f"{row['images_per_s']}",
-                str(row["model_id"])[:12]]
+                "-" if row["mean_top1"] is None else f"{row['mean_top1']:.3f}",
+                "-" if row["drift"] is None else ("yes" if row["drift"] else "no"), str(row["model_id"])[:12]]
 
     table = [list(_COLUMNS)] + [cells(row) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]

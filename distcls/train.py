@@ -290,11 +290,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         started = time.time()
         train_loss, images = train_epoch(model, optimizer, train_data.batches(local_batch, generator), state, config,
                                          epoch, steps_per_epoch, generator, device)
-        val_loss, val_accuracy = eval_epoch(model, val_data.batches(1000), state, device)
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
-               "images_per_s": images / (time.time() - started),
+        evaluation = eval_epoch(model, val_data.batches(1000), state, device, len(classes))
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": evaluation.loss,
+               "val_accuracy": evaluation.accuracy, "images_per_s": images / (time.time() - started),
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
-        state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row])
+        # In the checkpoint's state, not the reported row: the artifact takes it from the best checkpoint.
+        state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row],
+                     validation=evaluation.distribution(classes))
         _report(row, model, optimizer, state, config)
         tell({"row": row, "epoch_s": time.time() - started})
 
@@ -324,19 +326,42 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
     return loss_sum / max(1.0, count), int(count)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One pass over the validation split, summed over every worker."""
+
+    loss: float
+    accuracy: float
+    images: int
+    mean_top1: float
+    predicted: list[int]  # images predicted as each class, in class order
+
+    def distribution(self, classes: list[str]) -> dict[str, Any] | None:
+        """The ``validation`` field of model.json (artifact.Validation); None for an empty split."""
+        if not self.images:
+            return None
+        return {"predicted": {name: count / self.images for name, count in zip(classes, self.predicted)},
+                "mean_top1": self.mean_top1, "images": self.images}
+
+
 @torch.no_grad()
-def eval_epoch(model: nn.Module, batches: Batches, state: dict[str, Any], device: torch.device) -> tuple[float, float]:
-    """(mean loss, accuracy) over every worker's validation shard."""
+def eval_epoch(model: nn.Module, batches: Batches, state: dict[str, Any], device: torch.device,
+               num_classes: int) -> Evaluation:
+    """Mean loss, accuracy, mean top-1 probability and predicted classes over every worker's validation shard."""
     model.eval()
-    total = torch.zeros(3, device=device)
+    total = torch.zeros(4 + num_classes, device=device)  # loss, correct, images, top-1 sum, per-class predictions
     for images, labels in batches:
         x = normalize(images.to(device), state["mean"], state["std"])
         y = labels.to(device)
         logits = model(x).float()
-        total += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"),
-                              (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
-    loss_sum, correct, count = _sum_across_workers(total).tolist()
-    return loss_sum / max(1.0, count), correct / max(1.0, count)
+        top1, predicted = torch.softmax(logits, dim=1).max(dim=1)
+        total += torch.cat([torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"),
+                                         (predicted == y).sum().float(), torch.tensor(float(len(y)), device=device),
+                                         top1.sum()]),
+                            torch.bincount(predicted, minlength=num_classes).float()])
+    loss_sum, correct, count, top1_sum, *predicted = _sum_across_workers(total).tolist()
+    return Evaluation(loss_sum / max(1.0, count), correct / max(1.0, count), int(count), top1_sum / max(1.0, count),
+                      [int(n) for n in predicted])
 
 
 def one_cycle(progress: float, warmup: float = 0.2) -> float:
@@ -511,8 +536,9 @@ def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.trai
     model = create_model(config.arch, num_classes=len(classes))
     model.load_state_dict(weights)
     final = {k: metrics[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "elapsed_s")}
+    # A checkpoint written before the validation distribution was recorded has none: the artifact then neither.
     info = ModelInfo(arch=config.arch, classes=classes, image_size=config.image_size, mean=state["mean"],
-                     std=state["std"], config=public_dict(config), metrics=final)
+                     std=state["std"], config=public_dict(config), metrics=final, validation=state.get("validation"))
     artifact = _output(config).child("model")
     info = save_model(model, info, artifact)
     log.info(f"model {info.model_id[:12]} (epoch {final['epoch']}, val_accuracy {final['val_accuracy']:.4f}) "

@@ -65,9 +65,15 @@ def test_two_workers_on_three_nodes_over_s3(ray_cluster, synthetic_lake, upload_
     # The artifact predicts held-out images through the same decode path: mostly right.
     val = pq.read_table(fs.open(f"{s3_bucket}/runs/one/val.parquet")).to_pylist()
     images = np.stack([decode(fs.cat(row["path"].removeprefix("s3://")), info.image_size)[0] for row in val])
-    predicted = predict_proba(model, info, images).argmax(1).tolist()
+    probs = predict_proba(model, info, images)
+    predicted = probs.argmax(1).tolist()
     correct = sum(info.classes[p] == row["label"] for p, row in zip(predicted, val))
     assert correct / len(val) == pytest.approx(result["val_accuracy"], abs=1e-6)
+    # model.json keeps what the model predicted on the held-out split: label's drift reference.
+    shares = np.bincount(predicted, minlength=len(info.classes)) / len(val)
+    assert info.validation.images == len(val)
+    assert [info.validation.predicted[name] for name in info.classes] == pytest.approx(shares.tolist(), abs=1e-6)
+    assert info.validation.mean_top1 == pytest.approx(probs.max(1).values.mean().item(), abs=1e-4)
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ cached vs streamed.
 
     python bench/bench_train.py throughput [--images 10000] [--epochs 3]
     python bench/bench_train.py accuracy  [--config jobs/configs/cifar10_train.yaml] [distcls train flags]
-    python bench/bench_train.py accuracy  --model simple_cnn --epochs 10 --lr 0.05
+    python bench/bench_train.py accuracy  --arch simple_cnn --epochs 10 --lr 0.05
     python bench/bench_train.py photos    [--sizes 10000 50000] [--epochs 2] [--batch-size 128]
 
 `throughput`: images/s of `distcls train` (Ray Train, 2 workers x 1 thread, DDP over gloo) against
@@ -19,7 +19,7 @@ held-out manifest it wrote. Target: >= 85% held-out accuracy within 15 minutes.
 
 `photos`: a photo lake per size (the first N/10 CIFAR-10 JPEGs of each class, upscaled by this
 script to 256x256 and re-encoded at JPEG quality 90: `bench_label.make_lake`), trained with
-`distcls train --model resnet18 --image-size 128 --workers 2 --cache memory|none`, each run in its
+`distcls train --arch resnet18 --image-size 128 --workers 2 --cache memory|none`, each run in its
 own process with a private local Ray (`bench_label.run_timed`: waits for a quiet machine, then
 samples RSS every 0.5 s). Reported per run: images/s of each epoch (from metrics.jsonl: images
 trained / (train + eval seconds); with --cache memory epoch 1 also decodes the shard), the peak RSS
@@ -60,7 +60,7 @@ def machine() -> str:
 
 
 def ray_epoch_rate(lake: Path, out: Path, epochs: int, batch: int) -> float:
-    command = [sys.executable, "-m", "distcls", "train", "--data", str(lake), "--output", str(out),
+    command = [sys.executable, "-m", "distcls", "train", "--input", str(lake), "--output", str(out),
                "--epochs", str(epochs), "--batch-size", str(batch), "--workers", "2", "--cpus-per-worker", "1"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -77,7 +77,7 @@ def plain_epoch_rate(lake: Path, epochs: int, batch: int) -> float:
     from distcls.train import CachedShard, eval_epoch, train_epoch
 
     torch.set_num_threads(2)
-    config = TrainConfig(data=str(lake), output="unused", epochs=epochs, batch_size=batch, workers=1)
+    config = TrainConfig(input=str(lake), output="unused", epochs=epochs, batch_size=batch, workers=1)
     rows, classes = lakes.labelled_images(Store(str(lake)))
     train_idx, val_idx = lakes.stratified_split(rows["label"].to_numpy(), config.val_fraction, config.seed)
     decoded = read_batch(rows["path"].to_numpy(zero_copy_only=False), StorageConfig(), config.image_size)
@@ -120,15 +120,15 @@ def accuracy(args: argparse.Namespace) -> None:
         lake = unpack(Path(tmp), None)
         out = Path(tmp) / "run"
         started = time.time()
-        subprocess.run([sys.executable, "-m", "distcls", "train", "--config", args.config, "--data", str(lake),
+        subprocess.run([sys.executable, "-m", "distcls", "train", "--config", args.config, "--input", str(lake),
                         "--output", str(out), *args.extra], check=True)
         train_s = time.time() - started
-        result = subprocess.run([sys.executable, "-m", "distcls", "evaluate", "--data", str(out / "val.parquet"),
+        result = subprocess.run([sys.executable, "-m", "distcls", "evaluate", "--input", str(out / "val.parquet"),
                                  "--model", str(out / "model")], check=True, capture_output=True, text=True)
         scores = json.loads(result.stdout.strip().splitlines()[-1])
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     print(f"machine: {machine()}")
-    print(f"command: distcls train --config {args.config} --data <cifar10 train lake> --output <tmp> {' '.join(args.extra)}")
+    print(f"command: distcls train --config {args.config} --input <cifar10 train lake> --output <tmp> {' '.join(args.extra)}")
     for row in history:
         print(f"  epoch {row['epoch']:2d}  val_acc {row['val_accuracy']:.4f}  {row['images_per_s']:.0f} img/s  {row['elapsed_s']:.0f}s")
     print(f"wall time of distcls train: {train_s:.0f} s ({train_s / 60:.1f} min, target <= 15 min)")
@@ -145,8 +145,8 @@ def photos(args: argparse.Namespace) -> None:
             lake = make_lake(Path(tmp) / f"lake{n}", n, (256, 256))
             for cache in ("memory", "none"):
                 out = Path(tmp) / f"run{n}-{cache}"
-                got = run_timed([sys.executable, "-m", "distcls", "train", "--data", str(lake), "--output", str(out),
-                                 "--model", "resnet18", "--image-size", "128", "--workers", "2", "--cache", cache,
+                got = run_timed([sys.executable, "-m", "distcls", "train", "--input", str(lake), "--output", str(out),
+                                 "--arch", "resnet18", "--image-size", "128", "--workers", "2", "--cache", cache,
                                  "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)],
                                 worker_tag="RayTrainWorker")
                 history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -184,7 +184,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     args, extra = parser.parse_known_args()
-    args.extra = extra  # accuracy: further `distcls train` flags, e.g. --model simple_cnn --lr 0.02
+    args.extra = extra  # accuracy: further `distcls train` flags, e.g. --arch simple_cnn --lr 0.02
     {"throughput": throughput, "accuracy": accuracy, "photos": photos}[args.bench](args)
 
 

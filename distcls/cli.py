@@ -4,6 +4,8 @@ Every flag is generated from the job's pydantic settings class, so the YAML keys
 Python API cannot drift apart: ``--batch-size`` is ``batch_size`` in YAML and in ``TrainConfig``.
 Exit codes: 0 success, 2 bad usage or config (argparse's own convention), 1 a job that failed,
 3 ``label --fail-on-drift`` when the run's label distribution drifted (the run is committed).
+Output: stdout carries only the command's product, the final JSON summary (``runs`` and ``models``:
+a table, or with ``runs --json`` JSON); everything for people goes to stderr (``distcls.console``).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import atexit
 import importlib.metadata
 import json
+import logging
 import os
 import sys
 import types
@@ -19,9 +22,12 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from distcls import console
 from distcls.config import (DemoConfig, EvaluateConfig, ExportConfig, LabelConfig, ModelsConfig, RunsConfig,
-                            TrainConfig, load_config)
+                            TrainConfig, flag, load_config)
 from distcls.errors import JobError, UsageError
+
+log = logging.getLogger(__name__)
 
 EXIT_DRIFT = 3  # distinct from 1 (failed) and 2 (usage): the run succeeded, and a scheduler should alert
 EXIT_CODES = ("exit codes: 0 success; 1 the job failed; 2 bad usage or config; 3 label --fail-on-drift "
@@ -76,33 +82,48 @@ COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any] | None
     "evaluate": (EvaluateConfig, _evaluate, "Accuracy, per-class precision/recall/F1 and a confusion matrix."),
     "label": (LabelConfig, _label, "Label every image of a lake (or manifest) into a Parquet dataset."),
     "runs": (RunsConfig, _runs, "List the committed runs of a labeling output, newest first."),
-    "models": (ModelsConfig, _models, "List the model architectures train --model accepts."),
+    "models": (ModelsConfig, _models, "List the model architectures train --arch accepts."),
     "export": (ExportConfig, _export, "Export a model artifact to ONNX (model.onnx next to it) for --engine onnx."),
     "demo": (DemoConfig, _demo, "Make a lake, train, evaluate and label it, offline, in a few minutes."),
 }
 
 
+_VERBOSE_HELP = "Show DEBUG lines and Ray's own logs (its workers' output, progress bars, warnings)."
+_OUTPUT_RULE = ("stdout carries only the final JSON summary (runs and models: their table); progress and "
+                "messages go to stderr.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: `--epoch 3` must be an error, not silently `--epochs 3`.
-    parser = argparse.ArgumentParser(prog="distcls", description="Distributed batch image classification on Ray.",
-                                     epilog=EXIT_CODES, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="distcls", description="Distributed batch image classification on Ray. "
+                                     + _OUTPUT_RULE, epilog=EXIT_CODES, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"distcls {importlib.metadata.version('distcls')}")
+    parser.add_argument("--verbose", "-v", action="store_true", help=_VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (settings, _, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES, allow_abbrev=False)
+        # Also after the command (`distcls label --verbose`); SUPPRESS keeps `distcls -v label`'s value.
+        sub.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
         sub.add_argument("--config", metavar="FILE", help="YAML file of settings; flags override it.")
+        # Required settings may come from --config instead, so argparse cannot enforce them (the
+        # settings class does, naming the flag); the group shows them apart in --help.
+        required = sub.add_argument_group("required (as flags or in --config)")
         positional = getattr(settings, "positional", ())
         for field, info in settings.model_fields.items():
             if field in positional:
                 sub.add_argument(field, help=info.description)
             else:
-                _add_flag(sub, field, info.alias or field, info.annotation, info.description or "",
-                          info.get_default(call_default_factory=False))
+                _add_flag(required if info.is_required() else sub, field, info.alias or field, info.annotation,
+                          info.description or "", info.get_default(call_default_factory=False))
+        renamed = getattr(settings, "renamed", {})
+        deprecated = sub.add_argument_group("deprecated spellings (still accepted, with a warning)") if renamed else None
+        for old, new in renamed.items():
+            _add_flag(deprecated, old, old, settings.model_fields[new].annotation, f"Use {flag(new)}.", None)
     return parser
 
 
-def _add_flag(parser: argparse.ArgumentParser, field: str, name: str, annotation: Any, help_text: str,
-              default: Any) -> None:
+def _add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field: str, name: str, annotation: Any,
+              help_text: str, default: Any) -> None:
     flag = "--" + name.replace("_", "-")
     base = _strip_optional(annotation)
     shown = "" if default is None or callable(default) or repr(default) == "PydanticUndefined" else f" (default: {default})"
@@ -124,10 +145,12 @@ def _strip_optional(annotation: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.configure(verbose=args.verbose)
     settings, run, _ = COMMANDS[args.command]
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "verbose")}
     try:
         config = load_config(settings, args.config, overrides)
+        log.debug(f"{args.command} settings: {config.model_dump_json()}")
         result = run(config)
     except UsageError as exc:
         print(f"distcls {args.command}: error: {exc}", file=sys.stderr)

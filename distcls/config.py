@@ -7,13 +7,14 @@ environment or the standard AWS chain, so no config dump can contain them.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distcls.errors import UsageError
 
@@ -27,6 +28,8 @@ _MAX_FILE_BYTES_HELP = ("Files larger than this many bytes (or not regular files
 # scheme://user@ or scheme://user:password@, where the password may hold '/' (AWS secret keys do),
 # so that s3://bucket/name@x.jpg is a key but s3://KEY:SE/CRET@bucket/x is credentials.
 URI_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/@]*@|[^/@:]*:[^@]*@)")
+
+log = logging.getLogger(__name__)
 
 
 class StorageConfig(BaseModel):
@@ -72,6 +75,25 @@ class StorageConfig(BaseModel):
                                  "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile")
         return value
 
+    # Settings renamed so that one name means one thing in every command (old -> new): the old
+    # spelling still works as a flag, YAML key or keyword, with a warning, for now.
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_names(cls, values: Any) -> Any:
+        if not isinstance(values, dict) or not cls.renamed:
+            return values
+        values = dict(values)
+        for old, new in cls.renamed.items():
+            if old not in values:
+                continue
+            if new in values:
+                raise UsageError(f"{flag(old)} is the deprecated spelling of {flag(new)}; give only {flag(new)}")
+            log.warning(f"{flag(old)} is deprecated, use {flag(new)} (YAML key {new!r} for {old!r})")
+            values[new] = values.pop(old)
+        return values
+
     def storage(self) -> StorageConfig:
         """The storage part alone, for code that only talks to the object store."""
         return StorageConfig(endpoint_url=self.endpoint_url, region=self.region, anonymous=self.anonymous,
@@ -85,11 +107,13 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
 class TrainConfig(StorageConfig):
     """Settings of ``distcls train``."""
 
-    data: str = Field(..., description="ImageFolder lake (<root>/<class>/<file>) or manifest (.parquet/.csv with path,label).")
+    renamed: ClassVar[dict[str, str]] = {"data": "input", "val_data": "val_input", "model": "arch"}
+
+    input: str = Field(..., description="ImageFolder lake (<root>/<class>/<file>) or manifest (.parquet/.csv with path,label).")
     output: str = Field(..., description="Output URI: checkpoints, metrics.jsonl, curves.png and the model/ artifact.")
-    val_data: str | None = Field(None, description="Separate validation lake or manifest; default: hold out --val-fraction.")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Stratified, seeded hold-out fraction when no --val-data.")
-    model: str = Field("resnet_small", description="Architecture name from the model registry (distcls models).")
+    val_input: str | None = Field(None, description="Separate validation lake or manifest; default: hold out --val-fraction.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Stratified, seeded hold-out fraction when no --val-input.")
+    arch: str = Field("resnet_small", description="Architecture name from the model registry (list them: distcls models).")
     init_weights: str | None = Field(None, description="URI of a state dict (safetensors or torch weights) to start from.")
     init_weights_partial: bool = Field(
         False, description="Load the --init-weights tensors that fit and re-initialise the rest (e.g. a head for "
@@ -123,13 +147,13 @@ class TrainConfig(StorageConfig):
                           "file: a row replaces the label of the same path in --data, or adds that image; rows "
                           "with an empty label are skipped.")
 
-    @field_validator("model")
+    @field_validator("arch")
     @classmethod
-    def _known_model(cls, value: str) -> str:
+    def _known_arch(cls, value: str) -> str:
         from distcls.models import list_models
 
         if value not in list_models():
-            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(list_models())}")
+            raise ValueError(f"unknown architecture {value!r}; choose one of {', '.join(list_models())}")
         return value
 
 
@@ -162,7 +186,9 @@ class InferenceConfig(StorageConfig):
 class EvaluateConfig(InferenceConfig):
     """Settings of ``distcls evaluate``."""
 
-    data: str = Field(..., description="Labelled lake or manifest to evaluate on.")
+    renamed: ClassVar[dict[str, str]] = {"data": "input"}
+
+    input: str = Field(..., description="Labelled lake or manifest to evaluate on.")
     model: str = Field(..., description="Model artifact URI (the model/ folder written by train).")
     report: str | None = Field(None, description="Folder for metrics.json and confusion.png.")
     batch_size: int = Field(512, ge=1, description="Images per inference batch.")
@@ -171,7 +197,7 @@ class EvaluateConfig(InferenceConfig):
 class LabelConfig(InferenceConfig):
     """Settings of ``distcls label``."""
 
-    input: str | None = Field(None, description="Lake URI to list recursively (omit when --manifest is given).")
+    input: str | None = Field(None, description="Lake URI to list recursively; this or --manifest is required.")
     manifest: str | None = Field(None, description="Parquet/CSV with a 'path' column (e.g. an S3 Inventory export).")
     model: str = Field(..., description="Model artifact URI (the model/ folder written by train).")
     output: str = Field(..., description="Output dataset URI (Parquet + _SUCCESS).")
@@ -266,10 +292,15 @@ def _describe(error: dict[str, Any]) -> str:
     loc = [str(part) for part in error["loc"]]
     if error["type"] == "extra_forbidden":  # only YAML can name an unknown setting: argparse refuses flags
         return f"unknown field {'.'.join(loc)!r}"
-    flag = ("--" + loc[0].replace("_", "-") + "".join(f"[{part}]" for part in loc[1:])) if loc else "<config>"
+    name = (flag(loc[0]) + "".join(f"[{part}]" for part in loc[1:])) if loc else "<config>"
     if error["type"] == "missing":
-        return f"{flag} is required"
-    return f"{flag}: {error['msg']} {_shown(error.get('input'))}"
+        return f"{name} is required"
+    return f"{name}: {error['msg']} {_shown(error.get('input'))}"
+
+
+def flag(field: str) -> str:
+    """The flag of a settings field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + field.replace("_", "-")
 
 
 def _shown(value: Any) -> str:
@@ -308,16 +339,18 @@ class ModelsConfig(BaseModel):
 class DemoConfig(StorageConfig):
     """Settings of ``distcls demo``: the whole product on a small lake, end to end."""
 
-    data: str | None = Field(None, description="ImageFolder lake to use instead of the synthetic one (e.g. CIFAR-10).")
+    renamed: ClassVar[dict[str, str]] = {"data": "input", "model": "arch"}
+
+    input: str | None = Field(None, description="ImageFolder lake to use instead of the synthetic one (e.g. CIFAR-10).")
     output: str = Field("demo-output", description="Folder for the lake, model, evaluation report and labels.")
     per_class: int = Field(300, ge=10, description="Synthetic images per class (10 classes).")
     unlabelled: int = Field(200, ge=1, description="Images in the unlabelled lake that gets labelled.")
     epochs: int = Field(12, ge=1, description="Training epochs.")
     workers: int = Field(2, ge=1, description="Ray Train workers.")
-    model: str = Field("resnet_small", description="Architecture name from the model registry.")
+    arch: str = Field("resnet_small", description="Architecture name from the model registry (list them: distcls models).")
 
-    @field_validator("model")
+    @field_validator("arch")
     @classmethod
-    def _known_model(cls, value: str) -> str:
+    def _known_arch(cls, value: str) -> str:
         # Checked here too, so a typo fails before the demo draws its lakes and starts Ray.
-        return TrainConfig._known_model(value)
+        return TrainConfig._known_arch(value)

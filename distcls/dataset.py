@@ -78,13 +78,13 @@ import contextlib
 import errno
 import itertools
 import json
+import logging
 import math
 import os
 import re
 import secrets
 import socket
 import stat
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -101,6 +101,8 @@ from botocore.exceptions import BotoCoreError
 
 from distcls import dedup, storage
 from distcls.errors import JobError, UsageError
+
+log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 REPORT = "_report.png"
@@ -241,7 +243,7 @@ class Dataset:
         Also deletes partitions an unfinished run left without ``_SUCCESS``."""
         self._refuse_links()
         for leftover in self._survey()[2]:
-            _say(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
+            log.info(f"deleting partition {leftover} (no {SUCCESS}: left by an unfinished run)")
             self.store.delete(leftover)
         runs = self._staged_runs()
         if resume and runs:
@@ -249,10 +251,10 @@ class Dataset:
             for stale in runs[:-1]:
                 self.store.delete(STAGING, stale)
             staged, files = self._usable_staged(runs[-1], model_id, inputs)
-            _say(f"resuming run {runs[-1]}: {len(staged)} rows already staged")
+            log.info(f"resuming run {runs[-1]}: {len(staged)} rows already staged")
             return Run(runs[-1], staged, tuple(files))
         if runs:
-            _say(f"discarding staged files of unfinished run(s) {', '.join(runs)} (--resume reuses them)")
+            log.info(f"discarding staged files of unfinished run(s) {', '.join(runs)} (--resume reuses them)")
         self.store.delete(STAGING)
         run_id = _new_run_id()
         # Written in place, not through _write's rename: a record cut off by a kill is unreadable,
@@ -557,8 +559,8 @@ class Dataset:
             wanted = inputs(staged)
             wanted = wanted.combine_chunks() if isinstance(wanted, pa.ChunkedArray) else wanted
             if not pc.all(wanted).as_py() and apply:
-                _say(f"resume: dropping {len(paths) - pc.sum(wanted).as_py()} staged rows of {name} "
-                     "whose files are not inputs of this run or changed since they were staged")
+                log.warning(f"resume: dropping {len(paths) - pc.sum(wanted).as_py()} staged rows of {name} "
+                            "whose files are not inputs of this run or changed since they were staged")
                 rows = pq.read_table(path, filesystem=self.store.fs).filter(wanted)
                 if rows.num_rows:  # written before the old file goes: a kill in between loses nothing
                     files += [written for written, _ in self.write_staged(run_id, [rows], rows.num_rows)]
@@ -692,7 +694,7 @@ class Lock:
             gone = _why_gone(held)
             if gone is None:
                 raise UsageError(_in_use(self.dataset.uri, held)) from None
-            _say(f"taking over the lock of {self.dataset.uri} from {_holder(held)}: {gone}")
+            log.warning(f"taking over the lock of {self.dataset.uri} from {_holder(held)}: {gone}")
             self.store.take_over(self._body())
         held = self.store.read()  # a store that ignored the condition, or a takeover race, shows here
         if held is None or held.get("token") != self.owner["token"]:
@@ -723,7 +725,7 @@ class Lock:
                 if held is not None and held.get("token") == self.owner["token"]:
                     self.store.delete()
             except (OSError, BotoCoreError) as exc:  # the lease ends on its own: say so, do not mask the run's outcome
-                _say(f"could not remove {self.dataset.uri_of(LOCK)} ({exc}); it expires in {self.lease_s:.0f} s")
+                log.warning(f"could not remove {self.dataset.uri_of(LOCK)} ({exc}); it expires in {self.lease_s:.0f} s")
 
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
@@ -970,7 +972,3 @@ def _iso(seconds: float) -> str:
 def _json(value: Any) -> bytes:
     return json.dumps(value, indent=2, sort_keys=True).encode()
 
-
-def _say(message: str) -> None:
-    """Progress for people on stderr; stdout stays the CLI's JSON summary."""
-    print(f"distcls label: {message}", file=sys.stderr, flush=True)

@@ -1,10 +1,11 @@
 """``distcls demo``: the whole product on one machine, offline, in a few minutes.
 
-Makes a labelled lake of drawn shapes (or uses ``--data``), trains with Ray Train, evaluates on
+Makes a labelled lake of drawn shapes (or uses ``--input``), trains with Ray Train, evaluates on
 the held-out split, labels an unlabelled lake that includes broken files, and shows the results.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from distcls.train import train
 
 STEPS = ("lake", "unlabelled", "train", "evaluation", "labels")
 
+log = logging.getLogger(__name__)
+
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     started = time.time()
@@ -30,15 +33,15 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     for step in STEPS:  # only what the demo itself made: never a user's other files
         shutil.rmtree(out / step, ignore_errors=True)
     storage = config.storage().model_dump()
-    data = config.data or _synthetic_lakes(out, config)
+    data = config.input or _synthetic_lakes(out, config)
     ensure_ray()
-    _banner(f"1/3 train {config.model} on {data}")
-    trained = train(TrainConfig(data=data, output=str(out / "train"), epochs=config.epochs, workers=config.workers,
-                                model=config.model, batch_size=128, **storage))
+    _banner(f"1/3 train {config.arch} on {data}")
+    trained = train(TrainConfig(input=data, output=str(out / "train"), epochs=config.epochs, workers=config.workers,
+                                arch=config.arch, batch_size=128, **storage))
     _banner("2/3 evaluate on the held-out split")
-    scores = evaluate(EvaluateConfig(data=str(out / "train" / "val.parquet"), model=trained["model"],
+    scores = evaluate(EvaluateConfig(input=str(out / "train" / "val.parquet"), model=trained["model"],
                                      report=str(out / "evaluation"), **storage))
-    if config.data:
+    if config.input:
         _banner("3/3 label the held-out images (val.parquet as a manifest)")
         to_label = {"manifest": str(out / "train" / "val.parquet")}
     else:
@@ -53,7 +56,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 
 def _synthetic_lakes(out: Path, config: DemoConfig) -> str:
-    print(f"drawing {config.per_class * len(synthetic.CLASSES)} labelled images into {out / 'lake'}")
+    log.info(f"drawing {config.per_class * len(synthetic.CLASSES)} labelled images into {out / 'lake'}")
     synthetic.make_lake(out / "lake", config.per_class, seed=0)
     per_class = max(1, config.unlabelled // len(synthetic.CLASSES))
     synthetic.make_lake(out / "unlabelled", per_class, seed=1, labelled=False)
@@ -70,11 +73,9 @@ def _show(rows: pd.DataFrame, out: Path) -> None:
     ok = rows[rows["error"].isna()]
     (out / "labels_summary.png").write_bytes(label_summary(ok["score"].to_numpy(np.float32), ok["label"].value_counts().to_dict()))
     with pd.option_context("display.width", 160, "display.max_columns", 8, "display.max_colwidth", 40):
-        print(rows[["path", "label", "score", "width", "height", "error"]].head(8).to_string(index=False))
+        log.info("\n" + rows[["path", "label", "score", "width", "height", "error"]].head(8).to_string(index=False))
         failed = rows.loc[rows["error"].notna(), ["path", "error"]]
-        print("\nrows with an error:", "none" if failed.empty else "")
-        if not failed.empty:
-            print(failed.to_string(index=False))
+        log.info("rows with an error: " + ("none" if failed.empty else "\n" + failed.to_string(index=False)))
     _banner("outputs")
     for name, what in [("lake", "labelled input lake"), ("unlabelled", "lake that was labelled"),
                        ("train/model", "model artifact (model.safetensors + model.json)"),
@@ -82,8 +83,8 @@ def _show(rows: pd.DataFrame, out: Path) -> None:
                        ("evaluation/confusion.png", "confusion matrix"), ("evaluation/metrics.json", "evaluation metrics"),
                        ("labels", "Parquet predictions + _SUCCESS"), ("labels_summary.png", "score histogram, images per class")]:
         if (out / name).exists():
-            print(f"  {out / name}  {what}")
+            log.info(f"  {out / name}  {what}")
 
 
 def _banner(text: str) -> None:
-    print(f"\n=== {text} ===", flush=True)
+    log.info(f"=== {text} ===")

@@ -2,36 +2,44 @@
 artifact on a labelled lake: the inference stage of labeling (``distcls.predict``) + metrics."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from distcls import engines, lake, predict, storage
+from distcls import console, engines, lake, predict, storage
 from distcls.artifact import ModelInfo, read_info
 from distcls.config import EvaluateConfig
 from distcls.runtime import ensure_ray
 
+log = logging.getLogger(__name__)
+
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Predict every image of ``config.data`` and score it; prints a table, optionally writes a report.
+    """Predict every image of ``config.input`` and score it; logs a table, optionally writes a report.
     Returns ``accuracy``, ``images``, ``macro_f1``, ``errors`` and per-class metrics."""
     predict.check_usage(config)
     settings = config.storage()
     model = storage.Store(config.model, settings)
     info = read_info(model)
-    rows, classes = lake.labelled_images(storage.Store(config.data, settings), info.classes)
+    rows, classes = lake.labelled_images(storage.Store(config.input, settings), info.classes)
     ensure_ray()
     predict.check_gpus(config)
     engine = engines.prepare(config.engine, model, config.gpu)
-    table = pa.concat_tables(predict.predict(rows, config, info, _scored, engine))
+    progress, tables = console.Progress(log, rows.num_rows), []
+    for scored in predict.predict(rows, config, info, _scored, engine):
+        tables.append(scored)
+        progress.add(scored.num_rows)
+    progress.close()
+    table = pa.concat_tables(tables)
     ok = table["error"].is_null().to_numpy(zero_copy_only=False)
     truth = table["label"].to_numpy()[ok]
     guess = table["predicted"].to_numpy(zero_copy_only=False)[ok].astype(np.int64)
     matrix = confusion_matrix(truth, guess, len(classes))
     metrics = scores(matrix, classes)
     metrics["errors"] = int((~ok).sum())
-    print(format_table(metrics, classes, matrix))
+    log.info("\n" + format_table(metrics, classes, matrix))
     if config.report:
         _write_report(storage.Store(config.report, settings), metrics, matrix, classes, info)
     return {"accuracy": metrics["accuracy"], "images": metrics["images"], "macro_f1": metrics["macro_f1"],
@@ -92,4 +100,4 @@ def _write_report(folder: storage.Store, metrics: dict[str, Any], matrix: np.nda
     report = {**metrics, "confusion_matrix": matrix.tolist(), "classes": classes, "model_id": info.model_id}
     folder.write_json(report, "metrics.json")
     folder.write(plot_confusion(matrix, classes), "confusion.png")
-    print(f"report written to {folder.root} (metrics.json, confusion.png)")
+    log.info(f"report written to {folder.root} (metrics.json, confusion.png)")

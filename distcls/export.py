@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
+import logging
 import warnings
 from datetime import datetime, timezone
 from typing import Any
@@ -25,6 +25,8 @@ from distcls import storage
 from distcls.artifact import ModelInfo, load_model, read_info
 from distcls.config import ExportConfig
 from distcls.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 ONNX_META_FILE = "model.onnx.json"
@@ -81,8 +83,8 @@ def onnx_for(artifact: storage.Store) -> bytes:
     graph = _read_onnx(artifact, info)
     if graph is None:
         graph = to_onnx(load_model(artifact)[0], info, uri)
-        print(f"distcls: no {ONNX_FILE} exported from model {info.model_id[:12]} in {uri}: exported one for this "
-              f"run (`distcls export --model {uri}` saves it)", file=sys.stderr, flush=True)
+        log.info(f"no {ONNX_FILE} exported from model {info.model_id[:12]} in {uri}: exported one for this "
+                 f"run (`distcls export --model {uri}` saves it)")
     return graph
 
 

@@ -19,7 +19,7 @@ review queue (``distcls.review``).
 from __future__ import annotations
 
 import functools
-import sys
+import logging
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -27,14 +27,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
-from distcls import artifact, engines, inputs, lake, metrics, predict, quality, review, runtime, storage
+from distcls import artifact, console, engines, inputs, lake, metrics, predict, quality, review, runtime, storage
 from distcls.artifact import ModelInfo
 from distcls.config import LabelConfig, public_dict
 from distcls.dataset import REVIEW, Dataset, Lock, Run, StagedWriter
 from distcls.errors import JobError, UsageError
 from distcls.storage import Store
+
+log = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -75,8 +76,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
         finished = output.roll_forward()
         if finished:
             # Another run's commit, not this one's: say so, then label this run's input as asked.
-            _say(f"finished the interrupted commit of run {finished['run_id']} to {config.output}; "
-                 f"now labelling {config.input or config.manifest}")
+            log.info(f"finished the interrupted commit of run {finished['run_id']} to {config.output}; "
+                     f"now labelling {config.input or config.manifest}")
         output.check_existing(overwrite=config.overwrite, incremental=config.incremental)
         runtime.ensure_ray()
         predict.check_gpus(config)
@@ -114,11 +115,11 @@ def _stage_and_commit(config: LabelConfig, output: Dataset, lock: Lock, info: Mo
                             incremental=config.incremental, overwrite=config.overwrite, lock=lock, files=files,
                             report=quality_report(checked, run.run_id), review=queue)
     metrics.record_run(output.uri, summary)
-    _say(f"labelled {summary['images']} images ({summary['errors']} errors) at "
-         f"{summary['images_per_s']:.1f} images/s -> {summary['output']}")
+    log.info(f"labelled {summary['images']} images ({summary['errors']} errors) at "
+             f"{summary['images_per_s']:.1f} images/s -> {summary['output']}")
     if checked["drift"]:
-        _say(f"drift: the label distribution moved more than {config.drift_threshold:g} (total variation) from "
-             f"{' and '.join(checked['drifted_from'])}; see {output.uri_of(summary['report'])}")
+        log.warning(f"drift: the label distribution moved more than {config.drift_threshold:g} (total variation) from "
+                    f"{' and '.join(checked['drifted_from'])}; see {output.uri_of(summary['report'])}")
     return summary
 
 
@@ -131,8 +132,8 @@ def _stage_review(config: LabelConfig, output: Dataset, run_id: str, files: list
     rows = output.staged_rows(run_id, files, review.OUTPUT_COLUMNS, review.candidates(config.review_below))
     staged, images = output.stage_review(run_id, review.queue(rows, config.review_sample))
     counts["review"] = {"images": images, "below": config.review_below, "sample": config.review_sample}
-    _say(f"{images} images to review -> {output.uri_of(REVIEW, f'run={run_id}')}" if images
-         else "no image to review")
+    log.info(f"{images} images to review -> {output.uri_of(REVIEW, f'run={run_id}')}" if images
+             else "no image to review")
     return staged
 
 
@@ -175,8 +176,8 @@ def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, source: Stor
             "rate_images_per_s": rate, "rate_of_run": last["run_id"] if last else None}
     estimate = (f"~{plan['estimated_seconds']:.0f} s at the {rate:g} images/s of run {plan['rate_of_run']}"
                 if rate else "no committed run to estimate the time from")
-    _say(f"dry run: {pending} of {count} images to label ({plan['already_labelled']} already labelled, "
-         f"{len(staged)} already staged); {estimate}; nothing was started or written")
+    log.info(f"dry run: {pending} of {count} images to label ({plan['already_labelled']} already labelled, "
+             f"{len(staged)} already staged); {estimate}; nothing was started or written")
     return plan
 
 
@@ -218,17 +219,23 @@ def _run_pipeline(todo: inputs.Blocks, config: LabelConfig, info: ModelInfo, run
                   engine: dict[str, Any]) -> list[str]:
     """Read, decode and predict (the shared inference stage), then write Parquet into the run's
     staging folder from the workers (``StagedWriter``); returns the names of the files written."""
-    ray.data.DataContext.get_current().enable_progress_bars = True
     # Batches of rows_per_file rows: each writer call writes one file of that many rows, except
     # the last of a bundle (Ray Data bundles whole blocks, so a bundle overshoots by under a block).
     writer = predict.Stage(StagedWriter, {"dataset": output, "run_id": run_id, "rows_per_file": config.rows_per_file},
                            batch_size=config.rows_per_file)
     written = predict.predict(todo, config, info, functools.partial(_rows, top_k=config.top_k, run_id=run_id), engine,
                               max_pixels=config.max_image_pixels, then=writer)
+    # Progress as the writers report files: every --rows-per-file rows (and at the end of a bundle).
+    progress, files = console.Progress(log, todo.rows), []
     try:
-        return [name for table in written for name in table["file"].to_pylist()]
+        for table in written:
+            files += table["file"].to_pylist()
+            progress.add(sum(table["rows"].to_pylist()))
     except JobError as exc:
         raise JobError(f"{exc}; nothing was committed") from None
+    finally:
+        progress.close()
+    return files
 
 
 def _rows(batch: pa.Table, ok: np.ndarray, probs: np.ndarray, info: ModelInfo, top_k: int, run_id: str) -> pa.Table:
@@ -295,8 +302,8 @@ def _summary(config: LabelConfig, output: Dataset, info: ModelInfo, run_id: str,
 def _nothing_new(config: LabelConfig, output: Dataset, info: ModelInfo, started: float) -> dict[str, Any]:
     """An incremental run with nothing to label commits nothing: no empty partition per tick."""
     output.discard_staging()
-    _say(f"nothing new to label in {config.input or config.manifest} for model {info.model_id[:12]}; "
-         f"{config.output} is unchanged")
+    log.info(f"nothing new to label in {config.input or config.manifest} for model {info.model_id[:12]}; "
+             f"{config.output} is unchanged")
     return {"output": output.uri, "images": 0, "labelled": 0, "errors": 0, "resumed": 0, "images_per_s": 0.0,
             "model_id": info.model_id,
             "run_id": None, "started_at": _iso(started), "finished_at": _iso(time.time()), "skipped": "nothing new",
@@ -309,8 +316,3 @@ def _nothing_new(config: LabelConfig, output: Dataset, info: ModelInfo, started:
 
 def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
-
-
-def _say(message: str) -> None:
-    """Progress for people on stderr; stdout stays the CLI's JSON summary."""
-    print(f"distcls label: {message}", file=sys.stderr, flush=True)

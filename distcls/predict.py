@@ -19,9 +19,9 @@ unreachable after retries, or an actor given a GPU that torch cannot use, fails 
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +42,8 @@ from distcls.artifact import ModelInfo
 from distcls.config import MAX_FILE_BYTES, InferenceConfig, StorageConfig
 from distcls.errors import JobError, UsageError
 from distcls.inputs import Blocks, slices
+
+log = logging.getLogger(__name__)
 
 # (decoded batch, ok mask, probabilities of the ok rows, model info) -> the command's output rows.
 # Runs in the actors, so it must pickle: a module-level function, or a functools.partial of one.
@@ -182,7 +184,7 @@ def predict(inputs: pa.Table | Blocks, config: InferenceConfig, info: ModelInfo,
     stage's output instead. Raises JobError when the run cannot finish."""
     rows = inputs.rows if isinstance(inputs, Blocks) else inputs.num_rows
     sizing = pool(config, info, rows)
-    print(f"distcls: {rows} images on {sizing}", file=sys.stderr, flush=True)
+    log.info(f"{rows} images on {sizing}")
     storage_config = config.storage()
     registry = crashes.start_registry()
     decode_args = {"storage_config": storage_config, "size": info.image_size, "max_pixels": max_pixels,

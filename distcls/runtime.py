@@ -4,7 +4,6 @@ machine's CPUs."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import socket
@@ -12,6 +11,7 @@ import time
 
 import ray
 
+from distcls import console
 from distcls.errors import JobError, UsageError
 
 # How long --gpu waits for an autoscaler to start launching a GPU node before calling it unable to.
@@ -20,18 +20,24 @@ GPU_PROBE_S = 30.0
 
 
 def ensure_ray() -> None:
-    """Connect once per process. Raises UsageError naming RAY_ADDRESS when that cluster is unreachable."""
+    """Connect once per process. Raises UsageError naming RAY_ADDRESS when that cluster is unreachable.
+    Without --verbose, what Ray's workers and actors print or log stays in their log files on the
+    nodes (``log_to_driver``): per-report dumps of Ray Train, its PlacementGroupCleaner's
+    tracebacks, Ray Data's per-operator lines. Errors still reach the driver as exceptions, and
+    Ray's own error messages (a worker killed for memory, a dead node) through its error channel."""
+    console.quiet_ray()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _probe(address)
+    settings = {"logging_level": console.ray_level(), "log_to_driver": console.verbose()}
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, **settings)
         else:
             # "local", not Ray's default: a Ray someone left running here must not be joined silently.
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address="local", include_dashboard=False, **settings)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"Ray not reachable at RAY_ADDRESS={address}: {first}") from None

@@ -8,31 +8,28 @@ val_loss, val_accuracy, images_per_s, elapsed_s, restores; step = epoch), and th
 ARTIFACT_COPY_BYTES is only named, by the tag ``distcls.model_uri``, which every run has).
 
 Everything is logged from the driver, which has the tracking server's address and credentials
-(``MLFLOW_TRACKING_TOKEN`` and the like) in its environment. Ray Train 2.60 runs its callbacks in
+(``MLFLOW_TRACKING_TOKEN`` and the like) in its environment; Ray Train 2.60 runs its callbacks in
 the controller actor, whose environment is not the driver's (only Ray Train's own variables are
-passed on, ``ray.train.v2._internal.constants.get_env_vars_to_propagate``): the callback
-(``ray.train.UserCallback.after_report``) only forwards rank 0's epoch row through a Ray queue,
-and a thread of the driver logs what arrives while ``fit()`` blocks.
+passed on, ``ray.train.v2._internal.constants.get_env_vars_to_propagate``). The epoch rows reach the
+driver on the queue that also carries the epoch lines (``train._log_progress`` calls ``Epochs.log``).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import ray.train
-from ray.util.queue import Empty, Queue
-
 from distcls import storage
 from distcls.config import TrainConfig, public_dict
 from distcls.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "distcls"
 # A remote artifact larger than this is named by a tag instead of copied into the tracking store.
@@ -67,54 +64,38 @@ def run(client: Any, config: TrainConfig) -> Iterator[Epochs]:
     """The MLflow run of one training (a no-op ``Epochs`` when ``client`` is None): params logged
     now, epochs as they are reported, FINISHED at the end or FAILED when the block raises."""
     if client is None:
-        yield Epochs(None, None, None)
+        yield Epochs(None, None)
         return
     experiment = client.get_experiment_by_name(_experiment_name()).experiment_id
     tags = {"distcls.command": "train", "distcls.model_uri": storage.join(config.output, "model")}
     mlflow_run = client.create_run(experiment, run_name=config.name, tags=tags)
     run_id = mlflow_run.info.run_id
     _log_params(client, run_id, public_dict(config))
-    # 0 CPUs: training workers may hold every CPU, and a queue that waits for one would block them.
-    epochs = Epochs(client, run_id, Queue(actor_options={"num_cpus": 0}))
-    epochs.start()
     status = "FAILED"
     try:
-        yield epochs
+        yield Epochs(client, run_id)
         status = "FINISHED"
     finally:
-        epochs.stop()
         _quietly(f"end MLflow run {run_id}", client.set_terminated, run_id, status)
-        print(f"mlflow: run {run_id} of experiment {_experiment_name()!r} ({status.lower()}) at "
-              f"{client.tracking_uri}", file=sys.stderr)
+        log.info(f"mlflow: run {run_id} of experiment {_experiment_name()!r} ({status.lower()}) at {client.tracking_uri}")
 
 
 class Epochs:
-    """Rows reported by the workers -> MLflow metrics, logged by a thread of the driver."""
+    """Epoch rows -> MLflow metrics of one run (nothing when there is no tracking)."""
 
-    def __init__(self, client: Any, run_id: str | None, queue: Queue | None) -> None:
-        self.client, self.run_id, self.queue = client, run_id, queue
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._drain, daemon=True, name="distcls-mlflow")
+    def __init__(self, client: Any, run_id: str | None) -> None:
+        self.client, self.run_id = client, run_id
 
-    def callbacks(self) -> list[ray.train.UserCallback]:
-        """What the trainer's RunConfig needs so that its epoch rows reach this object."""
-        return [ForwardEpochs(self.queue)] if self.queue is not None else []
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Log what is still queued (every row is queued once ``fit()`` returns) and drop the queue."""
-        if self.queue is None:
+    def log(self, row: dict[str, Any]) -> None:
+        """Every number of an epoch's row as a metric at step = its epoch."""
+        if self.client is None:
             return
-        self._stop.set()
-        self._thread.join()
-        while True:
-            try:
-                self._log(self.queue.get_nowait())
-            except Empty:
-                break
-        self.queue.shutdown()
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, int(row["epoch"])) for key, value in row.items()
+                   if key != "epoch" and isinstance(value, (int, float))]
+        _quietly(f"log epoch {row.get('epoch')}", self.client.log_batch, self.run_id, metrics=metrics)
 
     def log_artifact(self, model: storage.Store) -> None:
         """model.json and model.safetensors of the artifact folder ``model`` under ``model/`` of the
@@ -126,8 +107,7 @@ class Epochs:
             return
         size = model.info("model.safetensors").size or 0
         if size > ARTIFACT_COPY_BYTES:
-            print(f"mlflow: the artifact ({size / 2**20:.0f} MiB) is not copied; tag distcls.model_uri names it",
-                  file=sys.stderr)
+            log.info(f"mlflow: the artifact ({size / 2**20:.0f} MiB) is not copied; tag distcls.model_uri names it")
             return
         with tempfile.TemporaryDirectory() as folder:
             for name in _ARTIFACT_FILES:
@@ -137,34 +117,6 @@ class Epochs:
     def _log_files(self, folder: Path) -> None:
         for name in _ARTIFACT_FILES:
             self.client.log_artifact(self.run_id, str(folder / name), "model")
-
-    def _drain(self) -> None:
-        while not self._stop.is_set():
-            try:
-                row = self.queue.get(timeout=1)
-            except Empty:
-                continue
-            self._log(row)
-
-    def _log(self, row: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, int(row["epoch"])) for key, value in row.items()
-                   if key != "epoch" and isinstance(value, (int, float))]
-        _quietly(f"log epoch {row.get('epoch')}", self.client.log_batch, self.run_id, metrics=metrics)
-
-
-class ForwardEpochs(ray.train.UserCallback):
-    """Runs in Ray Train's controller: each epoch's row (rank 0's; the losses and accuracy are
-    summed over all workers, so every rank reports the same) goes onto the driver's queue."""
-
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics:  # an exception here would fail the controller, and with it the training
-            _quietly(f"forward epoch {metrics[0].get('epoch')}", self.queue.put_nowait, dict(metrics[0]))
 
 
 def _log_params(client: Any, run_id: str, config: dict[str, Any]) -> None:
@@ -181,8 +133,8 @@ def _quietly(what: str, call: Any, *args: Any, **kwargs: Any) -> None:
     try:
         call(*args, **kwargs)
     except Exception as exc:  # any store's error: the run goes on
-        print(f"mlflow: could not {what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
-              file=sys.stderr)
+        log.warning(f"mlflow: could not {what}: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
 
 
 def _experiment_name() -> str:

@@ -10,10 +10,12 @@ workers from the latest one, and rerunning the same command on the same output r
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import sys
+import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -27,9 +29,10 @@ import ray.train
 import ray.train.torch
 import safetensors.torch
 import torch
+from ray.util.queue import Empty, Queue
 from torch import nn
 
-from distcls import lake, review, storage, tracking
+from distcls import console, lake, review, storage, tracking
 from distcls.artifact import InitMatch, ModelInfo, load_state_dict, match_state_dict, save_model
 from distcls.config import StorageConfig, TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
@@ -46,10 +49,12 @@ STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary 
 # are shared by the OS either way; the reservation only has to let Ray schedule the tasks.
 SHARED_DECODE_CPUS = 0.5
 
+log = logging.getLogger(__name__)
+
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; write ``<output>/model/``, ``metrics.jsonl``, ``curves.png`` and
-    (without --val-data) ``val.parquet``, the held-out split.
+    (without --val-input) ``val.parquet``, the held-out split.
     Returns the final metrics and where the artifact is."""
     if config.freeze_epochs and not config.init_weights:
         raise UsageError("--freeze-epochs needs --init-weights: without them no layer is pretrained to freeze")
@@ -62,10 +67,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _check_init_weights(config, len(classes))
     tracker = tracking.tracker(config)  # UsageError before Ray starts when MLflow is asked for but missing
     ensure_ray()
-    # One line per epoch is the progress report; Ray Data's bars and plans (per epoch when
-    # streaming) would bury it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.data.DataContext.get_current().print_on_execution_start = False
     # GPUs on demand: an autoscaler that launches a GPU node for us will add the rest as the workers wait.
     if config.gpu and cluster_gpus() < config.workers and not (autoscaling() and can_get({"GPU": 1.0})):
         raise UsageError(f"--gpu needs {config.workers} GPUs, the Ray cluster has {cluster_gpus()} and cannot add GPU nodes")
@@ -74,13 +75,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
         require_cuda_on_a_gpu_node("a training worker")
     worker_cpus, decode_cpus = plan_cpus(config, cluster_cpus(), can_grow=autoscaling())
     cache = choose_cache(config, train_rows.num_rows + val_rows.num_rows, _smallest_node_memory())
-    if not config.val_data:  # written only once the run is known to start: no output from a usage error
+    if not config.val_input:  # written only once the run is known to start: no output from a usage error
         _write_val_manifest(val_rows, classes, config)
-    print(f"training {config.model} on {train_rows.num_rows} images ({val_rows.num_rows} held out), "
-          f"{len(classes)} classes, {config.workers} workers x {worker_cpus:g} CPUs, decoding on {decode_cpus:g} CPUs")
+    log.info(f"training {config.arch} on {train_rows.num_rows} images ({val_rows.num_rows} held out), "
+             f"{len(classes)} classes, {config.workers} workers x {worker_cpus:g} CPUs, decoding on {decode_cpus:g} CPUs")
+    # Rank 0 sends each epoch's metrics here and the driver logs them (and hands them to MLflow): the
+    # workers' own output reaches the driver only with --verbose (Ray's log_to_driver), and then
+    # prefixed per process. No CPU: on a full cluster a default actor (1 CPU to be placed) would
+    # wait for the workers.
+    progress = Queue(actor_options={"num_cpus": 0})
     with tracking.run(tracker, config) as epochs:
-        trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, epochs)
-        result = trainer.fit()
+        trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress)
+        result = _fit(trainer, progress, config, epochs)
         if result.error is not None:
             raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
         best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
@@ -94,20 +100,20 @@ def _split(config: TrainConfig) -> tuple[pa.Table, pa.Table, list[str], dict[str
     """(training rows in a seeded random order, held-out rows, class names, what --labels changed).
     The human labels of --labels apply before the split, to held-out rows too. Writes nothing: the
     held-out manifest is written once the run's settings have been checked against the cluster."""
-    rows, classes = lake.labelled_images(storage.Store(config.data, config.storage()))
+    rows, classes = lake.labelled_images(storage.Store(config.input, config.storage()))
     human_labels: dict[str, Any] = {}
     if config.labels:
         labels = review.human_labels(storage.Store(config.labels, config.storage()), classes)
         rows, human_labels = review.relabel(rows, labels, config.labels)
-        print(f"--labels {config.labels}: {human_labels['changed']} labels changed, {human_labels['confirmed']} "
-              f"confirmed, {human_labels['added']} images added")
+        log.info(f"--labels {config.labels}: {human_labels['changed']} labels changed, {human_labels['confirmed']} "
+                 f"confirmed, {human_labels['added']} images added")
     rng = np.random.default_rng(config.seed)
-    if config.val_data:
-        val_rows, _ = lake.labelled_images(storage.Store(config.val_data, config.storage()), classes)
+    if config.val_input:
+        val_rows, _ = lake.labelled_images(storage.Store(config.val_input, config.storage()), classes)
         return rows.take(rng.permutation(rows.num_rows)), val_rows, classes, human_labels
     train_idx, val_idx = lake.stratified_split(rows["label"].to_numpy(), config.val_fraction, config.seed)
     if len(val_idx) == 0:
-        raise UsageError(f"--val-fraction {config.val_fraction} holds out no images of {config.data}; raise it or give --val-data")
+        raise UsageError(f"--val-fraction {config.val_fraction} holds out no images of {config.input}; raise it or give --val-input")
     val_rows = rows.take(val_idx)
     # Shuffled before Ray Data splits them: each worker gets whole blocks of consecutive rows, and a
     # listing is sorted by class, so with 2 workers each trained on half the classes. Its BatchNorm
@@ -118,7 +124,7 @@ def _split(config: TrainConfig) -> tuple[pa.Table, pa.Table, list[str], dict[str
 
 
 def _write_val_manifest(val_rows: pa.Table, classes: list[str], config: TrainConfig) -> None:
-    """The held-out split as a manifest, so ``distcls evaluate --data <output>/val.parquet`` scores
+    """The held-out split as a manifest, so ``distcls evaluate --input <output>/val.parquet`` scores
     the model on exactly the images it never trained on."""
     names = pa.array(classes).take(val_rows["label"])
     sink = pa.BufferOutputStream()
@@ -156,8 +162,8 @@ def choose_cache(config: TrainConfig, images: int, node_memory: float) -> str:
         return config.cache
     decoded = images * config.image_size ** 2 * 3
     cache = "memory" if decoded <= node_memory / 4 else "none"
-    print(f"cache: {cache} (decoded lake {decoded / 2**30:.2f} GiB {'<=' if cache == 'memory' else '>'} a quarter "
-          f"of {node_memory / 2**30:.1f} GiB, the smallest CPU node's Ray memory)")
+    log.info(f"cache: {cache} (decoded lake {decoded / 2**30:.2f} GiB {'<=' if cache == 'memory' else '>'} a quarter "
+             f"of {node_memory / 2**30:.1f} GiB, the smallest CPU node's Ray memory)")
     return cache
 
 
@@ -184,15 +190,15 @@ def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, si
     decoded = read_batch(batch["path"], storage_config, size)
     ok = np.array([e is None for e in decoded["error"]], dtype=bool)
     for path, error in zip(batch["path"][~ok], decoded["error"][~ok]):
-        print(f"skipping unreadable training image {path}: {error}")
+        log.warning(f"skipping unreadable training image {path}: {error}")
     return {"image": decoded["image"][ok], "label": batch["label"][ok].astype(np.int64)}
 
 
 def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_rows: pa.Table, cache: str,
-             worker_cpus: float, decode_cpus: float,
-             epochs: tracking.Epochs | None = None) -> ray.train.torch.TorchTrainer:
+             worker_cpus: float, decode_cpus: float, progress: Queue) -> ray.train.torch.TorchTrainer:
     output = _output(config)
-    loop_config = {"config": config.model_dump(), "classes": classes, "cache": cache, "train_images": train_rows.num_rows}
+    loop_config = {"config": config.model_dump(), "classes": classes, "cache": cache, "train_images": train_rows.num_rows,
+                   "progress": progress, "verbose": console.verbose()}
     stats_rows = train_rows.slice(0, STATS_IMAGES)  # already in a seeded random order
     datasets = {name: _dataset(rows, config, decode_cpus)
                 for name, rows in (("train", train_rows), ("val", val_rows), ("stats", stats_rows))}
@@ -209,29 +215,74 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
             num_workers=config.workers, use_gpu=config.gpu, resources_per_worker={"CPU": worker_cpus}),
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=output.path(), storage_filesystem=output.fs,
-            callbacks=epochs.callbacks() if epochs else None,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max")),
     )
 
 
+def _fit(trainer: ray.train.torch.TorchTrainer, progress: Queue, config: TrainConfig,
+         epochs: tracking.Epochs) -> ray.train.Result:
+    """``trainer.fit()``, logging what rank 0 sends on ``progress`` as it comes (from a thread)."""
+    done = threading.Event()
+    printer = threading.Thread(target=_log_progress, args=(progress, config, done, epochs), daemon=True,
+                               name="distcls-epochs")
+    printer.start()
+    try:
+        return trainer.fit()
+    finally:
+        done.set()
+        printer.join()
+        ray.kill(progress.actor)
+
+
+def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, epochs: tracking.Epochs) -> None:
+    """Log each epoch (with its time and the ETA of the rest, from this run's mean epoch time; and
+    to MLflow through ``epochs``) and each message from rank 0, until ``done`` is set and nothing is left."""
+    epoch_seconds: list[float] = []
+    while True:
+        try:
+            item = progress.get(timeout=0.5)
+        except Empty:
+            if done.is_set():
+                return
+            continue
+        except ray.exceptions.RayError as exc:  # the queue's node is gone: training goes on without lines
+            log.warning(f"no more epoch lines: {type(exc).__name__}")
+            return
+        if "message" in item:
+            log.info(item["message"])
+            continue
+        row = item["row"]
+        epoch_seconds.append(item["epoch_s"])
+        eta = console.duration(statistics.mean(epoch_seconds) * (config.epochs - row["epoch"]))
+        log.info(f"epoch {row['epoch']:3d}/{config.epochs}  train_loss {row['train_loss']:.4f}  "
+                 f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  "
+                 f"{row['images_per_s']:.0f} img/s  {item['epoch_s']:.1f}s  ETA {eta}")
+        epochs.log(row)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker loop: restore, then per epoch train, evaluate, report + checkpoint."""
-    # The epoch line is the progress report. Ray Train 2.60 logs every report (its metrics dict per
-    # worker per epoch) at INFO from a logger named after its own file, outside the "ray.train" tree.
-    from ray.train.v2._internal.execution import context as train_context
+    if not loop_config["verbose"]:
+        # The driver's epoch line is the report. Ray Train 2.60 logs every report (its metrics dict
+        # per worker per epoch) at INFO from a logger named after its own file, outside "ray.train".
+        from ray.train.v2._internal.execution import context as train_context
 
-    for name in ("ray.train", train_context.__file__):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        for name in ("ray.train", train_context.__file__):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    tell = functools.partial(_tell, loop_config["progress"])
     config = TrainConfig.model_validate(loop_config["config"])
     classes: list[str] = loop_config["classes"]
     torch.set_num_threads(config.cpus_per_worker)
     device = ray.train.torch.get_device()
     local_batch = max(1, config.batch_size // config.workers)
     train_data, val_data = (_shard(name, loop_config["cache"], local_batch) for name in ("train", "val"))
-    state = _restore(ray.train.get_checkpoint()) or _fresh_state(config, classes)
-    plain = create_model(config.model, num_classes=len(classes)).to(memory_format=torch.channels_last)
+    state = _restore(ray.train.get_checkpoint())
+    if state:
+        tell({"message": f"resuming from checkpoint after epoch {state['epoch']}"})
+    state = state or _fresh_state(config, classes)
+    plain = create_model(config.arch, num_classes=len(classes)).to(memory_format=torch.channels_last)
     plain.load_state_dict(state["model"])
     # Every parameter is in the optimizer from the start, frozen or not: its state_dict then has the
     # same layout in every checkpoint, and SGD skips parameters without gradients while frozen.
@@ -247,7 +298,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(config.seed * 1000 + ray.train.get_context().get_world_rank())
     for epoch in range(first_epoch, config.epochs):
         if epoch == config.freeze_epochs and epoch > first_epoch:
-            print0(f"epoch {epoch + 1}: unfreezing the pretrained layers")
+            tell({"message": f"epoch {epoch + 1}: unfreezing the pretrained layers"})
             model = _prepare(plain, state, frozen=False)
         started = time.time()
         train_loss, images = train_epoch(model, optimizer, train_data.batches(local_batch, generator), state, config,
@@ -260,6 +311,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row],
                      validation=evaluation.distribution(classes))
         _report(row, model, optimizer, state, config)
+        tell({"row": row, "epoch_s": time.time() - started})
 
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (uint8 NHWC images, int64 labels)
@@ -409,17 +461,17 @@ def _init_match(config: TrainConfig, model: nn.Module) -> InitMatch:
 def _check_init_weights(config: TrainConfig, num_classes: int) -> None:
     """On the driver, before Ray starts: the file fits, and a frozen phase leaves something to train.
     Prints which tensors load."""
-    model = create_model(config.model, num_classes=num_classes)
+    model = create_model(config.arch, num_classes=num_classes)
     match = _init_match(config, model)
-    print(match.describe(config.init_weights))
+    log.info(match.describe(config.init_weights))
     if config.freeze_epochs and all(name in match.loaded for name, _ in model.named_parameters()):
-        raise UsageError(f"--freeze-epochs {config.freeze_epochs}: every layer of {config.model} comes from "
+        raise UsageError(f"--freeze-epochs {config.freeze_epochs}: every layer of {config.arch} comes from "
                          f"{config.init_weights}, so nothing would train while they are frozen")
 
 
 def _fresh_state(config: TrainConfig, classes: list[str]) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # identical initial weights on every worker before DDP's broadcast
-    model = create_model(config.model, num_classes=len(classes))
+    model = create_model(config.arch, num_classes=len(classes))
     pretrained: list[str] = []
     if config.init_weights:
         match = _init_match(config, model)
@@ -452,15 +504,12 @@ def _restore(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
     state["mean"], state["std"] = tuple(state["mean"]), tuple(state["std"])
     state["restores"] = state.get("restores", 0) + 1
     state.setdefault("pretrained", [])  # checkpoints written before --freeze-epochs existed
-    print0(f"resuming from checkpoint after epoch {state['epoch']}")
     return state
 
 
 def _report(row: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
             config: TrainConfig) -> None:
     """Report the epoch; rank 0 attaches the checkpoint and rewrites metrics.jsonl."""
-    print0(f"epoch {row['epoch']:3d}/{config.epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-           f"val_acc {row['val_accuracy']:.4f}  {row['images_per_s']:.0f} img/s  {row['elapsed_s']:.0f}s")
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(row)
         return
@@ -475,11 +524,14 @@ def _report(row: dict[str, float], model: nn.Module, optimizer: torch.optim.Opti
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def print0(message: str) -> None:
-    """Print from rank 0 only, so a line per epoch means one line, not one per worker. Written to
-    the real stdout: Ray Train's patched print would also log it, and the driver would show it twice."""
+def _tell(progress: Queue, item: dict[str, Any]) -> None:
+    """Send ``item`` (an epoch's row and time, or a message) to the driver from rank 0 only, so
+    that a line per epoch means one line, not one per worker."""
     if ray.train.get_context().get_world_rank() == 0:
-        print(message, file=sys.__stdout__, flush=True)
+        try:
+            progress.put(item)
+        except ray.exceptions.RayError:
+            pass  # progress lines are for people: losing them (the queue's node died) must not fail training
 
 
 def _sum_across_workers(tensor: torch.Tensor) -> torch.Tensor:
@@ -494,17 +546,17 @@ def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.trai
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         weights = safetensors.torch.load_file(str(Path(folder) / "model.safetensors"))
-    model = create_model(config.model, num_classes=len(classes))
+    model = create_model(config.arch, num_classes=len(classes))
     model.load_state_dict(weights)
     final = {k: metrics[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "elapsed_s")}
     # A checkpoint written before the validation distribution was recorded has none: the artifact then neither.
-    info = ModelInfo(arch=config.model, classes=classes, image_size=config.image_size, mean=state["mean"],
+    info = ModelInfo(arch=config.arch, classes=classes, image_size=config.image_size, mean=state["mean"],
                      std=state["std"], config=public_dict(config), metrics=final, validation=state.get("validation"),
                      human_labels=human_labels or {})
     artifact = _output(config).child("model")
     info = save_model(model, info, artifact)
-    print(f"model {info.model_id[:12]} (epoch {final['epoch']}, val_accuracy {final['val_accuracy']:.4f}) "
-          f"saved to {artifact.root}")
+    log.info(f"model {info.model_id[:12]} (epoch {final['epoch']}, val_accuracy {final['val_accuracy']:.4f}) "
+             f"saved to {artifact.root}")
     return info
 
 

@@ -1,12 +1,12 @@
 """Train a classifier on a labelled lake: the `distcls train` command as a Ray job entrypoint.
 
 Locally (starts Ray in-process):
-    python jobs/train.py --config jobs/configs/cifar10_train.yaml --data /data/cifar10/train --output runs/cifar10
+    python jobs/train.py --config jobs/configs/cifar10_train.yaml --input /data/cifar10/train --output runs/cifar10
 
 On a Ray cluster (the image has distcls installed; --working-dir ships your checkout instead):
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/train.py --config jobs/configs/cifar10_train.yaml \
-        --data s3://my-bucket/cifar10/train --output s3://my-bucket/runs/cifar10 \
+        --input s3://my-bucket/cifar10/train --output s3://my-bucket/runs/cifar10 \
         --workers 4 --cpus-per-worker 8   # one 8-CPU worker node each
 
 On KubeRay (k8s/base/cronjob-train.yaml is the template):

@@ -250,7 +250,7 @@ def test_tampered_model_json_is_refused_by_load_model_and_the_cli(tmp_path: Path
 
     out = tmp_path / "labels"
     for argv in (["label", "--input", str(tmp_path / "lake"), "--model", uri, "--output", str(out)],
-                 ["evaluate", "--data", str(tmp_path / "lake"), "--model", uri, "--report", str(out)]):
+                 ["evaluate", "--input", str(tmp_path / "lake"), "--model", uri, "--report", str(out)]):
         assert _cli_error(capsys, *argv) == f"distcls {argv[0]}: error: {message}"
     assert not out.exists()
 

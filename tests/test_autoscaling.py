@@ -76,7 +76,7 @@ def test_label_pool_grows_past_its_minimum_onto_nodes_the_autoscaler_adds(
 
 def test_evaluate_runs_on_nodes_the_autoscaler_adds(on_autoscaling_cluster, synthetic_lake, tiny_model,
                                                     capsys) -> None:
-    code = main(["evaluate", "--data", str(synthetic_lake(6)), "--model", str(tiny_model), *POOL])
+    code = main(["evaluate", "--input", str(synthetic_lake(6)), "--model", str(tiny_model), *POOL])
     out = capsys.readouterr().out
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
@@ -107,8 +107,8 @@ def test_train_gpu_is_accepted_and_a_gpu_node_without_cuda_fails_the_run_naming_
         on_autoscaling_cluster, synthetic_lake, tmp_path, capsys) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the fake GPU node would work")
-    code = main(["train", "--data", str(synthetic_lake(2)), "--output", str(tmp_path / "run"), "--gpu",
-                 "--workers", "1", "--epochs", "1", "--max-failures", "0", "--model", "simple_cnn",
+    code = main(["train", "--input", str(synthetic_lake(2)), "--output", str(tmp_path / "run"), "--gpu",
+                 "--workers", "1", "--epochs", "1", "--max-failures", "0", "--arch", "simple_cnn",
                  "--val-fraction", "0.5"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1, last
@@ -124,8 +124,8 @@ def test_train_runs_its_workers_on_nodes_the_autoscaler_adds(on_autoscaling_clus
     tasks that stream the lake into them every epoch need CPUs beside them."""
     from ray._private import state
 
-    code = main(["train", "--data", str(synthetic_lake(4)), "--output", str(tmp_path / "run"), "--workers", "2",
-                 "--epochs", "2", "--batch-size", "8", "--model", "simple_cnn", "--val-fraction", "0.25",
+    code = main(["train", "--input", str(synthetic_lake(4)), "--output", str(tmp_path / "run"), "--workers", "2",
+                 "--epochs", "2", "--batch-size", "8", "--arch", "simple_cnn", "--val-fraction", "0.25",
                  "--max-failures", "0", "--cache", "none"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def test_python_dash_m_works_and_exit_code_2_reaches_the_shell() -> None:
     done = _run(sys.executable, "-m", "distcls", "--help")
     assert done.returncode == 0 and all(name in done.stdout for name in SUBCOMMANDS)
 
-    done = _run(sys.executable, "-m", "distcls", "train", "--data", "lake", "--output", "out", "--epochs", "0")
+    done = _run(sys.executable, "-m", "distcls", "train", "--input", "lake", "--output", "out", "--epochs", "0")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         "distcls train: error: invalid TrainConfig: --epochs: Input should be greater than or equal to 1 (got '0')"]
@@ -54,7 +55,7 @@ def test_subcommand_help_shows_config_and_every_field(command: str, capsys: pyte
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["train", "--data", "d", "--output", "o", "--learning-rate", "3"], "unrecognized arguments: --learning-rate 3"),
+    (["train", "--input", "d", "--output", "o", "--learning-rate", "3"], "unrecognized arguments: --learning-rate 3"),
     (["label", "--model", "m", "--output", "o", "--gpu=yes"], "ignored explicit argument 'yes'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "the following arguments are required"),
@@ -68,11 +69,11 @@ def test_argparse_usage_errors_exit_2(argv: list[str], expected: str, capsys: py
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["train", "--output", "o"], "--data is required"),
-    (["train", "--data", "d", "--output", "o", "--batch-size", "lots"], "--batch-size:"),
-    (["train", "--data", "d", "--output", "o", "--model", "resnet9000"], "unknown model 'resnet9000'"),
-    (["demo", "--model", "resnet9000"], "unknown model 'resnet9000'"),
-    (["evaluate", "--data", "d", "--model", "m", "--endpoint-url", "minio:9000"], "--endpoint-url:"),
+    (["train", "--output", "o"], "--input is required"),
+    (["train", "--input", "d", "--output", "o", "--batch-size", "lots"], "--batch-size:"),
+    (["train", "--input", "d", "--output", "o", "--arch", "resnet9000"], "unknown architecture 'resnet9000'"),
+    (["demo", "--arch", "resnet9000"], "unknown architecture 'resnet9000'"),
+    (["evaluate", "--input", "d", "--model", "m", "--endpoint-url", "minio:9000"], "--endpoint-url:"),
     (["label", "--model", "m", "--output", "o", "--top-k", "0"], "--top-k:"),
 ])
 def test_bad_values_exit_2_with_one_line_naming_the_field(argv: list[str], expected: str,
@@ -111,16 +112,16 @@ def test_flags_map_to_typed_fields(captured_config: dict, capsys: pytest.Capture
 
 def test_flags_override_the_config_file(tmp_path: Path, captured_config: dict) -> None:
     path = tmp_path / "train.yaml"
-    path.write_text("data: s3://b/lake\noutput: runs/a\nepochs: 3\nlr: 0.05\ngpu: true\n")
+    path.write_text("input: s3://b/lake\noutput: runs/a\nepochs: 3\nlr: 0.05\ngpu: true\n")
     assert cli.main(["train", "--config", str(path), "--epochs", "9", "--no-gpu"]) == 0
     config = captured_config["config"]
     assert isinstance(config, TrainConfig)
-    assert (config.data, config.epochs, config.lr, config.gpu) == ("s3://b/lake", 9, 0.05, False)
+    assert (config.input, config.epochs, config.lr, config.gpu) == ("s3://b/lake", 9, 0.05, False)
 
 
 def test_unknown_key_in_config_file_exits_2(tmp_path: Path, captured_config: dict, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "train.yaml"
-    path.write_text("data: d\noutput: o\nlearning_rate: 0.1\n")
+    path.write_text("input: d\noutput: o\nlearning_rate: 0.1\n")
     assert cli.main(["train", "--config", str(path)]) == 2
     assert "config" not in captured_config
     assert "unknown field 'learning_rate'" in capsys.readouterr().err
@@ -139,13 +140,13 @@ def test_job_failures_map_to_exit_codes(error: Exception, code: int, text: str, 
     monkeypatch.delenv("DISTCLS_DEBUG", raising=False)
     settings, _, help_text = cli.COMMANDS["evaluate"]
     monkeypatch.setitem(cli.COMMANDS, "evaluate", (settings, failing, help_text))
-    assert cli.main(["evaluate", "--data", "d", "--model", "m"]) == code
+    assert cli.main(["evaluate", "--input", "d", "--model", "m"]) == code
     assert capsys.readouterr().err.splitlines() == [text]
 
     if code == 1 and not isinstance(error, JobError):
         monkeypatch.setenv("DISTCLS_DEBUG", "1")
         with pytest.raises(RuntimeError):
-            cli.main(["evaluate", "--data", "d", "--model", "m"])
+            cli.main(["evaluate", "--input", "d", "--model", "m"])
 
 
 def test_version_and_models_commands(capsys: pytest.CaptureFixture) -> None:
@@ -170,8 +171,6 @@ def test_a_comma_separated_list_flag_is_split() -> None:
 
 def test_every_flag_the_readme_cli_section_shows_exists(capsys: pytest.CaptureFixture) -> None:
     """README's usage lines are checked against each command's --help, so the docs cannot drift."""
-    import re
-
     section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## CLI", 1)[1].split("\n## ", 1)[0]
     flags: dict[str, set[str]] = {}
     command = None
@@ -188,3 +187,84 @@ def test_every_flag_the_readme_cli_section_shows_exists(capsys: pytest.CaptureFi
         shown = capsys.readouterr().out
         wanted = names | (pool if command in ("evaluate", "label") else set())
         assert [flag for flag in sorted(wanted) if flag not in shown] == [], command
+
+
+def test_old_spellings_still_work_and_warn(tmp_path: Path, captured_config: dict, capsys: pytest.CaptureFixture) -> None:
+    """train's --data/--val-data/--model and the YAML keys data/model: the new fields, one warning each."""
+    assert cli.main(["train", "--data", "lake", "--val-data", "held", "--model", "simple_cnn", "--output", "o"]) == 0
+    config = captured_config["config"]
+    assert (config.input, config.val_input, config.arch) == ("lake", "held", "simple_cnn")
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [f"distcls: warning: {old} is deprecated, use {new} (YAML key {key!r} for {old_key!r})"
+                        for old, new, key, old_key in (("--data", "--input", "input", "data"),
+                                                       ("--val-data", "--val-input", "val_input", "val_data"),
+                                                       ("--model", "--arch", "arch", "model"))]
+    path = tmp_path / "evaluate.yaml"
+    path.write_text("data: lake\nmodel: runs/a/model\n")
+    assert cli.main(["evaluate", "--config", str(path)]) == 0
+    assert captured_config["config"].input == "lake" and captured_config["config"].model == "runs/a/model"
+    assert capsys.readouterr().err.splitlines() == [
+        "distcls: warning: --data is deprecated, use --input (YAML key 'input' for 'data')"]
+
+
+def test_old_and_new_spelling_together_exit_2(captured_config: dict, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["train", "--data", "a", "--input", "b", "--output", "o"]) == 2
+    assert "config" not in captured_config
+    assert capsys.readouterr().err.splitlines() == [
+        "distcls train: error: --data is the deprecated spelling of --input; give only --input"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_shows_the_required_flags_apart(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    shown = capsys.readouterr().out
+    settings = cli.COMMANDS[command][0]
+    positional = getattr(settings, "positional", ())
+    required = {"--" + field.replace("_", "-") for field, info in settings.model_fields.items()
+                if info.is_required() and field not in positional}
+    section = shown.split("required (as flags or in --config):")[1].split("\n\n")[0] if required else ""
+    listed = set(re.findall(r"^  (--[a-z-]+)", section, flags=re.MULTILINE))
+    assert listed == required
+    assert {"train": {"--input", "--output"}, "evaluate": {"--input", "--model"},
+            "label": {"--model", "--output"}, "export": {"--model"}}.get(command, set()) == required
+
+
+def test_verbose_shows_debug_lines_before_or_after_the_command(captured_config: dict,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    argv = ["label", "--input", "lake", "--model", "m", "--output", "o"]
+    assert cli.main(argv) == 0
+    assert "DEBUG" not in capsys.readouterr().err
+    try:
+        for verbose in (["--verbose", *argv], [*argv, "--verbose"], ["-v", *argv]):
+            assert cli.main(verbose) == 0
+            out, err = capsys.readouterr()
+            assert json.loads(out) == {"ok": True, "path": "/x"}
+            assert re.search(r"DEBUG distcls\.cli: label settings: \{.*\"input\":\"lake\"", err), err
+    finally:
+        from distcls import console
+
+        console.configure(verbose=False)  # as the next test's library calls expect
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ray_output_reaches_the_driver_only_with_verbose(verbose: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the CLI asks of ray.init: worker/actor logs forwarded (log_to_driver) and Ray's driver
+    loggers below ERROR only with --verbose."""
+    import logging
+
+    import ray
+
+    from distcls import console, runtime
+
+    seen: dict[str, Any] = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    console.configure(verbose=verbose)
+    try:
+        runtime.ensure_ray()
+    finally:
+        console.configure(verbose=False)
+    assert seen["log_to_driver"] is verbose
+    assert seen["logging_level"] == (logging.DEBUG if verbose else logging.ERROR)

@@ -13,7 +13,7 @@ from distcls.errors import UsageError
 from distcls.models import list_models
 
 CANARY = "testing-secret-canary-7f3a9"  # conftest's AWS_SECRET_ACCESS_KEY
-REQUIRED = {"data": "lake", "output": "out"}
+REQUIRED = {"input": "lake", "output": "out"}
 
 
 def _yaml(tmp_path: Path, text: str) -> str:
@@ -32,12 +32,12 @@ def _error(cls, path: str | None = None, overrides: dict | None = None) -> str:
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path: Path) -> None:
-    path = _yaml(tmp_path, "data: s3://bucket/lake\noutput: runs/a\nepochs: 3\nlr: 0.05\n")
+    path = _yaml(tmp_path, "input: s3://bucket/lake\noutput: runs/a\nepochs: 3\nlr: 0.05\n")
     default_batch = TrainConfig.model_fields["batch_size"].default
 
     config = load_config(TrainConfig, path, {"epochs": 7, "lr": None, "output": "runs/b"})
 
-    assert config.data == "s3://bucket/lake"  # YAML only
+    assert config.input == "s3://bucket/lake"  # YAML only
     assert config.epochs == 7 and config.output == "runs/b"  # override beats YAML
     assert config.lr == 0.05  # an override of None means "flag not given": YAML stays
     assert config.batch_size == default_batch  # default where neither says anything
@@ -55,13 +55,13 @@ def test_empty_yaml_means_defaults(tmp_path: Path) -> None:
 
 
 def test_unknown_field_in_yaml_is_named_with_the_file(tmp_path: Path) -> None:
-    path = _yaml(tmp_path, "data: x\noutput: y\nepoch: 3\n")
+    path = _yaml(tmp_path, "input: x\noutput: y\nepoch: 3\n")
     message = _error(TrainConfig, path)
     assert "unknown field 'epoch'" in message and path in message
 
 
 def test_unknown_field_in_overrides_is_named() -> None:
-    message = _error(EvaluateConfig, None, {"data": "d", "model": "m", "bach_size": 4})
+    message = _error(EvaluateConfig, None, {"input": "d", "model": "m", "bach_size": 4})
     assert "unknown field 'bach_size'" in message
 
 
@@ -76,16 +76,16 @@ def test_bad_value_names_field_and_value(field: str, value: object, expected: st
     assert f"--{field.replace('_', '-')}:" in message and repr(value) in message and expected in message
 
 
-def test_unknown_model_lists_the_known_ones() -> None:
+def test_unknown_arch_lists_the_known_ones() -> None:
     for cls, overrides in ((TrainConfig, REQUIRED), (DemoConfig, {})):
-        message = _error(cls, None, {**overrides, "model": "resnet9000"})
-        assert "--model:" in message and "'resnet9000'" in message
+        message = _error(cls, None, {**overrides, "arch": "resnet9000"})
+        assert "--arch:" in message and "'resnet9000'" in message
         assert all(name in message for name in list_models())
 
 
 def test_every_missing_required_field_is_named() -> None:
     message = _error(TrainConfig, None, {"epochs": 2})
-    assert "--data is required" in message and "--output is required" in message
+    assert "--input is required" in message and "--output is required" in message
 
 
 @pytest.mark.parametrize("text, kind", [("- data\n- output\n", "list"), ("just a string\n", "str")])
@@ -95,7 +95,7 @@ def test_yaml_that_is_not_a_mapping(tmp_path: Path, text: str, kind: str) -> Non
 
 
 def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
-    message = _error(TrainConfig, _yaml(tmp_path, "data: [unclosed\noutput: y\n"))
+    message = _error(TrainConfig, _yaml(tmp_path, "input: [unclosed\noutput: y\n"))
     assert "not valid YAML" in message
 
 
@@ -132,7 +132,7 @@ def test_public_dict_holds_no_credentials(monkeypatch: pytest.MonkeyPatch) -> No
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == CANARY
     for config in (load_config(TrainConfig, None, REQUIRED),
                    load_config(LabelConfig, None, {"model": "m", "output": "o"}),
-                   load_config(EvaluateConfig, None, {"data": "d", "model": "m"}),
+                   load_config(EvaluateConfig, None, {"input": "d", "model": "m"}),
                    load_config(DemoConfig)):
         dumped = json.dumps(public_dict(config))
         assert CANARY not in dumped and "session-token-canary" not in dumped and os.environ["AWS_ACCESS_KEY_ID"] not in dumped

@@ -115,7 +115,7 @@ def test_label_and_evaluate_with_onnx_agree_with_torch(cifar_root, tiny_model, r
 
     scores = {}
     for engine in ("torch", "onnx"):
-        assert main(["evaluate", "--data", str(lake), "--model", str(model_dir), "--engine", engine]) == 0
+        assert main(["evaluate", "--input", str(lake), "--model", str(model_dir), "--engine", engine]) == 0
         scores[engine] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["onnx"]["images"] == scores["torch"]["images"] == 300
     assert abs(scores["onnx"]["accuracy"] - scores["torch"]["accuracy"]) <= 1 / 300
@@ -146,7 +146,7 @@ def unexportable_model(tmp_path: Path) -> Path:
 def test_an_architecture_that_cannot_be_exported_is_a_usage_error(command, unexportable_model, synthetic_lake,
                                                                    ray_local, tmp_path, capsys) -> None:
     argv = {"label": ["label", "--input", str(synthetic_lake(6)), "--output", str(tmp_path / "out"), "--engine", "onnx"],
-            "evaluate": ["evaluate", "--data", str(synthetic_lake(6)), "--engine", "onnx"],
+            "evaluate": ["evaluate", "--input", str(synthetic_lake(6)), "--engine", "onnx"],
             "export": ["export"]}[command]
     assert main([*argv, "--model", str(unexportable_model)]) == 2
     err = capsys.readouterr().err.strip()

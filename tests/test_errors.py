@@ -48,7 +48,7 @@ def test_empty_lake(tmp_path, tiny_model, capsys) -> None:
                          "--output", str(tmp_path / "out"))
     assert code == 2
     _one_clear_line(err, str(tmp_path / "lake"), "no images")
-    code, err = _distcls(capsys, "train", "--data", str(tmp_path / "lake"), "--output", str(tmp_path / "out"))
+    code, err = _distcls(capsys, "train", "--input", str(tmp_path / "lake"), "--output", str(tmp_path / "out"))
     assert code == 2
     _one_clear_line(err, str(tmp_path / "lake"), "no labelled images")
 

@@ -46,17 +46,17 @@ def test_evaluate_cli_matches_predictions_made_by_hand(ray_local, tiny_model, sy
         pixels = decode(path.read_bytes(), info.image_size)[0]
         expected[info.classes.index(path.parent.name), int(predict_proba(model, info, pixels[None]).argmax())] += 1
 
-    code = main(["evaluate", "--data", str(lake), "--model", str(tiny_model), "--report", str(tmp_path / "report")])
-    out = capsys.readouterr().out
+    code = main(["evaluate", "--input", str(lake), "--model", str(tiny_model), "--report", str(tmp_path / "report")])
+    out, err = capsys.readouterr()
     assert code == 0
-    summary = json.loads(out.strip().splitlines()[-1])  # the JSON line comes last
+    summary = json.loads(out)  # stdout is the JSON summary and nothing else
     assert summary["images"] == 20
     assert summary["accuracy"] == pytest.approx(np.trace(expected) / 20)
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert report["classes"] == info.classes
     assert report["confusion_matrix"] == expected.tolist()
     assert (tmp_path / "report" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
-    assert "precision" in out and "confusion matrix" in out
+    assert "precision" in err and "confusion matrix" in err  # the table is for people: stderr
 
 
 def test_evaluate_on_a_class_the_model_does_not_know_is_a_usage_error(tmp_path, tiny_model, capsys) -> None:
@@ -66,5 +66,5 @@ def test_evaluate_on_a_class_the_model_does_not_know_is_a_usage_error(tmp_path, 
     Image.new("RGB", (8, 8)).save(tmp_path / "lake" / "zebra" / "z.png")
     (tmp_path / "lake" / "circle").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "lake" / "circle" / "c.png")
-    assert main(["evaluate", "--data", str(tmp_path / "lake"), "--model", str(tiny_model)]) == 2
+    assert main(["evaluate", "--input", str(tmp_path / "lake"), "--model", str(tiny_model)]) == 2
     assert "zebra" in capsys.readouterr().err

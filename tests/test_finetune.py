@@ -60,7 +60,7 @@ def test_strict_by_default(imagenet_resnet18: Path) -> None:
 ])
 def test_nothing_matching_is_a_usage_error(imagenet_resnet18, synthetic_lake, tmp_path, capsys, extra, message) -> None:
     output = tmp_path / "run"
-    code = main(["train", "--data", str(synthetic_lake(6)), "--output", str(output), "--model", "simple_cnn",
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--arch", "simple_cnn",
                  "--init-weights", str(imagenet_resnet18), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
@@ -70,14 +70,14 @@ def test_nothing_matching_is_a_usage_error(imagenet_resnet18, synthetic_lake, tm
 
 def test_a_head_swap_without_the_partial_flag_is_a_usage_error(imagenet_resnet18, synthetic_lake, tmp_path,
                                                                 capsys) -> None:
-    code = main(["train", "--data", str(synthetic_lake(6)), "--output", str(tmp_path / "run"), "--model", "resnet18",
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(tmp_path / "run"), "--arch", "resnet18",
                  "--init-weights", str(imagenet_resnet18)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--init-weights-partial" in err and "fc.weight" in err
 
 
 def test_freezing_needs_init_weights(synthetic_lake, tmp_path, capsys) -> None:
-    code = main(["train", "--data", str(synthetic_lake(6)), "--output", str(tmp_path / "run"), "--freeze-epochs", "1"])
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(tmp_path / "run"), "--freeze-epochs", "1"])
     assert code == 2 and "--freeze-epochs needs --init-weights" in capsys.readouterr().err
 
 
@@ -86,10 +86,10 @@ def test_fine_tune_resnet18_with_a_frozen_first_epoch(imagenet_resnet18, synthet
                                                       capsys) -> None:
     """2 workers (DDP), epoch 1 trains the new head only, epoch 2 everything."""
     output = tmp_path / "run"
-    code = main(["train", "--data", str(synthetic_lake(6)), "--output", str(output), "--model", "resnet18",
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--arch", "resnet18",
                  "--image-size", "32", "--epochs", "2", "--freeze-epochs", "1", "--batch-size", "16",
                  "--lr", "0.01", "--workers", "2", "--init-weights", str(imagenet_resnet18), "--init-weights-partial"])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert code == 0
     assert f"init weights {imagenet_resnet18}: loaded 120 tensors" in out
     assert "skipped (shape differs): fc.weight [1000, 512] -> [10, 512], fc.bias [1000] -> [10]" in out

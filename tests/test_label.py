@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -209,10 +210,11 @@ class _DiesAtThirdMove(pafs.LocalFileSystem):
 
 
 def test_interrupted_commit_is_rolled_forward_not_redone(ray_local, tmp_path: Path, synthetic_lake, model_uri: str,
-                                                         monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     """The rerun finishes the interrupted commit, says so, and goes on with its own input: here a
     plain run into an output that now holds a dataset, which it refuses (exit 2) - never the old
     run's summary as its own."""
+    caplog.set_level(logging.INFO, logger="distcls")
     lake = synthetic_lake(3, labelled=False)
     output = tmp_path / "labels"
     config = LabelConfig(input=str(lake), model=model_uri, output=str(output), batch_size=8, rows_per_file=8)
@@ -228,7 +230,7 @@ def test_interrupted_commit_is_rolled_forward_not_redone(ray_local, tmp_path: Pa
     monkeypatch.setattr(label_module, "_run_pipeline", lambda *a: pytest.fail("labelled again"))
     with pytest.raises(UsageError, match="already holds a dataset"):
         label(config)
-    assert "finished the interrupted commit of run" in capsys.readouterr().err
+    assert "finished the interrupted commit of run" in caplog.text
     _assert_exactly_once(output, lake)
     summary = json.loads((output / "_SUCCESS").read_text())
     assert sorted(p.name for p in output.glob("part-*.parquet")) == summary["files"]
@@ -299,10 +301,12 @@ def test_runs_on_a_path_that_is_no_output_is_a_usage_error(tmp_path: Path, capsy
 
 
 def test_no_input_block_or_output_row_goes_through_the_driver(ray_local, tmp_path: Path, synthetic_lake,
-                                                             model_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                             model_uri: str, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys) -> None:
     """A worker (the inputs' reader) puts the input blocks into the object store, never this (the
     driver) process; the workers write the staged files: writing from the driver fails, and what
-    the driver iterates over holds file names and row counts only."""
+    the driver iterates over holds file names and row counts only: enough for its progress line.
+    stdout is the JSON summary alone."""
     import ray
     import ray.data
 
@@ -333,6 +337,9 @@ def test_no_input_block_or_output_row_goes_through_the_driver(ray_local, tmp_pat
     assert seen and all(columns == ["file", "rows"] for columns in seen)
     assert not any(tables_put)
     _assert_exactly_once(output, lake)
+    out, err = capsys.readouterr()
+    images = json.loads(out)["images"]
+    assert re.search(rf"^distcls: {images}/{images} images \(100%\) +\S+ images/s .* ETA 0s$", err, re.MULTILINE), err
 
 
 @pytest.mark.gpu

@@ -82,7 +82,7 @@ def test_gpu_pools_count_gpus_and_reserve_memory_for_decoding(monkeypatch) -> No
     (["--memory-per-actor", "-1"], "--memory-per-actor must be a number of bytes"),
 ])
 def test_bad_sizing_flags_are_usage_errors_naming_the_flag(command, flags, message, tmp_path, capsys) -> None:
-    inputs = ["--input", str(tmp_path), "--output", str(tmp_path / "out")] if command == "label" else ["--data", str(tmp_path)]
+    inputs = ["--input", str(tmp_path), "--output", str(tmp_path / "out")] if command == "label" else ["--input", str(tmp_path)]
     assert main([command, *inputs, "--model", str(tmp_path / "model"), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

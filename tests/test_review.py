@@ -212,7 +212,7 @@ def test_a_filled_in_review_file_relabels_and_adds_training_images(
     manifest = tmp_path / "reviewed.parquet"
     filled.to_parquet(manifest)
 
-    config = TrainConfig(data=str(lake), output=str(tmp_path / "run"), labels=str(manifest), model="simple_cnn")
+    config = TrainConfig(input=str(lake), output=str(tmp_path / "run"), labels=str(manifest), arch="simple_cnn")
     train_rows, val_rows, classes, counts = _split(config)
     rows = pa.concat_tables([train_rows, val_rows]).to_pylist()
     got = {row["path"]: classes[row["label"]] for row in rows}
@@ -221,8 +221,8 @@ def test_a_filled_in_review_file_relabels_and_adds_training_images(
     expected = {"manifest": str(manifest), "rows": 5, "changed": 2, "confirmed": 1, "added": 2}
     assert counts == expected
 
-    code = main(["train", "--data", str(lake), "--output", str(tmp_path / "run"), "--labels", str(manifest),
-                 "--model", "simple_cnn", "--epochs", "1", "--batch-size", "32", "--workers", "1"])
+    code = main(["train", "--input", str(lake), "--output", str(tmp_path / "run"), "--labels", str(manifest),
+                 "--arch", "simple_cnn", "--epochs", "1", "--batch-size", "32", "--workers", "1"])
     assert code == 0
     assert json.loads((tmp_path / "run" / "model" / "model.json").read_text())["human_labels"] == expected
     assert "2 labels changed, 1 confirmed, 2 images added" in capsys.readouterr().out
@@ -240,7 +240,7 @@ def test_a_bad_labels_manifest_is_a_usage_error(synthetic_lake, tmp_path: Path, 
                                                 message: str, suffix: str) -> None:
     manifest = _write(rows, tmp_path / f"labels{suffix}")
     output = tmp_path / "run"
-    code = main(["train", "--data", str(synthetic_lake(6)), "--output", str(output), "--labels", manifest])
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--labels", manifest])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert f"--labels {manifest}: " + message.format(root=tmp_path) in err

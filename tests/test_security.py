@@ -97,7 +97,7 @@ def test_malicious_init_weights_are_refused_before_training_starts(tmp_path: Pat
     weights.write_bytes(_torch_payload(marker))
     output = tmp_path / "run"
     started = time.monotonic()
-    code = main(["train", "--data", str(synthetic_lake(3)), "--output", str(output), "--init-weights", str(weights),
+    code = main(["train", "--input", str(synthetic_lake(3)), "--output", str(output), "--init-weights", str(weights),
                  "--epochs", "1"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
@@ -221,9 +221,9 @@ def test_credentials_never_appear_in_train_evaluate_and_label_runs_on_s3(no_ray,
     ray_tmp = Path(f"/tmp/rs{os.getpid()}")  # short: Ray's socket paths are limited
     env = {**CANARIES, "RAY_TMPDIR": str(ray_tmp)}
     try:
-        runs = [_cli("train", "--data", lake, "--output", run, "--epochs", "1", "--workers", "1", "--batch-size", "32",
-                     "--model", "simple_cnn", env=env),
-                _cli("evaluate", "--data", f"{run}/val.parquet", "--model", f"{run}/model", "--report", f"{run}/report",
+        runs = [_cli("train", "--input", lake, "--output", run, "--epochs", "1", "--workers", "1", "--batch-size", "32",
+                     "--arch", "simple_cnn", env=env),
+                _cli("evaluate", "--input", f"{run}/val.parquet", "--model", f"{run}/model", "--report", f"{run}/report",
                      env=env),
                 _cli("label", "--input", f"{lake}/circle", "--model", f"{run}/model", "--output", f"{run}/labels",
                      env=env)]
@@ -259,13 +259,13 @@ def test_credentials_in_a_uri_are_refused_and_never_echoed(monkeypatch: pytest.M
     """Exit 2 at config validation, one line naming the field, the canaries nowhere, nothing written."""
     uri = _BAD_URIS[case]
     out = str(tmp_path / "out")
-    argv = {"train": ["--data", "d", "--output", out], "evaluate": ["--data", "d", "--model", "m", "--report", out],
+    argv = {"train": ["--input", "d", "--output", out], "evaluate": ["--input", "d", "--model", "m", "--report", out],
             "label": ["--input", "d", "--model", "m", "--output", out]}[command]
     field = "endpoint_url"
     if case == "$AWS_ENDPOINT_URL":
         monkeypatch.setenv("AWS_ENDPOINT_URL", uri)
     elif case == "data URI":
-        argv[1], field = uri, {"train": "data", "evaluate": "data", "label": "input"}[command]
+        argv[1], field = uri, "input"
     else:
         argv += ["--endpoint-url", uri]
     code = main([command, *argv])

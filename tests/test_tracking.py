@@ -19,14 +19,14 @@ def test_training_logs_params_epochs_and_the_artifact(ray_local, synthetic_lake,
     # SQLAlchemy, which mlflow-skinny does not bring.
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "distcls-test")
-    assert main(["train", "--data", lake, "--output", str(output), "--model", "simple_cnn", "--epochs", "2",
+    assert main(["train", "--input", lake, "--output", str(output), "--arch", "simple_cnn", "--epochs", "2",
                  "--batch-size", "32", "--workers", "1", "--name", "tracked"]) == 0
 
     client = mlflow_tracking.MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("distcls-test").experiment_id])
     assert (run.info.status, run.info.run_name) == ("FINISHED", "tracked")
     params = run.data.params
-    assert (params["data"], params["epochs"], params["model"], params["labels"]) == (lake, "2", "simple_cnn", "null")
+    assert (params["input"], params["epochs"], params["arch"], params["labels"]) == (lake, "2", "simple_cnn", "null")
     assert not any("testing-secret-canary" in value for value in params.values())
     assert run.data.tags["distcls.model_uri"] == str(output / "model")
 
@@ -48,7 +48,7 @@ def test_tracking_asked_for_without_mlflow_is_a_usage_error(synthetic_lake, tmp_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)  # what an install without the extra imports
     output = tmp_path / "run"
-    code = main(["train", "--data", str(synthetic_lake(6)), "--output", str(output)])
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install 'distcls[mlflow]'" in err
     assert not output.exists() and not (tmp_path / "mlruns").exists()

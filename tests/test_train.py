@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +48,7 @@ def test_one_cycle_warms_up_then_decays_to_zero() -> None:
 def test_two_workers_on_three_nodes_over_s3(ray_cluster, synthetic_lake, upload_folder, s3_bucket, tmp_path) -> None:
     lake = upload_folder(synthetic_lake(30), f"{s3_bucket}/lake")
     output = f"s3://{s3_bucket}/runs/one"
-    result = train(TrainConfig(data=lake, output=output, **QUICK))
+    result = train(TrainConfig(input=lake, output=output, **QUICK))
 
     model, info = load_model(Store(result["model"]))
     assert info.classes == sorted(info.classes) and len(info.classes) == 10
@@ -88,9 +90,9 @@ def test_two_workers_and_streaming_reach_the_accuracy_of_one(ray_local, syntheti
     accuracy = {}
     for workers, cache in ((1, "memory"), (2, "memory"), (2, "none")):
         output = tmp_path / f"workers{workers}-{cache}"
-        result = train(TrainConfig(data=lake, output=str(output), epochs=8, batch_size=64, lr=0.05, workers=workers,
+        result = train(TrainConfig(input=lake, output=str(output), epochs=8, batch_size=64, lr=0.05, workers=workers,
                                    cache=cache))
-        scores = evaluate(EvaluateConfig(data=str(output / "val.parquet"), model=result["model"]))
+        scores = evaluate(EvaluateConfig(input=str(output / "val.parquet"), model=result["model"]))
         accuracy[workers, cache] = scores["accuracy"]
     # Measured at 1e2f00d, before the rows were shuffled: 1.0 with 1 worker, 0.79 with 2.
     assert accuracy[1, "memory"] >= 0.95, accuracy
@@ -132,7 +134,7 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_cluster, synthetic_l
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(output, killed))
     killer.start()
-    result = train(TrainConfig(data=str(synthetic_lake(30)), output=str(output), max_failures=2, cache="none", **LONGER))
+    result = train(TrainConfig(input=str(synthetic_lake(30)), output=str(output), max_failures=2, cache="none", **LONGER))
     killer.join()
 
     assert killed, "no Ray Train worker process was found to kill"
@@ -144,20 +146,32 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_cluster, synthetic_l
 
 
 @pytest.mark.slow
-def test_rerunning_a_stopped_run_resumes(synthetic_lake, tmp_path) -> None:
-    """SIGKILL the whole `distcls train` process after its first epoch, then run the same command."""
+def test_rerunning_a_stopped_run_resumes(synthetic_lake, tmp_path, capsys) -> None:
+    """SIGKILL the whole `distcls train` process after its first epoch, then run the same command.
+    What the killed process printed is what a default run shows: an epoch line with an ETA per
+    epoch on stderr, nothing of Ray's own (its workers' lines are prefixed ``(... pid=N)``)."""
     output = tmp_path / "run"
-    argv = ["train", "--data", str(synthetic_lake(30)), "--output", str(output),
+    argv = ["train", "--input", str(synthetic_lake(30)), "--output", str(output),
             *[f"--{k.replace('_', '-')}={v}" for k, v in LONGER.items()]]
-    process = subprocess.Popen([sys.executable, "-m", "distcls", *argv], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_epochs(output, 3)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "distcls", *argv], start_new_session=True,
+                                   stdout=out, stderr=err)
+        _wait_for_epochs(output, 3)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     first = _history(output)
     assert 3 <= len(first) < LONGER["epochs"]
+    said = (tmp_path / "stderr").read_text()
+    assert (tmp_path / "stdout").read_text() == ""  # killed before its JSON summary
+    for epoch in (1, 2):
+        assert re.search(rf"^distcls: epoch +{epoch}/7 +train_loss \S+ +val_loss \S+ +val_acc \S+ .* ETA \w+$",
+                         said, flags=re.MULTILINE), said
+    assert not re.search(r"pid=\d+|Reporting training result|PlacementGroupCleaner|Traceback", said), said
 
     assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["epoch"] >= 1  # stdout: the JSON summary alone
+    assert "resuming from checkpoint after epoch" in err  # rank 0's message, through the driver
     history = _history(output)
     assert [row["epoch"] for row in history] == list(range(1, LONGER["epochs"] + 1))
     assert history[0] == first[0]  # the epoch finished before the kill was kept, not redone
@@ -166,7 +180,7 @@ def test_rerunning_a_stopped_run_resumes(synthetic_lake, tmp_path) -> None:
 
 def test_decode_cpus_leave_the_workers_some(tmp_path) -> None:
     def plan(total: float, **settings) -> tuple[float, float]:
-        return plan_cpus(TrainConfig(data="lake", output="out", workers=2, **settings), total)
+        return plan_cpus(TrainConfig(input="lake", output="out", workers=2, **settings), total)
 
     assert plan(2) == (0.75, 0.5)  # this machine: the workers make room for the decode tasks
     assert plan(3) == (1.0, 1.0)  # a spare CPU: decoding takes it, the workers keep theirs
@@ -177,22 +191,23 @@ def test_decode_cpus_leave_the_workers_some(tmp_path) -> None:
         with pytest.raises(UsageError, match=message):
             plan(total, decode_cpus=decode_cpus)
     # An autoscaler may add CPUs: no --decode-cpus is too many for a cluster that can grow.
-    assert plan_cpus(TrainConfig(data="lake", output="out", workers=2, decode_cpus=3), 0, can_grow=True) == (1.0, 3)
+    assert plan_cpus(TrainConfig(input="lake", output="out", workers=2, decode_cpus=3), 0, can_grow=True) == (1.0, 3)
 
 
-def test_auto_caches_a_lake_that_fits_a_quarter_of_a_node(capsys) -> None:
-    config = TrainConfig(data="lake", output="out", image_size=128)
+def test_auto_caches_a_lake_that_fits_a_quarter_of_a_node(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="distcls")
+    config = TrainConfig(input="lake", output="out", image_size=128)
     decoded = 10_000 * 128 * 128 * 3
     assert choose_cache(config, 10_000, node_memory=4 * decoded) == "memory"
     assert choose_cache(config, 10_000, node_memory=4 * decoded - 1) == "none"
     assert choose_cache(config, 10_000, node_memory=0) == "none"
-    said = capsys.readouterr().out.splitlines()
+    said = [record.getMessage() for record in caplog.records]
     assert said[0].startswith("cache: memory (decoded lake 0.46 GiB <=") and said[1].startswith("cache: none")
     assert choose_cache(config.model_copy(update={"cache": "none"}), 10, node_memory=2**40) == "none"
 
 
 def test_an_unknown_cache_is_a_usage_error(tmp_path, capsys) -> None:
-    assert main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "out"), "--cache", "disk"]) == 2
+    assert main(["train", "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--cache", "disk"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--cache" in err and "'disk'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
@@ -200,7 +215,7 @@ def test_an_unknown_cache_is_a_usage_error(tmp_path, capsys) -> None:
 
 def test_more_decode_cpus_than_the_cluster_has_is_a_usage_error(ray_local, synthetic_lake, tmp_path, capsys) -> None:
     output = tmp_path / "out"
-    argv = ["train", "--data", str(synthetic_lake(30)), "--output", str(output), "--decode-cpus", "3"]
+    argv = ["train", "--input", str(synthetic_lake(30)), "--output", str(output), "--decode-cpus", "3"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("--decode-cpus 3 is more than the 2 CPUs of the Ray cluster") and len(err.splitlines()) == 1
@@ -214,14 +229,14 @@ def test_more_decode_cpus_than_the_cluster_has_is_a_usage_error(ray_local, synth
 def test_bad_data_is_a_clear_usage_error(tmp_path, capsys, make_lake, message) -> None:
     root = tmp_path / "lake"
     make_lake(root)
-    assert main(["train", "--data", str(root), "--output", str(tmp_path / "out")]) == 2
+    assert main(["train", "--input", str(root), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and str(root) in err and len(err.splitlines()) == 1
 
 
 def test_missing_data_is_a_clear_usage_error(tmp_path, capsys) -> None:
     missing = tmp_path / "nowhere"
-    assert main(["train", "--data", str(missing), "--output", str(tmp_path / "out")]) == 2
+    assert main(["train", "--input", str(missing), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert str(missing) in err and "not found" in err
 

@@ -225,7 +225,7 @@ def test_a_filled_in_review_file_relabels_and_adds_training_images(
                  "--arch", "simple_cnn", "--epochs", "1", "--batch-size", "32", "--workers", "1"])
     assert code == 0
     assert json.loads((tmp_path / "run" / "model" / "model.json").read_text())["human_labels"] == expected
-    assert "2 labels changed, 1 confirmed, 2 images added" in capsys.readouterr().out
+    assert "2 labels changed, 1 confirmed, 2 images added" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("rows, message", [

@@ -414,6 +414,9 @@ class Dataset:
                 refuse(f"delete entry {name!r} is not listed by a committed {SUCCESS}")
             if re.fullmatch(_REPORT_FILE, name) and _success_beside(name) not in delete:
                 refuse(f"delete entry {name!r} is a report whose {SUCCESS} the plan does not delete")
+            # A folder planted where a committed file was: deleting it would delete what is below it.
+            if self.store.info(name).type == pafs.FileType.Directory:
+                refuse(f"delete entry {name!r} is a folder, not a file distcls wrote")
 
     def _apply(self, plan: dict[str, Any]) -> None:
         """Carry out a validated plan. Idempotent: a step already done is skipped."""

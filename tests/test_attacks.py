@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distcls.cli import main
-from distcls.dataset import COMMITTING, LOCK, STAGING, SUCCESS
+from distcls.dataset import COMMITTING, LOCK, REPORT, STAGING, SUCCESS
 
 RUN = "20990101T000000Z-aaaaaa"
 
@@ -243,3 +244,35 @@ def test_an_empty_manifest_is_refused_before_ray_starts_and_writes_nothing(no_ra
         err = capsys.readouterr().err.strip()
         assert code == 2 and "no images to label" in err and len(err.splitlines()) == 1, err
     assert not ray.is_initialized() and not output.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The quality report: files planted where it goes, tampered quality blocks
+
+
+def _plain_run(lake: Path, model: Path, output: Path, *flags: str) -> dict:
+    assert main(_label_args(lake, model, output, *flags)) == 0
+    return json.loads(Path(output / SUCCESS).read_text()) if (output / SUCCESS).exists() else {}
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("planted", ["report", "part"])
+def test_overwrite_never_deletes_a_folder_planted_where_a_committed_file_was(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys, planted: str) -> None:
+    """A committed run's _report.png (or one of its Parquet files) replaced by a folder of someone's
+    files: --overwrite deletes what the old _SUCCESS lists, and Store.delete deletes a folder with
+    everything below it. It must refuse (nothing changed) rather than delete the folder."""
+    lake, output = synthetic_lake(1, labelled=False), tmp_path / "out"
+    first = _plain_run(lake, tiny_model, output)
+    capsys.readouterr()
+    name = REPORT if planted == "report" else first["files"][0]
+    (output / name).unlink()
+    before = _someone_elses_parquet(output / name / "important.parquet")
+
+    code = main(_label_args(lake, tiny_model, output, "--overwrite"))
+    err = capsys.readouterr().err.strip()
+    assert (output / name / "important.parquet").read_bytes() == before
+    # Ray Data's progress lines come first: the failure is the last line, and the only distcls one.
+    assert code == 1 and [line for line in err.splitlines() if line.startswith("distcls label:")] == [
+        err.splitlines()[-1]] and name in err.splitlines()[-1], err
+    assert json.loads((output / SUCCESS).read_text()) == first and not (output / LOCK).exists()

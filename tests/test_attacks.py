@@ -276,3 +276,19 @@ def test_overwrite_never_deletes_a_folder_planted_where_a_committed_file_was(
     assert code == 1 and [line for line in err.splitlines() if line.startswith("distcls label:")] == [
         err.splitlines()[-1]] and name in err.splitlines()[-1], err
     assert json.loads((output / SUCCESS).read_text()) == first and not (output / LOCK).exists()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_folder_planted_as_the_report_of_a_new_output_is_refused_before_labelling(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """_report.png a folder in an empty output: the commit's last move (staged report -> _report.png)
+    fails after the Parquet files moved, and every later run rolls the same plan forward into the
+    same failure. It is not distcls's (no _SUCCESS lists it): refused as foreign, exit 2."""
+    output = tmp_path / "out"
+    before = _someone_elses_parquet(output / REPORT / "important.parquet")
+
+    code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and REPORT in err and len(err.splitlines()) == 1, err
+    assert (output / REPORT / "important.parquet").read_bytes() == before
+    assert sorted(p.name for p in output.iterdir()) == [REPORT]

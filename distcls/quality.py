@@ -95,10 +95,12 @@ def previous_counts(summaries: Iterable[Mapping[str, Any]], model_id: str, run_i
     pooled: collections.Counter = collections.Counter()
     runs = 0
     for summary in summaries:
-        labels = (summary.get("quality") or {}).get("labels")
+        # A _SUCCESS is a file anyone can edit: a block or count of the wrong type is left out.
+        block = summary.get("quality")
+        labels = block.get("labels") if isinstance(block, dict) else None
         if summary.get("model_id") != model_id or summary.get("run_id") == run_id or not isinstance(labels, dict):
             continue
-        pooled.update({str(k): int(v) for k, v in labels.items() if isinstance(v, int)})
+        pooled.update({str(k): v for k, v in labels.items() if type(v) is int and v >= 0})
         runs += 1
     return dict(pooled), runs
 

@@ -292,3 +292,40 @@ def test_a_folder_planted_as_the_report_of_a_new_output_is_refused_before_labell
     assert code == 2 and REPORT in err and len(err.splitlines()) == 1, err
     assert (output / REPORT / "important.parquet").read_bytes() == before
     assert sorted(p.name for p in output.iterdir()) == [REPORT]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_tampered_quality_blocks_of_earlier_runs_neither_fail_a_run_nor_runs(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """Earlier runs' _SUCCESS with a quality block of the wrong types (a list; labels with NaN,
+    negative, boolean and huge counts; mean_top1 a string; errors_by_kind a list): the next
+    --incremental run pools only the well-formed counts and commits; `runs` lists every run."""
+    lake, output = synthetic_lake(1, labelled=False), tmp_path / "out"
+    argv = _label_args(lake, tiny_model, output, "--incremental")
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    success = output / f"run={first['run_id']}" / SUCCESS
+    summary = json.loads(success.read_text())
+    summary["quality"] = ["not", "a", "dict"]
+    summary["errors_by_kind"] = ["x"]
+    success.write_text(json.dumps(summary))
+    # A second, hand-made committed run of the same model with nonsense numbers.
+    other = "20990101T000000Z-bbbbbb"
+    (output / f"run={other}").mkdir()
+    (output / f"run={other}" / SUCCESS).write_text(json.dumps({
+        **summary, "run_id": other, "files": [], "started_at": "x", "images_per_s": "fast",
+        "quality": {"labels": {"a": float("nan"), "b": -5, "c": True, "d": 10**300}, "mean_top1": "high",
+                    "drift": "maybe"}}))
+
+    code = main([*argv, "--input", str(synthetic_lake(1, labelled=False, seed=1))])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    second = json.loads(captured.out.strip().splitlines()[-1])
+    previous = second["quality"]["references"]["previous_runs"]
+    assert previous == {**previous, "runs": 1, "images": 10**300}
+
+    for flags in ([], ["--json"]):
+        code = main(["runs", str(output), *flags])
+        captured = capsys.readouterr()
+        assert code == 0 and len(captured.out.strip().splitlines()) == (1 if flags else 4), captured.err
+        assert {first["run_id"], second["run_id"], other} <= set(re.findall(r"\d{8}T\d{6}Z-\w{6}", captured.out))

@@ -329,3 +329,22 @@ def test_tampered_quality_blocks_of_earlier_runs_neither_fail_a_run_nor_runs(
         captured = capsys.readouterr()
         assert code == 0 and len(captured.out.strip().splitlines()) == (1 if flags else 4), captured.err
         assert {first["run_id"], second["run_id"], other} <= set(re.findall(r"\d{8}T\d{6}Z-\w{6}", captured.out))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_manifest_row_with_a_nul_byte_is_its_own_error_row_not_a_failed_run(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """A path with a NUL byte (os.stat raises ValueError, not OSError) crashed the inference actor:
+    the whole run failed (exit 1) after reading. It is one refused row, as any path no file can have."""
+    lake, manifest, output = synthetic_lake(1, labelled=False), tmp_path / "manifest.parquet", tmp_path / "out"
+    good = sorted(str(p) for p in lake.rglob("*.jpg"))
+    pq.write_table(pa.table({"path": [*good, f"{lake}/a\x00b.jpg"]}), manifest)
+
+    code = main(_label_args(manifest, tiny_model, output, manifest=True))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = pq.read_table(output).to_pandas()
+    assert sorted(rows["path"]) == sorted([*good, f"{lake}/a\x00b.jpg"])
+    bad = rows[rows["path"].str.contains("\x00")]
+    assert bad["error_kind"].tolist() == ["refused"] and bad["label"].isna().all()
+    assert rows["error"].isna().sum() == len(good)

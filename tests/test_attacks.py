@@ -348,3 +348,35 @@ def test_a_manifest_row_with_a_nul_byte_is_its_own_error_row_not_a_failed_run(
     bad = rows[rows["path"].str.contains("\x00")]
     assert bad["error_kind"].tolist() == ["refused"] and bad["label"].isna().all()
     assert rows["error"].isna().sum() == len(good)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_the_input_reader_dying_while_the_pipeline_runs_is_one_line_and_a_rerun_labels_each_input_once(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys, monkeypatch) -> None:
+    """The InputReader owns the input blocks: killed after it handed them over (here: at once),
+    the inference actors get OwnerDiedError, which reached the CLI as Ray's multi-part text with
+    colour codes. It must be one line, exit 1, nothing committed; --resume then labels each input once."""
+    import ray
+
+    from distcls import inputs
+
+    pending = inputs.Reading.pending
+
+    def then_die(self, *args, **kwargs):
+        blocks = pending(self, *args, **kwargs)
+        ray.kill(self._actor)
+        return blocks
+
+    lake, output = synthetic_lake(1, labelled=False), tmp_path / "out"
+    monkeypatch.setattr(inputs.Reading, "pending", then_die)
+    code = main(_label_args(lake, tiny_model, output))
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("distcls label: failed: the input blocks were lost") and "\x1b" not in last
+    assert "nothing was committed" in last and not (output / SUCCESS).exists() and not (output / LOCK).exists()
+
+    monkeypatch.setattr(inputs.Reading, "pending", pending)
+    assert main(_label_args(lake, tiny_model, output, "--resume")) == 0
+    capsys.readouterr()
+    paths = pq.read_table(output)["path"].to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in lake.rglob("*.jpg"))

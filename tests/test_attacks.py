@@ -380,3 +380,29 @@ def test_the_input_reader_dying_while_the_pipeline_runs_is_one_line_and_a_rerun_
     capsys.readouterr()
     paths = pq.read_table(output)["path"].to_pylist()
     assert sorted(paths) == sorted(str(p) for p in lake.rglob("*.jpg"))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_s3_prefix_that_is_also_an_object_is_listed_page_by_page_with_odd_keys(
+        s3_endpoint: str, s3_bucket: str, synthetic_lake, tiny_model: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """``s3://b/p`` is an object and ``p/`` holds images (keys with a space, unicode, ``%``, ``+``),
+    listed 2 keys a page: the run refused the prefix as "is a file". It labels each image once."""
+    import boto3
+
+    from distcls import lake as lakes
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    files = sorted(synthetic_lake(1, labelled=False).rglob("*.jpg"))
+    names = ["a b.jpg", "ünï €.jpg", "100%.jpg", "a+b.jpg", "x%20y.jpg"]
+    for name, file in zip(names, files):
+        client.upload_file(str(file), s3_bucket, f"p/{name}")
+    client.upload_file(str(files[-1]), s3_bucket, "p")
+    monkeypatch.setattr(lakes, "LIST_PAGE_KEYS", 2)
+    output = tmp_path / "out"
+
+    code = main(_label_args(f"s3://{s3_bucket}/p", tiny_model, output))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    rows = pq.read_table(output).to_pandas()
+    assert sorted(rows["path"]) == sorted(f"s3://{s3_bucket}/p/{name}" for name in names)
+    assert rows["error"].isna().all()

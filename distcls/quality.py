@@ -122,10 +122,12 @@ def report(found: Tally, *, validation: Mapping[str, Any] | None, previous: tupl
         references["validation"] = {"images": validation["images"], "mean_top1": validation["mean_top1"],
                                     "shares": dict(validation["predicted"])}
     pooled, runs = previous
-    if runs:
+    if runs and sum(pooled.values()):
         references["previous_runs"] = {"runs": runs, "images": sum(pooled.values()), "shares": shares(pooled)}
     else:
-        notes.append("no earlier committed run of this model in this output to compare with")
+        # Earlier runs whose images all failed have no distribution: against an empty one every
+        # run would be at total variation 1/2, drift at the default threshold.
+        notes.append("no earlier committed run of this model in this output with labelled images to compare with")
     for reference in filter(None, references.values()):
         reference["total_variation"] = round(total_variation(run_shares, reference["shares"]), 6) if images else None
         reference["psi"] = round(psi(run_shares, reference["shares"]), 6) if images else None

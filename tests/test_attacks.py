@@ -406,3 +406,25 @@ def test_an_s3_prefix_that_is_also_an_object_is_listed_page_by_page_with_odd_key
     rows = pq.read_table(output).to_pandas()
     assert sorted(rows["path"]) == sorted(f"s3://{s3_bucket}/p/{name}" for name in names)
     assert rows["error"].isna().all()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_earlier_run_of_only_error_rows_is_no_reference_for_drift(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """Night 1 labels a folder of broken files only (every row an error, labels {}); night 2 a
+    normal lake with --fail-on-drift. Compared with night 1's empty distribution night 2 was at
+    total variation 0.5: drift, exit 3, every night after a bad one."""
+    broken, output = tmp_path / "broken", tmp_path / "out"
+    broken.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (broken / name).write_bytes(b"not an image")
+    argv = ["--model", str(tiny_model), "--output", str(output), "--incremental", "--fail-on-drift"]
+
+    assert main(["label", "--input", str(broken), *argv]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["quality"]["images"] == 0 and first["errors"] == 2
+    code = main(["label", "--input", str(synthetic_lake(1, labelled=False)), *argv])
+    captured = capsys.readouterr()
+    second = json.loads(captured.out.strip().splitlines()[-1])
+    assert code == 0 and second["quality"]["drift"] is False, captured.err
+    assert second["quality"]["references"]["previous_runs"] is None

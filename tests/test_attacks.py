@@ -428,3 +428,21 @@ def test_an_earlier_run_of_only_error_rows_is_no_reference_for_drift(
     second = json.loads(captured.out.strip().splitlines()[-1])
     assert code == 0 and second["quality"]["drift"] is False, captured.err
     assert second["quality"]["references"]["previous_runs"] is None
+
+
+@pytest.mark.parametrize("rate", ["fast", [1], -5, 1e308])
+def test_dry_run_estimates_from_no_tampered_rate(no_ray, tmp_path: Path, synthetic_lake, tiny_model: Path, capsys,
+                                                 rate) -> None:
+    """The last run's _SUCCESS with images_per_s a string, a list, negative or absurd: --dry-run
+    divided by it (TypeError through the CLI's last-resort handler, exit 1) or printed a negative
+    time. A rate that is not a positive finite number is no rate to estimate from."""
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / SUCCESS).write_text(json.dumps({"run_id": RUN, "files": [], "images_per_s": rate,
+                                              "started_at": "2099-01-01T00:00:00+00:00"}))
+    code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output, "--dry-run", "--overwrite"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    plan = json.loads(captured.out.strip().splitlines()[-1])
+    assert plan["pending"] == 10
+    assert plan["estimated_seconds"] is None or 0 <= plan["estimated_seconds"] < 1, plan

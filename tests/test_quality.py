@@ -428,3 +428,17 @@ def test_the_report_of_a_model_with_thousands_of_classes_draws_only_the_largest_
     assert plots.quality_report(checked, "r").startswith(PNG_MAGIC)
     assert ticks == [plots.MAX_CLASSES_DRAWN]
     assert f"{plots.MAX_CLASSES_DRAWN} with the largest shares of 20000" in titles[0]
+
+
+@pytest.mark.parametrize("predicted", [{}, {"circle": 0.0}, {"circle": 0.2, "square": 0.2}])
+def test_a_validation_distribution_that_is_not_one_is_refused_in_one_line(
+        no_ray, tiny_model: Path, synthetic_lake, tmp_path: Path, capsys, predicted: dict) -> None:
+    """A model.json whose validation shares do not add up to 1 (empty, all zero, partial): every
+    run was at total variation >= 1/2 from it, so drift was set on every run (exit 3 with
+    --fail-on-drift). Refused as the bad artifact it is, before any Ray work."""
+    model = _with_validation(tiny_model, tmp_path / "model", predicted)
+    code = main(["label", "--input", str(synthetic_lake(1, labelled=False)), "--model", model,
+                 "--output", str(tmp_path / "out"), "--fail-on-drift"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "validation" in err and "add up to" in err, err
+    assert not (tmp_path / "out").exists()

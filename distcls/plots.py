@@ -74,7 +74,8 @@ def quality_report(quality: dict[str, Any], run_id: str) -> bytes:
     every = set().union(*series.values())
     # Drawing one bar and tick per class takes about 10 ms per class (a minute for 5,000), on the
     # driver, holding the output's lock: only the classes with the largest shares are drawn.
-    names = sorted(sorted(every, key=lambda n: -max(shares.get(n, 0.0) for shares in series.values()))[:MAX_CLASSES_DRAWN])
+    largest = sorted(every, key=lambda name: -max(shares.get(name, 0.0) for shares in series.values()))
+    names = sorted(largest[:MAX_CLASSES_DRAWN])
     width = 0.8 / len(series)
     for i, (label, shares) in enumerate(series.items()):
         share_ax.bar(np.arange(len(names)) + i * width, [shares.get(n, 0.0) for n in names], width, label=label)

@@ -54,6 +54,15 @@ class Validation(BaseModel):
     mean_top1: float = Field(ge=0, le=1, description="Mean top-1 probability over the held-out images.")
     images: int = Field(ge=1, description="Held-out images.")
 
+    @field_validator("predicted")
+    @classmethod
+    def _shares_of_all(cls, value: dict[str, float]) -> dict[str, float]:
+        # Shares of every held-out image: an empty or partial distribution would be at total
+        # variation >= 1/2 from any run, drift on every run (float sums stay well within 1e-3).
+        if abs(sum(value.values()) - 1) > 1e-3:
+            raise ValueError(f"the shares add up to {sum(value.values()):g}, not 1")
+        return value
+
 
 class ModelInfo(BaseModel):
     """Everything needed to rebuild and feed a trained model."""

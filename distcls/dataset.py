@@ -468,6 +468,9 @@ class Dataset:
                 refuse(f"delete entry {name!r} is not listed by a committed {SUCCESS}")
             if re.fullmatch(_REPORT_FILE, name) and _success_beside(name) not in delete:
                 refuse(f"delete entry {name!r} is a report whose {SUCCESS} the plan does not delete")
+            # A folder planted where a committed file was: deleting it would delete what is below it.
+            if self.store.info(name).type == pafs.FileType.Directory:
+                refuse(f"delete entry {name!r} is a folder, not a file distcls wrote")
 
     def _apply(self, plan: dict[str, Any]) -> None:
         """Carry out a validated plan. Idempotent: a step already done is skipped."""
@@ -611,12 +614,15 @@ class Dataset:
     def _survey(self) -> tuple[list[str], list[str], list[str]]:
         """(committed entries, foreign entries, leftover partitions) of the output. Committed: a
         ``_SUCCESS`` and what it lists. Leftover: a ``run=<run_id>`` folder of only ``part-NNNNN.parquet``
-        files and a ``_report.png`` (the names a commit gives them) and no ``_SUCCESS``. Foreign: anything else not starting with ``_`` or ``.``."""
+        files and a ``_report.png`` (the names a commit gives them) and no ``_SUCCESS``. Foreign: anything else not
+        starting with ``_`` or ``.``, and a ``_report.png`` that no ``_SUCCESS`` lists."""
         listed = {name for s in self.successes().values() for name in _files(s)}
         committed, foreign, leftovers = [SUCCESS] * self.store.exists(SUCCESS), [], []
         for entry in self.store.entries():
             name = entry.base_name
-            if name.startswith(("_", ".")):
+            # _report.png is a dataset name, not an internal one: one no _SUCCESS lists is not
+            # distcls's (a folder there would fail the commit's last move, run after run).
+            if name.startswith(("_", ".")) and name != REPORT:
                 continue
             if not _is_partition(entry):
                 (committed if name in listed else foreign).append(name)

@@ -167,7 +167,7 @@ def _dry_run(config: LabelConfig, output: Dataset, info: ModelInfo, source: Stor
     if count == 0:
         raise inputs.nothing_to_label(config)
     pending = sum(inputs.fresh(t, staged, labelled).num_rows for t in tables)
-    last = max((s for s in output.successes().values() if s.get("images_per_s")),
+    last = max((s for s in output.successes().values() if _rate(s.get("images_per_s"))),
                key=lambda s: str(s.get("started_at")), default=None)
     rate = last["images_per_s"] if last else None
     plan = {"dry_run": True, "inputs": count, "pending": pending, "already_staged": len(staged),
@@ -312,6 +312,11 @@ def _nothing_new(config: LabelConfig, output: Dataset, info: ModelInfo, started:
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _rate(value: Any) -> bool:
+    """Whether a summary's images_per_s is one to estimate from (a _SUCCESS is a file anyone can edit)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 def _iso(seconds: float) -> str:

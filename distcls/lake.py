@@ -71,8 +71,17 @@ def list_chunks(lake: storage.Store, extensions: tuple[str, ...] | list[str] = I
 
 def check_lake(lake: storage.Store) -> None:
     """UsageError unless ``lake``'s root is a folder or prefix that exists."""
-    if lake.require_exists().type == pafs.FileType.File:
+    if lake.require_exists().type == pafs.FileType.File and not _s3_keys_below(lake):
         raise UsageError(f"{lake.root}: is a file; expected a folder/prefix of images (use --manifest for a list)")
+
+
+def _s3_keys_below(lake: storage.Store) -> bool:
+    """Whether an S3 root that is an object also has keys below it (``p`` beside ``p/x.jpg``):
+    then it is a prefix too, and listed as one."""
+    if storage.split_uri(lake.root)[0] not in ("s3", "s3a"):
+        return False
+    bucket, _, key = lake.path().partition("/")
+    return bool(key) and bool(next(_s3_pages(lake.conditional()[0], bucket, f"{key}/", 1)))
 
 
 def _s3_files(fs: s3fs.S3FileSystem, root: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:

@@ -217,6 +217,11 @@ def predict(inputs: pa.Table | Blocks, config: InferenceConfig, info: ModelInfo,
     try:
         yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
     except Exception as exc:
+        if isinstance(exc, ray.exceptions.ObjectLostError) or isinstance(getattr(exc, "cause", None),
+                                                                      ray.exceptions.ObjectLostError):
+            # The input blocks' owner (label's InputReader, or the driver) or their node died.
+            raise JobError(f"the input blocks were lost ({type(getattr(exc, 'cause', None) or exc).__name__}): "
+                           "the process that read the inputs, or its node, died") from None
         # A JobError raised in a task or an actor's constructor reaches the driver only as text
         # inside Ray's own exceptions; say it in one line.
         reason = re.search(r"distcls\.errors\.JobError: (.+)", str(exc))

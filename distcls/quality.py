@@ -95,10 +95,12 @@ def previous_counts(summaries: Iterable[Mapping[str, Any]], model_id: str, run_i
     pooled: collections.Counter = collections.Counter()
     runs = 0
     for summary in summaries:
-        labels = (summary.get("quality") or {}).get("labels")
+        # A _SUCCESS is a file anyone can edit: a block or count of the wrong type is left out.
+        block = summary.get("quality")
+        labels = block.get("labels") if isinstance(block, dict) else None
         if summary.get("model_id") != model_id or summary.get("run_id") == run_id or not isinstance(labels, dict):
             continue
-        pooled.update({str(k): int(v) for k, v in labels.items() if isinstance(v, int)})
+        pooled.update({str(k): v for k, v in labels.items() if type(v) is int and v >= 0})
         runs += 1
     return dict(pooled), runs
 
@@ -120,10 +122,12 @@ def report(found: Tally, *, validation: Mapping[str, Any] | None, previous: tupl
         references["validation"] = {"images": validation["images"], "mean_top1": validation["mean_top1"],
                                     "shares": dict(validation["predicted"])}
     pooled, runs = previous
-    if runs:
+    if runs and sum(pooled.values()):
         references["previous_runs"] = {"runs": runs, "images": sum(pooled.values()), "shares": shares(pooled)}
     else:
-        notes.append("no earlier committed run of this model in this output to compare with")
+        # Earlier runs whose images all failed have no distribution: against an empty one every
+        # run would be at total variation 1/2, drift at the default threshold.
+        notes.append("no earlier committed run of this model in this output with labelled images to compare with")
     for reference in filter(None, references.values()):
         reference["total_variation"] = round(total_variation(run_shares, reference["shares"]), 6) if images else None
         reference["psi"] = round(psi(run_shares, reference["shares"]), 6) if images else None

@@ -29,14 +29,18 @@ def runs(config: RunsConfig) -> dict[str, Any] | None:
 
 
 def _row(summary: dict[str, Any]) -> dict[str, Any]:
+    # Runs committed before the quality report existed have none: null, shown as "-". A field of
+    # the wrong type (a _SUCCESS is a file anyone can edit) is shown as missing, never a crash.
+    quality = summary.get("quality") if isinstance(summary.get("quality"), dict) else {}
+    kinds = summary.get("errors_by_kind")
+    mean, drift = quality.get("mean_top1"), quality.get("drift")
     return {
         "run_id": summary.get("run_id"), "started_at": str(summary.get("started_at", "")),
         "images": summary.get("images"), "errors": summary.get("errors"),
-        "errors_by_kind": summary.get("errors_by_kind", {}), "images_per_s": summary.get("images_per_s"),
+        "errors_by_kind": kinds if isinstance(kinds, dict) else {}, "images_per_s": summary.get("images_per_s"),
         "model_id": summary.get("model_id"), "output": summary.get("output"),
-        # Runs committed before the quality report existed have none: null, shown as "-".
-        "mean_top1": (summary.get("quality") or {}).get("mean_top1"),
-        "drift": (summary.get("quality") or {}).get("drift"), "quality": summary.get("quality"),
+        "mean_top1": mean if isinstance(mean, (int, float)) and not isinstance(mean, bool) else None,
+        "drift": drift if isinstance(drift, bool) else None, "quality": summary.get("quality"),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distcls.cli import main
-from distcls.dataset import COMMITTING, LOCK, STAGING, SUCCESS
+from distcls.dataset import COMMITTING, LOCK, REPORT, STAGING, SUCCESS
 
 RUN = "20990101T000000Z-aaaaaa"
 
@@ -243,3 +244,205 @@ def test_an_empty_manifest_is_refused_before_ray_starts_and_writes_nothing(no_ra
         err = capsys.readouterr().err.strip()
         assert code == 2 and "no images to label" in err and len(err.splitlines()) == 1, err
     assert not ray.is_initialized() and not output.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The quality report: files planted where it goes, tampered quality blocks
+
+
+def _plain_run(lake: Path, model: Path, output: Path, *flags: str) -> dict:
+    assert main(_label_args(lake, model, output, *flags)) == 0
+    return json.loads(Path(output / SUCCESS).read_text()) if (output / SUCCESS).exists() else {}
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("planted", ["report", "part"])
+def test_overwrite_never_deletes_a_folder_planted_where_a_committed_file_was(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys, planted: str) -> None:
+    """A committed run's _report.png (or one of its Parquet files) replaced by a folder of someone's
+    files: --overwrite deletes what the old _SUCCESS lists, and Store.delete deletes a folder with
+    everything below it. It must refuse (nothing changed) rather than delete the folder."""
+    lake, output = synthetic_lake(1, labelled=False), tmp_path / "out"
+    first = _plain_run(lake, tiny_model, output)
+    capsys.readouterr()
+    name = REPORT if planted == "report" else first["files"][0]
+    (output / name).unlink()
+    before = _someone_elses_parquet(output / name / "important.parquet")
+
+    code = main(_label_args(lake, tiny_model, output, "--overwrite"))
+    err = capsys.readouterr().err.strip()
+    assert (output / name / "important.parquet").read_bytes() == before
+    # Ray Data's progress lines come first: the failure is the last line, and the only distcls one.
+    assert code == 1 and [line for line in err.splitlines() if line.startswith("distcls label:")] == [
+        err.splitlines()[-1]] and name in err.splitlines()[-1], err
+    assert json.loads((output / SUCCESS).read_text()) == first and not (output / LOCK).exists()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_folder_planted_as_the_report_of_a_new_output_is_refused_before_labelling(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """_report.png a folder in an empty output: the commit's last move (staged report -> _report.png)
+    fails after the Parquet files moved, and every later run rolls the same plan forward into the
+    same failure. It is not distcls's (no _SUCCESS lists it): refused as foreign, exit 2."""
+    output = tmp_path / "out"
+    before = _someone_elses_parquet(output / REPORT / "important.parquet")
+
+    code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and REPORT in err and len(err.splitlines()) == 1, err
+    assert (output / REPORT / "important.parquet").read_bytes() == before
+    assert sorted(p.name for p in output.iterdir()) == [REPORT]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_tampered_quality_blocks_of_earlier_runs_neither_fail_a_run_nor_runs(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """Earlier runs' _SUCCESS with a quality block of the wrong types (a list; labels with NaN,
+    negative, boolean and huge counts; mean_top1 a string; errors_by_kind a list): the next
+    --incremental run pools only the well-formed counts and commits; `runs` lists every run."""
+    lake, output = synthetic_lake(1, labelled=False), tmp_path / "out"
+    argv = _label_args(lake, tiny_model, output, "--incremental")
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    success = output / f"run={first['run_id']}" / SUCCESS
+    summary = json.loads(success.read_text())
+    summary["quality"] = ["not", "a", "dict"]
+    summary["errors_by_kind"] = ["x"]
+    success.write_text(json.dumps(summary))
+    # A second, hand-made committed run of the same model with nonsense numbers.
+    other = "20990101T000000Z-bbbbbb"
+    (output / f"run={other}").mkdir()
+    (output / f"run={other}" / SUCCESS).write_text(json.dumps({
+        **summary, "run_id": other, "files": [], "started_at": "x", "images_per_s": "fast",
+        "quality": {"labels": {"a": float("nan"), "b": -5, "c": True, "d": 10**300}, "mean_top1": "high",
+                    "drift": "maybe"}}))
+
+    code = main([*argv, "--input", str(synthetic_lake(1, labelled=False, seed=1))])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    second = json.loads(captured.out.strip().splitlines()[-1])
+    previous = second["quality"]["references"]["previous_runs"]
+    assert previous == {**previous, "runs": 1, "images": 10**300}
+
+    for flags in ([], ["--json"]):
+        code = main(["runs", str(output), *flags])
+        captured = capsys.readouterr()
+        assert code == 0 and len(captured.out.strip().splitlines()) == (1 if flags else 4), captured.err
+        assert {first["run_id"], second["run_id"], other} <= set(re.findall(r"\d{8}T\d{6}Z-\w{6}", captured.out))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_manifest_row_with_a_nul_byte_is_its_own_error_row_not_a_failed_run(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """A path with a NUL byte (os.stat raises ValueError, not OSError) crashed the inference actor:
+    the whole run failed (exit 1) after reading. It is one refused row, as any path no file can have."""
+    lake, manifest, output = synthetic_lake(1, labelled=False), tmp_path / "manifest.parquet", tmp_path / "out"
+    good = sorted(str(p) for p in lake.rglob("*.jpg"))
+    pq.write_table(pa.table({"path": [*good, f"{lake}/a\x00b.jpg"]}), manifest)
+
+    code = main(_label_args(manifest, tiny_model, output, manifest=True))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = pq.read_table(output).to_pandas()
+    assert sorted(rows["path"]) == sorted([*good, f"{lake}/a\x00b.jpg"])
+    bad = rows[rows["path"].str.contains("\x00")]
+    assert bad["error_kind"].tolist() == ["refused"] and bad["label"].isna().all()
+    assert rows["error"].isna().sum() == len(good)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_the_input_reader_dying_while_the_pipeline_runs_is_one_line_and_a_rerun_labels_each_input_once(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys, monkeypatch) -> None:
+    """The InputReader owns the input blocks: killed after it handed them over (here: at once),
+    the inference actors get OwnerDiedError, which reached the CLI as Ray's multi-part text with
+    colour codes. It must be one line, exit 1, nothing committed; --resume then labels each input once."""
+    import ray
+
+    from distcls import inputs
+
+    pending = inputs.Reading.pending
+
+    def then_die(self, *args, **kwargs):
+        blocks = pending(self, *args, **kwargs)
+        ray.kill(self._actor)
+        return blocks
+
+    lake, output = synthetic_lake(1, labelled=False), tmp_path / "out"
+    monkeypatch.setattr(inputs.Reading, "pending", then_die)
+    code = main(_label_args(lake, tiny_model, output))
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("distcls label: failed: the input blocks were lost") and "\x1b" not in last
+    assert "nothing was committed" in last and not (output / SUCCESS).exists() and not (output / LOCK).exists()
+
+    monkeypatch.setattr(inputs.Reading, "pending", pending)
+    assert main(_label_args(lake, tiny_model, output, "--resume")) == 0
+    capsys.readouterr()
+    paths = pq.read_table(output)["path"].to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in lake.rglob("*.jpg"))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_s3_prefix_that_is_also_an_object_is_listed_page_by_page_with_odd_keys(
+        s3_endpoint: str, s3_bucket: str, synthetic_lake, tiny_model: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """``s3://b/p`` is an object and ``p/`` holds images (keys with a space, unicode, ``%``, ``+``),
+    listed 2 keys a page: the run refused the prefix as "is a file". It labels each image once."""
+    import boto3
+
+    from distcls import lake as lakes
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    files = sorted(synthetic_lake(1, labelled=False).rglob("*.jpg"))
+    names = ["a b.jpg", "ünï €.jpg", "100%.jpg", "a+b.jpg", "x%20y.jpg"]
+    for name, file in zip(names, files):
+        client.upload_file(str(file), s3_bucket, f"p/{name}")
+    client.upload_file(str(files[-1]), s3_bucket, "p")
+    monkeypatch.setattr(lakes, "LIST_PAGE_KEYS", 2)
+    output = tmp_path / "out"
+
+    code = main(_label_args(f"s3://{s3_bucket}/p", tiny_model, output))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    rows = pq.read_table(output).to_pandas()
+    assert sorted(rows["path"]) == sorted(f"s3://{s3_bucket}/p/{name}" for name in names)
+    assert rows["error"].isna().all()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_earlier_run_of_only_error_rows_is_no_reference_for_drift(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys) -> None:
+    """Night 1 labels a folder of broken files only (every row an error, labels {}); night 2 a
+    normal lake with --fail-on-drift. Compared with night 1's empty distribution night 2 was at
+    total variation 0.5: drift, exit 3, every night after a bad one."""
+    broken, output = tmp_path / "broken", tmp_path / "out"
+    broken.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (broken / name).write_bytes(b"not an image")
+    argv = ["--model", str(tiny_model), "--output", str(output), "--incremental", "--fail-on-drift"]
+
+    assert main(["label", "--input", str(broken), *argv]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["quality"]["images"] == 0 and first["errors"] == 2
+    code = main(["label", "--input", str(synthetic_lake(1, labelled=False)), *argv])
+    captured = capsys.readouterr()
+    second = json.loads(captured.out.strip().splitlines()[-1])
+    assert code == 0 and second["quality"]["drift"] is False, captured.err
+    assert second["quality"]["references"]["previous_runs"] is None
+
+
+@pytest.mark.parametrize("rate", ["fast", [1], -5, 1e308])
+def test_dry_run_estimates_from_no_tampered_rate(no_ray, tmp_path: Path, synthetic_lake, tiny_model: Path, capsys,
+                                                 rate) -> None:
+    """The last run's _SUCCESS with images_per_s a string, a list, negative or absurd: --dry-run
+    divided by it (TypeError through the CLI's last-resort handler, exit 1) or printed a negative
+    time. A rate that is not a positive finite number is no rate to estimate from."""
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / SUCCESS).write_text(json.dumps({"run_id": RUN, "files": [], "images_per_s": rate,
+                                              "started_at": "2099-01-01T00:00:00+00:00"}))
+    code = main(_label_args(synthetic_lake(1, labelled=False), tiny_model, output, "--dry-run", "--overwrite"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    plan = json.loads(captured.out.strip().splitlines()[-1])
+    assert plan["pending"] == 10
+    assert plan["estimated_seconds"] is None or 0 <= plan["estimated_seconds"] < 1, plan

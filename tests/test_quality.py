@@ -398,3 +398,47 @@ def _samples(text: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             found[name] = float(value)
     return found
+
+
+def test_the_report_of_a_model_with_thousands_of_classes_draws_only_the_largest_shares(monkeypatch) -> None:
+    """A 20,000-class model (its validation distribution names them all): one bar and tick per
+    class took about a minute per 5,000 classes on the driver, holding the lock after the run.
+    The report draws the classes with the largest shares only, and says so."""
+    from matplotlib.axes import Axes
+
+    from distcls import plots
+
+    classes = [f"class-{i:05d}" for i in range(20000)]
+    found = quality.tally([_table(classes[:3] * 10, [0.9] * 30, [None] * 30)], 0.5)
+    validation = {"images": 40000, "mean_top1": 0.5, "predicted": {c: 1 / len(classes) for c in classes}}
+    checked = quality.report(found, validation=validation, previous=({c: 2 for c in classes}, 1), drift_threshold=0.2)
+    ticks, titles = [], []
+    real_ticks, real_set = Axes.set_xticks, Axes.set
+
+    def spy_ticks(self, positions, *args, **kwargs):
+        ticks.append(len(positions))
+        return real_ticks(self, positions, *args, **kwargs)
+
+    def spy_set(self, **kwargs):
+        titles.append(kwargs.get("title"))
+        return real_set(self, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_xticks", spy_ticks)
+    monkeypatch.setattr(Axes, "set", spy_set)
+    assert plots.quality_report(checked, "r").startswith(PNG_MAGIC)
+    assert ticks == [plots.MAX_CLASSES_DRAWN]
+    assert f"{plots.MAX_CLASSES_DRAWN} with the largest shares of 20000" in titles[0]
+
+
+@pytest.mark.parametrize("predicted", [{}, {"circle": 0.0}, {"circle": 0.2, "square": 0.2}])
+def test_a_validation_distribution_that_is_not_one_is_refused_in_one_line(
+        no_ray, tiny_model: Path, synthetic_lake, tmp_path: Path, capsys, predicted: dict) -> None:
+    """A model.json whose validation shares do not add up to 1 (empty, all zero, partial): every
+    run was at total variation >= 1/2 from it, so drift was set on every run (exit 3 with
+    --fail-on-drift). Refused as the bad artifact it is, before any Ray work."""
+    model = _with_validation(tiny_model, tmp_path / "model", predicted)
+    code = main(["label", "--input", str(synthetic_lake(1, labelled=False)), "--model", model,
+                 "--output", str(tmp_path / "out"), "--fail-on-drift"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "validation" in err and "add up to" in err, err
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import math
 import sys
 import types
 import typing
@@ -168,13 +169,25 @@ def main(argv: list[str] | None = None) -> int:
               " (set DISTCLS_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
     if result is not None:
-        print(json.dumps(result, default=str))
+        print(json.dumps(_finite(result), default=str, allow_nan=False))
     if getattr(config, "fail_on_drift", False) and ((result or {}).get("quality") or {}).get("drift"):
         print(f"distcls {args.command}: drift: the label distribution moved more than --drift-threshold "
               f"{config.drift_threshold:g} from {', '.join(result['quality']['drifted_from'])}; the run was committed",
               file=sys.stderr)
         return EXIT_DRIFT
     return 0
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: stdout is for machines, and strict JSON parsers
+    refuse the bare NaN/Infinity tokens Python writes (a tampered _SUCCESS can hold them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def run(argv: list[str] | None = None) -> typing.NoReturn:

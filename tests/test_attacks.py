@@ -329,6 +329,8 @@ def test_tampered_quality_blocks_of_earlier_runs_neither_fail_a_run_nor_runs(
         captured = capsys.readouterr()
         assert code == 0 and len(captured.out.strip().splitlines()) == (1 if flags else 4), captured.err
         assert {first["run_id"], second["run_id"], other} <= set(re.findall(r"\d{8}T\d{6}Z-\w{6}", captured.out))
+        if flags:  # strict JSON for machines: a NaN or Infinity a _SUCCESS holds is null, not a bare token
+            json.loads(captured.out, parse_constant=lambda token: pytest.fail(f"{token} on stdout"))
 
 
 @pytest.mark.usefixtures("ray_local")

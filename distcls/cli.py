@@ -14,8 +14,8 @@ import atexit
 import importlib.metadata
 import json
 import logging
-import os
 import math
+import os
 import sys
 import types
 import typing

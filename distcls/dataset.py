@@ -348,18 +348,6 @@ class Dataset:
                            f"expected {expected}; not committed")
         return {"images": rows, "labelled": rows - errors, "errors": errors, "errors_by_kind": dict(kinds)}
 
-    def staged_rows(self, run_id: str, files: Iterable[str], columns: list[str],
-                    where: pc.Expression | None = None) -> Iterator[pa.Table]:
-        """``columns`` of the rows that pass ``where`` in each of the run's staged ``files`` in turn
-        (one file's rows at a time); JobError naming a file that cannot be read."""
-        for name in files:
-            try:
-                file = pads.dataset(self.store.path(STAGING, run_id, name), filesystem=self.store.fs, format="parquet")
-                yield file.to_table(columns=columns, filter=where)
-            except (OSError, pa.ArrowException) as exc:
-                raise JobError(f"staged file {name} of run {run_id} cannot be read "
-                               f"({str(exc).splitlines()[0][:160]}); not committed") from None
-
     def stage_review(self, run_id: str, tables: Iterable[pa.Table]) -> tuple[list[str], int]:
         """The run's review queue: ``tables`` -> one Parquet file in ``_staging/<run_id>/_review/``
         (none when they hold no row), which ``commit(review=...)`` moves to ``_review/run=<run_id>/``.
@@ -579,14 +567,16 @@ class Dataset:
         schema = pa.schema([("path", pa.string()), ("error", pa.string()), ("error_kind", pa.string())])
         return self.read_staged(run_id, names, schema)
 
-    def read_staged(self, run_id: str, names: Iterable[str], schema: pa.Schema) -> Iterator[pa.Table]:
-        """Only the columns of ``schema`` of each of the run's staged files ``names`` in turn (a column
-        a file lacks reads as null); JobError naming a file that cannot be read."""
+    def read_staged(self, run_id: str, names: Iterable[str], schema: pa.Schema,
+                    where: pc.Expression | None = None) -> Iterator[pa.Table]:
+        """Only the columns of ``schema`` of the rows that pass ``where`` in each of the run's staged
+        files ``names`` in turn (a column a file lacks reads as null); JobError naming a file that
+        cannot be read."""
         for name in names:
             try:
                 file = pads.dataset(self.store.path(STAGING, run_id, name), schema=schema, filesystem=self.store.fs,
                                     format="parquet")
-                yield file.to_table()
+                yield file.to_table(filter=where)
             except (OSError, pa.ArrowException) as exc:
                 raise JobError(f"staged file {name} of run {run_id} cannot be read "
                                f"({str(exc).splitlines()[0][:160]}); not committed") from None

@@ -129,7 +129,8 @@ def _stage_review(config: LabelConfig, output: Dataset, run_id: str, files: list
     add its description to ``counts`` (the summary's ``review``); returns the staged queue's files."""
     if config.review_below is None and config.review_sample is None:
         return []
-    rows = output.staged_rows(run_id, files, review.OUTPUT_COLUMNS, review.candidates(config.review_below))
+    columns = pa.schema([OUTPUT_SCHEMA.field(name) for name in review.OUTPUT_COLUMNS])
+    rows = output.read_staged(run_id, files, columns, review.candidates(config.review_below))
     staged, images = output.stage_review(run_id, review.queue(rows, config.review_sample))
     counts["review"] = {"images": images, "below": config.review_below, "sample": config.review_sample}
     log.info(f"{images} images to review -> {output.uri_of(REVIEW, f'run={run_id}')}" if images

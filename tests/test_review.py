@@ -147,7 +147,8 @@ def test_the_queue_is_committed_and_replaced_on_an_object_store(s3_bucket: str) 
             staged = output.start_run(resume=False, model_id="m", inputs=lambda t: pa.array([True] * len(t)),
                                       settings={})
             files = [name for name, _ in output.write_staged(staged.run_id, [rows], rows_per_file=10)]
-            chosen = output.staged_rows(staged.run_id, files, OUTPUT_COLUMNS, candidates(0.5))
+            columns = pa.schema([OUTPUT_SCHEMA.field(name) for name in OUTPUT_COLUMNS])
+            chosen = output.read_staged(staged.run_id, files, columns, candidates(0.5))
             queued, images = output.stage_review(staged.run_id, queue(chosen, sample))
             return output.commit(staged.run_id, {"run_id": staged.run_id, "review": {"images": images}},
                                  incremental=False, overwrite=overwrite, lock=lock, files=files, review=queued)

@@ -260,10 +260,15 @@ def load_config(cls: type[Settings], path: str | None = None, overrides: dict[st
 
     Raises UsageError with one line per problem, naming the field, the bad value and the source.
     """
-    values: dict[str, Any] = {}
-    if path:
-        values.update(_read_yaml(path))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values: dict[str, Any] = _read_yaml(path) if path else {}
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    # A flag overrides the file in either spelling: an old YAML key (data:) gives way to the new
+    # flag (--input) instead of meeting it as "both spellings given".
+    for old, new in getattr(cls, "renamed", {}).items():
+        if old in flags or new in flags:
+            values.pop(old, None)
+            values.pop(new, None)
+    values.update(flags)
     try:
         return cls.model_validate(values)
     except ValidationError as exc:

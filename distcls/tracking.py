@@ -35,6 +35,12 @@ EXPERIMENT = "distcls"
 # A remote artifact larger than this is named by a tag instead of copied into the tracking store.
 ARTIFACT_COPY_BYTES = 256 * 2**20
 _ARTIFACT_FILES = ("model.json", "model.safetensors")
+# mlflow's own HTTP defaults (7 retries with backoff from 2 s, 120 s per attempt) spend ~4 min per
+# request on a server that refuses and ~16 min on one that never answers: before training starts,
+# and again at every epoch. Tracking is a record of the run, so a dead server gets seconds; the
+# user's own MLFLOW_HTTP_REQUEST_* settings are kept.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def tracker(config: TrainConfig) -> Any:
@@ -49,6 +55,8 @@ def tracker(config: TrainConfig) -> Any:
     except ImportError:
         raise UsageError("MLFLOW_TRACKING_URI is set but mlflow is not installed: pip install 'distcls[mlflow]' "
                          "(or unset MLFLOW_TRACKING_URI)") from None
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # read by mlflow at each request
     try:
         client = MlflowClient(uri)
         name = _experiment_name()

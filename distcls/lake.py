@@ -194,8 +194,12 @@ def _parquet_batches(file: pa.NativeFile, chunk_rows: int) -> Iterator[pa.Schema
 
 
 def _csv_batches(file: pa.NativeFile) -> Iterator[pa.Schema | pa.RecordBatch]:
-    """The schema, then the record batches of a CSV file; ``path`` read as text whatever it looks like."""
-    reader = pacsv.open_csv(file, convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+    """The schema, then the record batches of a CSV file; ``path`` and ``label`` read as text
+    whatever they look like: the reader infers a type from the first block only, and a labels
+    manifest whose first rows are not labelled yet would make ``label`` the null type, refusing
+    the first label further down."""
+    types = pacsv.ConvertOptions(column_types={"path": pa.string(), "label": pa.string()})
+    reader = pacsv.open_csv(file, convert_options=types)
     yield reader.schema
     yield from reader
 

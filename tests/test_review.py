@@ -245,3 +245,18 @@ def test_a_bad_labels_manifest_is_a_usage_error(synthetic_lake, tmp_path: Path, 
     assert code == 2 and len(err.splitlines()) == 1
     assert f"--labels {manifest}: " + message.format(root=tmp_path) in err
     assert not output.exists()
+
+
+def test_a_labels_csv_labelled_only_past_its_first_block_is_read(synthetic_lake, tmp_path: Path, capsys) -> None:
+    """A 100k-row review file as CSV with only its last row filled in: the CSV reader infers types
+    from the first block (1 MB), where label is all empty; the label further down is still read
+    (and here checked: it is not a class), not refused as 'cannot read manifest'."""
+    manifest = tmp_path / "labels.csv"
+    unlabelled = "".join(f"/elsewhere/{i:06d}.jpg,\n" for i in range(100_000))
+    manifest.write_text("path,label\n" + unlabelled + "/elsewhere/last.jpg,giraffe\n")
+    output = tmp_path / "run"
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--labels", str(manifest)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"--labels {manifest}: row 100001: label 'giraffe' (of /elsewhere/last.jpg) is not one of" in err
+    assert not output.exists()

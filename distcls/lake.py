@@ -9,6 +9,7 @@ import calendar
 import itertools
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -172,7 +173,14 @@ def manifest_chunks(manifest: storage.Store, chunk_rows: int = MANIFEST_CHUNK_RO
                     paths = [_manifest_path(base, p) for p in table["path"].to_pylist()]
                     yield table.set_column(0, "path", pa.array(paths, pa.string()))
     except (OSError, pa.ArrowInvalid) as exc:
-        raise UsageError(f"{uri}: cannot read manifest ({str(exc).splitlines()[0][:160]})") from None
+        raise UsageError(f"{uri}: cannot read manifest ({_unquoted(str(exc).splitlines()[0])[:160]})") from None
+
+
+def _unquoted(message: str) -> str:
+    """An Arrow CSV error without the row or value it quotes: that text may hold a credential
+    (``_refuse_credentials`` only sees rows that parsed)."""
+    message = re.sub(r"(Expected \d+ columns, got \d+): .*", r"\1", message)
+    return re.sub(r"invalid value '.*'", "invalid value (not shown)", message)
 
 
 def _refuse_credentials(uri: str, paths: pa.ChunkedArray, first_row: int) -> None:

@@ -260,3 +260,16 @@ def test_a_labels_csv_labelled_only_past_its_first_block_is_read(synthetic_lake,
     assert code == 2 and len(err.splitlines()) == 1
     assert f"--labels {manifest}: row 100001: label 'giraffe' (of /elsewhere/last.jpg) is not one of" in err
     assert not output.exists()
+
+
+def test_a_malformed_labels_csv_row_is_not_quoted_in_the_error(synthetic_lake, tmp_path: Path, capsys) -> None:
+    """Arrow's CSV errors quote the bad row; a row that does not parse is never checked for
+    credentials, so the error names what is wrong, not the row."""
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\n/a.jpg,circle\ns3://AKIDCANARY:SECRETCANARY@bucket/b.jpg,circle,extra\n")
+    output = tmp_path / "run"
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--labels", str(manifest)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "cannot read manifest (CSV parse error: Expected 2 columns, got 3)" in err and "CANARY" not in err
+    assert not output.exists()

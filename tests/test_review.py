@@ -273,3 +273,18 @@ def test_a_malformed_labels_csv_row_is_not_quoted_in_the_error(synthetic_lake, t
     assert code == 2 and len(err.splitlines()) == 1
     assert "cannot read manifest (CSV parse error: Expected 2 columns, got 3)" in err and "CANARY" not in err
     assert not output.exists()
+
+
+@pytest.mark.parametrize("table, message", [
+    (pa.table({"path": ["/a.jpg"], "label": pa.array([["circle"]])}), "--labels {m}: the 'label' column is list<"),
+    (pa.table({"path": pa.array([7], pa.int64()), "label": ["circle"]}), "{m}: manifest's 'path' column is int64, not text"),
+])
+def test_a_labels_column_of_the_wrong_type_is_a_usage_error(synthetic_lake, tmp_path: Path, capsys, table: pa.Table,
+                                                            message: str) -> None:
+    manifest = tmp_path / "labels.parquet"
+    pq.write_table(table, manifest)
+    output = tmp_path / "run"
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--labels", str(manifest)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message.format(m=manifest) in err
+    assert not output.exists()

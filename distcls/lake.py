@@ -162,6 +162,9 @@ def manifest_chunks(manifest: storage.Store, chunk_rows: int = MANIFEST_CHUNK_RO
             schema = next(reader)
             if "path" not in schema.names:
                 raise UsageError(f"{uri}: manifest has no 'path' column (columns: {', '.join(schema.names)})")
+            kind = schema.field("path").type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+                raise UsageError(f"{uri}: manifest's 'path' column is {kind}, not text")
             keep = [c for c in ("path", "label") if c in schema.names]
             row = 0
             for batch in reader:

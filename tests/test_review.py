@@ -288,3 +288,18 @@ def test_a_labels_column_of_the_wrong_type_is_a_usage_error(synthetic_lake, tmp_
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message.format(m=manifest) in err
     assert not output.exists()
+
+
+def test_a_file_named_review_in_the_output_is_refused_before_the_run(synthetic_lake, model_uri: str, tmp_path: Path,
+                                                                     capsys) -> None:
+    """A plain file where the review queues go used to surface only at the commit (NotADirectoryError,
+    exit 1), after the data files had moved: a half-committed output."""
+    output = tmp_path / "labels"
+    output.mkdir()
+    (output / "_review").write_text("someone's notes")
+    code = main(["label", "--input", str(synthetic_lake(3, labelled=False)), "--model", model_uri,
+                 "--output", str(output), "--review-below", "1.0"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert f"output {output} holds a file '_review'" in captured.err
+    assert [p.name for p in output.iterdir()] == ["_review"] and (output / "_review").read_text() == "someone's notes"

@@ -223,9 +223,11 @@ class LabelConfig(InferenceConfig):
     review_below: float | None = Field(
         None, ge=0, le=1, description="Also write the images whose top-1 score is below this (0..1) to "
                                       "_review/run=<id>/ in the output, for people to label (see --review-sample).")
+    # le: Arrow counts rows in int64, and a larger N failed the run only after labelling (OverflowError).
     review_sample: int | None = Field(
-        None, ge=1, description="Write at most this many of the least confident images to _review/run=<id>/, "
-                                "least confident first (with --review-below: of those below it).")
+        None, ge=1, le=2**63 - 1, description="Write at most this many of the least confident images to "
+                                              "_review/run=<id>/, least confident first (with --review-below: "
+                                              "of those below it).")
     low_confidence: float = Field(
         0.5, ge=0, le=1, allow_inf_nan=False,
         description="The quality report counts images whose top-1 score is below this (0..1).")

@@ -167,7 +167,10 @@ def test_the_queue_is_committed_and_replaced_on_an_object_store(s3_bucket: str) 
 
 @pytest.mark.parametrize("flags, named", [(["--review-below", "1.5"], "--review-below"),
                                           (["--review-below", "-0.1"], "--review-below"),
-                                          (["--review-sample", "0"], "--review-sample")])
+                                          (["--review-below", "nan"], "--review-below"),
+                                          (["--review-sample", "0"], "--review-sample"),
+                                          # used to fail the run after labelling: OverflowError, exit 1
+                                          (["--review-sample", str(2**63)], "--review-sample")])
 def test_review_flags_out_of_range_are_usage_errors(synthetic_lake, model_uri: str, tmp_path: Path, capsys,
                                                     flags: list[str], named: str) -> None:
     output = tmp_path / "labels"

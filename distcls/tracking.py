@@ -89,7 +89,9 @@ def run(client: Any, config: TrainConfig) -> Iterator[Epochs]:
 
 
 class Epochs:
-    """Epoch rows -> MLflow metrics of one run (nothing when there is no tracking)."""
+    """Epoch rows -> MLflow metrics of one run (nothing when there is no tracking). After a request
+    fails it sends no more: each would wait out the same dead server again, and the driver logs
+    the epochs in order, so the run's end would wait for all of them."""
 
     def __init__(self, client: Any, run_id: str | None) -> None:
         self.client, self.run_id = client, run_id
@@ -103,7 +105,8 @@ class Epochs:
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(value), now, int(row["epoch"])) for key, value in row.items()
                    if key != "epoch" and isinstance(value, (int, float))]
-        _quietly(f"log epoch {row.get('epoch')}", self.client.log_batch, self.run_id, metrics=metrics)
+        if not _quietly(f"log epoch {row.get('epoch')}", self.client.log_batch, self.run_id, metrics=metrics):
+            self._give_up()
 
     def log_artifact(self, model: storage.Store) -> None:
         """model.json and model.safetensors of the artifact folder ``model`` under ``model/`` of the
@@ -122,6 +125,10 @@ class Epochs:
                 (Path(folder) / name).write_bytes(model.read(name))
             _quietly("log the model artifact", self._log_files, Path(folder))
 
+    def _give_up(self) -> None:
+        log.warning("mlflow: no more epochs or artifact are sent to this run")
+        self.client = None
+
     def _log_files(self, folder: Path) -> None:
         for name in _ARTIFACT_FILES:
             self.client.log_artifact(self.run_id, str(folder / name), "model")
@@ -135,14 +142,16 @@ def _log_params(client: Any, run_id: str, config: dict[str, Any]) -> None:
     client.log_batch(run_id, params=params)
 
 
-def _quietly(what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+def _quietly(what: str, call: Any, *args: Any, **kwargs: Any) -> bool:
     """Tracking is a record of the run, not part of it: a tracking server that fails mid-run costs
-    its record one line on stderr, never the training."""
+    its record one line on stderr, never the training. False when the call failed."""
     try:
         call(*args, **kwargs)
     except Exception as exc:  # any store's error: the run goes on
         log.warning(f"mlflow: could not {what}: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return False
+    return True
 
 
 def _experiment_name() -> str:

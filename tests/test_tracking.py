@@ -90,3 +90,29 @@ def test_a_tracking_server_that_hangs_up_is_a_usage_error_after_few_attempts(syn
     assert code == 2 and captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and f"MLFLOW_TRACKING_URI {uri}" in captured.err
     assert 1 <= len(accepted) <= 2 and not output.exists()
+
+
+def test_after_a_failed_request_no_more_epochs_are_sent(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that dies mid-run: every further epoch (and the artifact) would wait out the same
+    timeouts again, and the driver logs epochs in order, so the end of a long run would wait for all."""
+    pytest.importorskip("mlflow.entities")
+    from distcls.storage import Store
+    from distcls.tracking import Epochs
+
+    class DeadServer:
+        calls = 0
+
+        def log_batch(self, *args, **kwargs) -> None:
+            DeadServer.calls += 1
+            raise ConnectionError("server gone")
+
+        log_artifact = log_batch
+
+    epochs = Epochs(DeadServer(), "run-1")
+    for epoch in (1, 2, 3):
+        epochs.log({"epoch": epoch, "train_loss": 1.0})
+    epochs.log_artifact(Store("/nonexistent/model"))
+    assert DeadServer.calls == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "mlflow: could not log epoch 1: ConnectionError: server gone",
+        "mlflow: no more epochs or artifact are sent to this run"]

@@ -123,8 +123,10 @@ class TrainConfig(StorageConfig):
                              "epochs, then everything.")
     epochs: int = Field(16, ge=1, description="Passes over the training set.")
     batch_size: int = Field(256, ge=1, description="Global batch size, split evenly across workers.")
-    lr: float = Field(0.2, gt=0, description="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")
-    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
+    # allow_inf_nan=False: --lr inf trained a garbage model and exited 0.
+    lr: float = Field(0.2, gt=0, allow_inf_nan=False,
+                      description="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")
+    weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False, description="SGD weight decay.")
     label_smoothing: float = Field(0.2, ge=0, lt=1, description="Cross-entropy label smoothing.")
     image_size: int = Field(32, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Side of the square model input in pixels.")
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")

@@ -278,3 +278,13 @@ def test_a_new_flag_overrides_an_old_yaml_key(tmp_path: Path, captured_config: d
     config = captured_config["config"]
     assert (config.input, config.arch, config.output) == ("new-lake", "simple_cnn", "o")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay"])
+def test_an_infinite_optimiser_setting_is_a_usage_error(flag: str, captured_config: dict,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """--lr inf passed (inf > 0) and trained a garbage model that exited 0."""
+    assert cli.main(["train", "--input", "lake", "--output", "o", flag, "inf"]) == 2
+    captured = capsys.readouterr()
+    assert "config" not in captured_config and captured.out == ""
+    assert captured.err.startswith(f"distcls train: error: invalid TrainConfig: {flag}: ") and "'inf'" in captured.err

@@ -258,3 +258,16 @@ def _write_jpegs(folder: Path, count: int) -> None:
 
     for i in range(count):
         Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(folder / f"{i}.jpg")
+
+
+def test_a_diverged_training_fails_naming_it_and_saves_no_model(ray_local, synthetic_lake, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """--lr 1e30: NaN losses. It failed as 'ValidationError: 1 validation error for ModelInfo'."""
+    output = tmp_path / "run"
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--arch", "simple_cnn",
+                 "--epochs", "1", "--batch-size", "32", "--workers", "1", "--lr", "1e30"])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("distcls train: failed: training diverged: ") and "val_loss nan" in last and "--lr" in last
+    assert not (output / "model" / "model.json").exists()

@@ -123,8 +123,10 @@ class TrainConfig(StorageConfig):
                              "epochs, then everything.")
     epochs: int = Field(16, ge=1, description="Passes over the training set.")
     batch_size: int = Field(256, ge=1, description="Global batch size, split evenly across workers.")
-    lr: float = Field(0.2, gt=0, description="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")
-    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
+    # allow_inf_nan=False: --lr inf trained a garbage model and exited 0.
+    lr: float = Field(0.2, gt=0, allow_inf_nan=False,
+                      description="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")
+    weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False, description="SGD weight decay.")
     label_smoothing: float = Field(0.2, ge=0, lt=1, description="Cross-entropy label smoothing.")
     image_size: int = Field(32, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Side of the square model input in pixels.")
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
@@ -223,9 +225,11 @@ class LabelConfig(InferenceConfig):
     review_below: float | None = Field(
         None, ge=0, le=1, description="Also write the images whose top-1 score is below this (0..1) to "
                                       "_review/run=<id>/ in the output, for people to label (see --review-sample).")
+    # le: Arrow counts rows in int64, and a larger N failed the run only after labelling (OverflowError).
     review_sample: int | None = Field(
-        None, ge=1, description="Write at most this many of the least confident images to _review/run=<id>/, "
-                                "least confident first (with --review-below: of those below it).")
+        None, ge=1, le=2**63 - 1, description="Write at most this many of the least confident images to "
+                                              "_review/run=<id>/, least confident first (with --review-below: "
+                                              "of those below it).")
     low_confidence: float = Field(
         0.5, ge=0, le=1, allow_inf_nan=False,
         description="The quality report counts images whose top-1 score is below this (0..1).")
@@ -260,10 +264,15 @@ def load_config(cls: type[Settings], path: str | None = None, overrides: dict[st
 
     Raises UsageError with one line per problem, naming the field, the bad value and the source.
     """
-    values: dict[str, Any] = {}
-    if path:
-        values.update(_read_yaml(path))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values: dict[str, Any] = _read_yaml(path) if path else {}
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    # A flag overrides the file in either spelling: an old YAML key (data:) gives way to the new
+    # flag (--input) instead of meeting it as "both spellings given".
+    for old, new in getattr(cls, "renamed", {}).items():
+        if old in flags or new in flags:
+            values.pop(old, None)
+            values.pop(new, None)
+    values.update(flags)
     try:
         return cls.model_validate(values)
     except ValidationError as exc:

@@ -197,6 +197,9 @@ class Dataset:
         """UsageError when this run may not write here: an entry no committed ``_SUCCESS`` lists
         (named), a committed dataset without --overwrite, or a non-partitioned one with --incremental."""
         committed, foreign, _ = self._survey()
+        if self.store.info(REVIEW).type == pafs.FileType.File:  # found at the commit: half committed
+            raise UsageError(f"output {self.uri} holds a file {REVIEW!r} where distcls keeps review queues (a folder): "
+                             "move it or choose another output")
         if foreign:
             raise UsageError(f"output {self.uri} holds {foreign[0]!r}, which no distcls {SUCCESS} lists; distcls "
                              "neither deletes nor mixes in files it did not write: move it or choose another output")

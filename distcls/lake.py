@@ -9,6 +9,7 @@ import calendar
 import itertools
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -170,6 +171,9 @@ def manifest_chunks(manifest: storage.Store, chunk_rows: int = MANIFEST_CHUNK_RO
             schema = next(reader)
             if "path" not in schema.names:
                 raise UsageError(f"{uri}: manifest has no 'path' column (columns: {', '.join(schema.names)})")
+            kind = schema.field("path").type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+                raise UsageError(f"{uri}: manifest's 'path' column is {kind}, not text")
             keep = [c for c in ("path", "label") if c in schema.names]
             row = 0
             for batch in reader:
@@ -181,7 +185,14 @@ def manifest_chunks(manifest: storage.Store, chunk_rows: int = MANIFEST_CHUNK_RO
                     paths = [_manifest_path(base, p) for p in table["path"].to_pylist()]
                     yield table.set_column(0, "path", pa.array(paths, pa.string()))
     except (OSError, pa.ArrowInvalid) as exc:
-        raise UsageError(f"{uri}: cannot read manifest ({str(exc).splitlines()[0][:160]})") from None
+        raise UsageError(f"{uri}: cannot read manifest ({_unquoted(str(exc).splitlines()[0])[:160]})") from None
+
+
+def _unquoted(message: str) -> str:
+    """An Arrow CSV error without the row or value it quotes: that text may hold a credential
+    (``_refuse_credentials`` only sees rows that parsed)."""
+    message = re.sub(r"(Expected \d+ columns, got \d+): .*", r"\1", message)
+    return re.sub(r"invalid value '.*'", "invalid value (not shown)", message)
 
 
 def _refuse_credentials(uri: str, paths: pa.ChunkedArray, first_row: int) -> None:
@@ -203,8 +214,12 @@ def _parquet_batches(file: pa.NativeFile, chunk_rows: int) -> Iterator[pa.Schema
 
 
 def _csv_batches(file: pa.NativeFile) -> Iterator[pa.Schema | pa.RecordBatch]:
-    """The schema, then the record batches of a CSV file; ``path`` read as text whatever it looks like."""
-    reader = pacsv.open_csv(file, convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+    """The schema, then the record batches of a CSV file; ``path`` and ``label`` read as text
+    whatever they look like: the reader infers a type from the first block only, and a labels
+    manifest whose first rows are not labelled yet would make ``label`` the null type, refusing
+    the first label further down."""
+    types = pacsv.ConvertOptions(column_types={"path": pa.string(), "label": pa.string()})
+    reader = pacsv.open_csv(file, convert_options=types)
     yield reader.schema
     yield from reader
 

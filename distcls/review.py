@@ -80,7 +80,12 @@ def human_labels(manifest: storage.Store, classes: list[str]) -> pa.Table:
         if "label" not in chunk.column_names:
             raise UsageError(f"--labels {uri}: no 'label' column (columns: {', '.join(chunk.column_names)})")
         rows = pa.array(range(first, first + chunk.num_rows), pa.int64())
-        chunks.append(pa.table({"path": chunk["path"], "label": pc.cast(chunk["label"], pa.string()), "row": rows}))
+        try:
+            labels = pc.cast(chunk["label"], pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a list, struct, ... column: no label text
+            raise UsageError(f"--labels {uri}: the 'label' column is {chunk.schema.field('label').type}, "
+                             "not class names") from None
+        chunks.append(pa.table({"path": chunk["path"], "label": labels, "row": rows}))
         first += chunk.num_rows
     table = pa.concat_tables(chunks) if chunks else None
     if table is not None:

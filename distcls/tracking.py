@@ -35,6 +35,12 @@ EXPERIMENT = "distcls"
 # A remote artifact larger than this is named by a tag instead of copied into the tracking store.
 ARTIFACT_COPY_BYTES = 256 * 2**20
 _ARTIFACT_FILES = ("model.json", "model.safetensors")
+# mlflow's own HTTP defaults (7 retries with backoff from 2 s, 120 s per attempt) spend ~4 min per
+# request on a server that refuses and ~16 min on one that never answers: before training starts,
+# and again at every epoch. Tracking is a record of the run, so a dead server gets seconds; the
+# user's own MLFLOW_HTTP_REQUEST_* settings are kept.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def tracker(config: TrainConfig) -> Any:
@@ -49,6 +55,8 @@ def tracker(config: TrainConfig) -> Any:
     except ImportError:
         raise UsageError("MLFLOW_TRACKING_URI is set but mlflow is not installed: pip install 'distcls[mlflow]' "
                          "(or unset MLFLOW_TRACKING_URI)") from None
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # read by mlflow at each request
     try:
         client = MlflowClient(uri)
         name = _experiment_name()
@@ -81,7 +89,9 @@ def run(client: Any, config: TrainConfig) -> Iterator[Epochs]:
 
 
 class Epochs:
-    """Epoch rows -> MLflow metrics of one run (nothing when there is no tracking)."""
+    """Epoch rows -> MLflow metrics of one run (nothing when there is no tracking). After a request
+    fails it sends no more: each would wait out the same dead server again, and the driver logs
+    the epochs in order, so the run's end would wait for all of them."""
 
     def __init__(self, client: Any, run_id: str | None) -> None:
         self.client, self.run_id = client, run_id
@@ -95,7 +105,8 @@ class Epochs:
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(value), now, int(row["epoch"])) for key, value in row.items()
                    if key != "epoch" and isinstance(value, (int, float))]
-        _quietly(f"log epoch {row.get('epoch')}", self.client.log_batch, self.run_id, metrics=metrics)
+        if not _quietly(f"log epoch {row.get('epoch')}", self.client.log_batch, self.run_id, metrics=metrics):
+            self._give_up()
 
     def log_artifact(self, model: storage.Store) -> None:
         """model.json and model.safetensors of the artifact folder ``model`` under ``model/`` of the
@@ -114,6 +125,10 @@ class Epochs:
                 (Path(folder) / name).write_bytes(model.read(name))
             _quietly("log the model artifact", self._log_files, Path(folder))
 
+    def _give_up(self) -> None:
+        log.warning("mlflow: no more epochs or artifact are sent to this run")
+        self.client = None
+
     def _log_files(self, folder: Path) -> None:
         for name in _ARTIFACT_FILES:
             self.client.log_artifact(self.run_id, str(folder / name), "model")
@@ -127,14 +142,16 @@ def _log_params(client: Any, run_id: str, config: dict[str, Any]) -> None:
     client.log_batch(run_id, params=params)
 
 
-def _quietly(what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+def _quietly(what: str, call: Any, *args: Any, **kwargs: Any) -> bool:
     """Tracking is a record of the run, not part of it: a tracking server that fails mid-run costs
-    its record one line on stderr, never the training."""
+    its record one line on stderr, never the training. False when the call failed."""
     try:
         call(*args, **kwargs)
     except Exception as exc:  # any store's error: the run goes on
         log.warning(f"mlflow: could not {what}: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return False
+    return True
 
 
 def _experiment_name() -> str:

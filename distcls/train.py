@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import statistics
 import tempfile
 import threading
@@ -56,6 +57,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; write ``<output>/model/``, ``metrics.jsonl``, ``curves.png`` and
     (without --val-input) ``val.parquet``, the held-out split.
     Returns the final metrics and where the artifact is."""
+    if not storage.is_remote(config.output):
+        # Rank 0 writes metrics.jsonl from a Ray Train worker, whose working directory is not the
+        # driver's: a relative --output put it there, and the driver then failed reading it.
+        config = config.model_copy(update={"output": storage.normalize(config.output)})
     if config.freeze_epochs and not config.init_weights:
         raise UsageError("--freeze-epochs needs --init-weights: without them no layer is pretrained to freeze")
     if config.init_weights:
@@ -90,6 +95,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if result.error is not None:
             raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
         best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
+        _refuse_divergence(best_metrics)
         info = _save_artifact(config, classes, best_checkpoint, best_metrics, human_labels)
         _write_curves(config)
         epochs.log_artifact(_output(config).child("model"))
@@ -219,6 +225,17 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max")),
     )
+
+
+def _refuse_divergence(metrics: dict[str, Any]) -> None:
+    """JobError when the losses of the best epoch are not finite: its weights are NaN, a model
+    that says one class for every image (and model.json cannot hold NaN: ModelInfo refused it
+    with a bare ValidationError)."""
+    bad = {key: value for key, value in metrics.items()
+           if key in ("train_loss", "val_loss") and not math.isfinite(value)}
+    if bad:
+        raise JobError(f"training diverged: {', '.join(f'{k} {v}' for k, v in bad.items())} at epoch "
+                       f"{metrics.get('epoch')}; no model saved: lower --lr")
 
 
 def _fit(trainer: ray.train.torch.TorchTrainer, progress: Queue, config: TrainConfig,

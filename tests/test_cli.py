@@ -268,3 +268,23 @@ def test_ray_output_reaches_the_driver_only_with_verbose(verbose: bool, monkeypa
         console.configure(verbose=False)
     assert seen["log_to_driver"] is verbose
     assert seen["logging_level"] == (logging.DEBUG if verbose else logging.ERROR)
+
+
+def test_a_new_flag_overrides_an_old_yaml_key(tmp_path: Path, captured_config: dict, capsys: pytest.CaptureFixture) -> None:
+    """A YAML written for the old spellings (data:, model:) still takes the new flags over it, as flags override files."""
+    path = tmp_path / "train.yaml"
+    path.write_text("data: old-lake\nmodel: resnet18\noutput: o\n")
+    assert cli.main(["train", "--config", str(path), "--input", "new-lake", "--arch", "simple_cnn"]) == 0
+    config = captured_config["config"]
+    assert (config.input, config.arch, config.output) == ("new-lake", "simple_cnn", "o")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay"])
+def test_an_infinite_optimiser_setting_is_a_usage_error(flag: str, captured_config: dict,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """--lr inf passed (inf > 0) and trained a garbage model that exited 0."""
+    assert cli.main(["train", "--input", "lake", "--output", "o", flag, "inf"]) == 2
+    captured = capsys.readouterr()
+    assert "config" not in captured_config and captured.out == ""
+    assert captured.err.startswith(f"distcls train: error: invalid TrainConfig: {flag}: ") and "'inf'" in captured.err

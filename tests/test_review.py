@@ -168,7 +168,10 @@ def test_the_queue_is_committed_and_replaced_on_an_object_store(s3_bucket: str) 
 
 @pytest.mark.parametrize("flags, named", [(["--review-below", "1.5"], "--review-below"),
                                           (["--review-below", "-0.1"], "--review-below"),
-                                          (["--review-sample", "0"], "--review-sample")])
+                                          (["--review-below", "nan"], "--review-below"),
+                                          (["--review-sample", "0"], "--review-sample"),
+                                          # used to fail the run after labelling: OverflowError, exit 1
+                                          (["--review-sample", str(2**63)], "--review-sample")])
 def test_review_flags_out_of_range_are_usage_errors(synthetic_lake, model_uri: str, tmp_path: Path, capsys,
                                                     flags: list[str], named: str) -> None:
     output = tmp_path / "labels"
@@ -246,3 +249,61 @@ def test_a_bad_labels_manifest_is_a_usage_error(synthetic_lake, tmp_path: Path, 
     assert code == 2 and len(err.splitlines()) == 1
     assert f"--labels {manifest}: " + message.format(root=tmp_path) in err
     assert not output.exists()
+
+
+def test_a_labels_csv_labelled_only_past_its_first_block_is_read(synthetic_lake, tmp_path: Path, capsys) -> None:
+    """A 100k-row review file as CSV with only its last row filled in: the CSV reader infers types
+    from the first block (1 MB), where label is all empty; the label further down is still read
+    (and here checked: it is not a class), not refused as 'cannot read manifest'."""
+    manifest = tmp_path / "labels.csv"
+    unlabelled = "".join(f"/elsewhere/{i:06d}.jpg,\n" for i in range(100_000))
+    manifest.write_text("path,label\n" + unlabelled + "/elsewhere/last.jpg,giraffe\n")
+    output = tmp_path / "run"
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--labels", str(manifest)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"--labels {manifest}: row 100001: label 'giraffe' (of /elsewhere/last.jpg) is not one of" in err
+    assert not output.exists()
+
+
+def test_a_malformed_labels_csv_row_is_not_quoted_in_the_error(synthetic_lake, tmp_path: Path, capsys) -> None:
+    """Arrow's CSV errors quote the bad row; a row that does not parse is never checked for
+    credentials, so the error names what is wrong, not the row."""
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\n/a.jpg,circle\ns3://AKIDCANARY:SECRETCANARY@bucket/b.jpg,circle,extra\n")
+    output = tmp_path / "run"
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--labels", str(manifest)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "cannot read manifest (CSV parse error: Expected 2 columns, got 3)" in err and "CANARY" not in err
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("table, message", [
+    (pa.table({"path": ["/a.jpg"], "label": pa.array([["circle"]])}), "--labels {m}: the 'label' column is list<"),
+    (pa.table({"path": pa.array([7], pa.int64()), "label": ["circle"]}), "{m}: manifest's 'path' column is int64, not text"),
+])
+def test_a_labels_column_of_the_wrong_type_is_a_usage_error(synthetic_lake, tmp_path: Path, capsys, table: pa.Table,
+                                                            message: str) -> None:
+    manifest = tmp_path / "labels.parquet"
+    pq.write_table(table, manifest)
+    output = tmp_path / "run"
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--labels", str(manifest)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message.format(m=manifest) in err
+    assert not output.exists()
+
+
+def test_a_file_named_review_in_the_output_is_refused_before_the_run(synthetic_lake, model_uri: str, tmp_path: Path,
+                                                                     capsys) -> None:
+    """A plain file where the review queues go used to surface only at the commit (NotADirectoryError,
+    exit 1), after the data files had moved: a half-committed output."""
+    output = tmp_path / "labels"
+    output.mkdir()
+    (output / "_review").write_text("someone's notes")
+    code = main(["label", "--input", str(synthetic_lake(3, labelled=False)), "--model", model_uri,
+                 "--output", str(output), "--review-below", "1.0"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert f"output {output} holds a file '_review'" in captured.err
+    assert [p.name for p in output.iterdir()] == ["_review"] and (output / "_review").read_text() == "someone's notes"

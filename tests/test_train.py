@@ -258,3 +258,28 @@ def _write_jpegs(folder: Path, count: int) -> None:
 
     for i in range(count):
         Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(folder / f"{i}.jpg")
+
+
+def test_a_diverged_training_fails_naming_it_and_saves_no_model(ray_local, synthetic_lake, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """--lr 1e30: NaN losses. It failed as 'ValidationError: 1 validation error for ModelInfo'."""
+    output = tmp_path / "run"
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--arch", "simple_cnn",
+                 "--epochs", "1", "--batch-size", "32", "--workers", "1", "--lr", "1e30"])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("distcls train: failed: training diverged: ") and "val_loss nan" in last and "--lr" in last
+    assert not (output / "model" / "model.json").exists()
+
+
+def test_a_relative_output_gets_every_file_of_the_run(ray_local, synthetic_lake, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """--output run (relative): rank 0 wrote metrics.jsonl into its Ray working directory and the
+    driver failed reading <output>/metrics.jsonl (exit 2) after training and saving the model."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--input", str(synthetic_lake(6)), "--output", "run", "--arch", "simple_cnn",
+                 "--epochs", "1", "--batch-size", "32", "--workers", "1"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["model"] == str(tmp_path / "run" / "model")
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]

@@ -57,10 +57,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; write ``<output>/model/``, ``metrics.jsonl``, ``curves.png`` and
     (without --val-input) ``val.parquet``, the held-out split.
     Returns the final metrics and where the artifact is."""
-    if not storage.is_remote(config.output):
-        # Rank 0 writes metrics.jsonl from a Ray Train worker, whose working directory is not the
-        # driver's: a relative --output put it there, and the driver then failed reading it.
-        config = config.model_copy(update={"output": storage.normalize(config.output)})
+    # The workers read --init-weights and rank 0 writes metrics.jsonl into --output from a Ray
+    # worker, whose working directory is not the driver's: a relative local path meant another folder.
+    config = config.model_copy(update={name: storage.normalize(getattr(config, name)) for name in ("output", "init_weights")
+                                       if getattr(config, name) and not storage.is_remote(getattr(config, name))})
     if config.freeze_epochs and not config.init_weights:
         raise UsageError("--freeze-epochs needs --init-weights: without them no layer is pretrained to freeze")
     if config.init_weights:

@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from distcls import load_model
 from distcls.artifact import predict_proba
@@ -276,10 +277,15 @@ def test_a_diverged_training_fails_naming_it_and_saves_no_model(ray_local, synth
 def test_a_relative_output_gets_every_file_of_the_run(ray_local, synthetic_lake, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """--output run (relative): rank 0 wrote metrics.jsonl into its Ray working directory and the
-    driver failed reading <output>/metrics.jsonl (exit 2) after training and saving the model."""
+    driver failed reading <output>/metrics.jsonl (exit 2) after training and saving the model; a
+    relative --init-weights is read by the workers, from the same other directory."""
+    from distcls.models import create_model
+    from distcls.synthetic import CLASSES
+
     monkeypatch.chdir(tmp_path)
+    torch.save(create_model("simple_cnn", num_classes=len(CLASSES)).state_dict(), tmp_path / "init.pth")
     code = main(["train", "--input", str(synthetic_lake(6)), "--output", "run", "--arch", "simple_cnn",
-                 "--epochs", "1", "--batch-size", "32", "--workers", "1"])
+                 "--epochs", "1", "--batch-size", "32", "--workers", "1", "--init-weights", "init.pth"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["model"] == str(tmp_path / "run" / "model")
     assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]

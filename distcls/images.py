@@ -188,6 +188,8 @@ def _read_local(uri: str, fs: pafs.FileSystem, path: str, limit: int) -> bytes:
         raise ImageError(f"{uri}: not found", "not_found") from None
     except IsADirectoryError:
         raise ImageError(f"{uri}: not a regular file (a folder)", "not_file") from None
+    except ImageError:
+        raise  # a ValueError too: the reason the checks above gave, kept as it is
     except ValueError as exc:  # a path no file can have, such as one with a NUL byte (a manifest row)
         raise ImageError(f"{uri}: {exc}", "refused") from None
     except OSError as exc:

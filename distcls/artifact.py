@@ -19,7 +19,7 @@ import io
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import safetensors.torch
@@ -31,7 +31,7 @@ from distcls import storage
 from distcls.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from distcls.errors import UsageError
 from distcls.images import normalize
-from distcls.models import create_model, list_models
+from distcls.models import WithTTA, create_model, list_models
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -83,6 +83,9 @@ class ModelInfo(BaseModel):
     # train --labels: the manifest of human labels and what it did to the lake's labels (not part
     # of model_id: it says where the labels came from, the weights say what was learnt).
     human_labels: dict[str, Any] = Field(default_factory=dict)
+    # Test-time augmentation (models.tta_logits): changes predictions, so model_id covers it, but
+    # only when it is not "none", which keeps the model_id of artifacts saved before it existed.
+    tta: Literal["none", "flip"] = "none"
     # Not an IDENTITY_FIELD: it describes the model, it does not change a prediction. Artifacts
     # saved before it existed have none.
     validation: Validation | None = None
@@ -113,6 +116,8 @@ class ModelInfo(BaseModel):
 def model_id_of(info: ModelInfo) -> str:
     """sha256 over format_version, weights_sha256 and IDENTITY_FIELDS, in a canonical JSON."""
     fields = info.model_dump(mode="json", include={"format_version", "weights_sha256", *IDENTITY_FIELDS})
+    if info.tta != "none":
+        fields["tta"] = info.tta
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -141,7 +146,7 @@ def load_model(store: storage.Store | str) -> tuple[nn.Module, ModelInfo]:
     info, state = _verified(store if isinstance(store, storage.Store) else storage.Store(store))
     model = create_model(info.arch, num_classes=len(info.classes))
     model.load_state_dict(state, strict=True)  # keys and shapes were checked by _verified
-    return model.eval(), info
+    return (WithTTA(model, info.tta) if info.tta != "none" else model).eval(), info
 
 
 def read_info(store: storage.Store) -> ModelInfo:
@@ -189,7 +194,7 @@ def _verified(store: storage.Store) -> tuple[ModelInfo, dict[str, torch.Tensor]]
     if hashlib.sha256(weights).hexdigest() != info.weights_sha256:
         raise UsageError(f"{uri}: weights do not match weights_sha256 in {META_FILE} (corrupt or replaced)")
     if model_id_of(info) != info.model_id:
-        raise UsageError(f"{uri}: {META_FILE} does not match its model_id: {', '.join(IDENTITY_FIELDS)} were "
+        raise UsageError(f"{uri}: {META_FILE} does not match its model_id: {', '.join(IDENTITY_FIELDS)} or tta were "
                          "changed after it was saved; retrain, or re-save it")
     state = _safetensors(uri, weights)
     _check_fits(uri, info, state)
@@ -324,5 +329,6 @@ def predict_proba(model: nn.Module, info: ModelInfo, images: np.ndarray | torch.
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel, so checkpoints load without DDP."""
-    return model.module if hasattr(model, "module") else model
+    """The plain module inside DistributedDataParallel or WithTTA, so checkpoints load without either."""
+    model = model.module if hasattr(model, "module") else model
+    return model.model if isinstance(model, WithTTA) else model

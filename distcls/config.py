@@ -113,7 +113,7 @@ class TrainConfig(StorageConfig):
     output: str = Field(..., description="Output URI: checkpoints, metrics.jsonl, curves.png and the model/ artifact.")
     val_input: str | None = Field(None, description="Separate validation lake or manifest; default: hold out --val-fraction.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Stratified, seeded hold-out fraction when no --val-input.")
-    arch: str = Field("resnet_small", description="Architecture name from the model registry (list them: distcls models).")
+    arch: str = Field("airbench", description="Architecture name from the model registry (list them, with their training defaults: distcls models).")
     init_weights: str | None = Field(None, description="URI of a state dict (safetensors or torch weights) to start from.")
     init_weights_partial: bool = Field(
         False, description="Load the --init-weights tensors that fit and re-initialise the rest (e.g. a head for "
@@ -121,18 +121,36 @@ class TrainConfig(StorageConfig):
     freeze_epochs: int = Field(
         0, ge=0, description="Train only the layers --init-weights did not provide (the new head) for this many "
                              "epochs, then everything.")
-    epochs: int = Field(16, ge=1, description="Passes over the training set.")
-    batch_size: int = Field(256, ge=1, description="Global batch size, split evenly across workers.")
+    # The defaults of epochs, batch_size, lr, momentum, weight_decay, tta and lookahead are the
+    # default arch's recipe (models.Recipe); another --arch
+    # brings its own (_arch_recipe). The values are written out, not read from models: importing
+    # torch would make every `distcls --help` slow.
+    epochs: int = Field(11, ge=1, description="Passes over the training set; default: the --arch's.")
+    batch_size: int = Field(1024, ge=1, description="Global batch size, split evenly across workers; default: the --arch's.")
     # allow_inf_nan=False: --lr inf trained a garbage model and exited 0.
-    lr: float = Field(0.2, gt=0, allow_inf_nan=False,
-                      description="Peak learning rate of the one-cycle schedule (SGD, Nesterov).")
-    weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False, description="SGD weight decay.")
+    lr: float = Field(1.5, gt=0, allow_inf_nan=False,
+                      description="Peak learning rate of the one-cycle schedule (SGD, Nesterov); default: the --arch's.")
+    momentum: float = Field(0.85, ge=0, lt=1, description="SGD (Nesterov) momentum; default: the --arch's.")
+    weight_decay: float = Field(1.3e-3, ge=0, allow_inf_nan=False,
+                                description="SGD weight decay of the weights (not of biases and BatchNorm); default: the --arch's.")
     label_smoothing: float = Field(0.2, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    tta: Literal["none", "flip"] = Field(
+        "flip", description="Test-time augmentation, recorded in model.json and used by every evaluation and "
+                            "labeling of the model: flip averages the logits of each image and its mirror image "
+                            "(twice the inference cost); default: the --arch's.")
     image_size: int = Field(32, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Side of the square model input in pixels.")
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")
     gpu: bool = Field(False, description="One GPU per worker, NCCL, mixed precision. Needs GPUs in the cluster or an "
                                          "autoscaler that can add GPU nodes; a worker without a usable CUDA device fails the run.")
+    lookahead: bool = Field(
+        True, description="Every 5 steps move the weights to a slow average of themselves, pulling harder as "
+                          "training ends, and end on the average (airbench's lookahead); default: the --arch's.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Arithmetic of the training steps: bf16 autocasts convolutions and matrix products to "
+                            "bfloat16 (weights, BatchNorm and the optimizer stay float32); auto: bf16 on GPUs and "
+                            "on CPUs that compute it natively (AVX512-BF16, AMX), else fp32. Evaluation and "
+                            "inference always use float32 on CPUs.")
     cache: Literal["memory", "none", "auto"] = Field(
         "auto", description="memory: each worker decodes its shard once and keeps it in RAM; none: every epoch "
                             "streams the lake through Ray Data, decoded images held nowhere; auto: memory when the "
@@ -148,6 +166,19 @@ class TrainConfig(StorageConfig):
         None, description="Parquet/CSV of human labels (columns path, label), e.g. a filled-in label --review-below "
                           "file: a row replaces the label of the same path in --data, or adds that image; rows "
                           "with an empty label are skipped.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arch_recipe(cls, values: Any) -> Any:
+        """Settings not given come from the chosen architecture's recipe, not the default one's."""
+        from distcls.models import list_models, recipe
+
+        if not isinstance(values, dict):
+            return values
+        arch = values.get("arch", values.get("model", cls.model_fields["arch"].default))
+        if arch not in list_models():
+            return values  # _known_arch names it
+        return {**recipe(arch), **values}
 
     @field_validator("arch")
     @classmethod

@@ -6,17 +6,45 @@ random weights: nothing is downloaded at run time (use ``--init-weights`` to sta
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An architecture's training defaults: what ``distcls train --arch NAME`` uses for each of
+    these settings that is not given."""
+
+    epochs: int = 16
+    batch_size: int = 256
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    tta: str = "none"
+    lookahead: bool = False
+
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_RECIPES: dict[str, Recipe] = {}
 
 
-def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _REGISTRY[fn.__name__] = fn
-    return fn
+def register(fn: Callable[..., nn.Module] | None = None, *, recipe: Recipe = Recipe()) -> Any:
+    """``@register`` or ``@register(recipe=Recipe(...))``: add a model under its function's name."""
+    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[fn.__name__] = fn
+        _RECIPES[fn.__name__] = recipe
+        return fn
+
+    return add(fn) if fn is not None else add
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """The training defaults of a registered architecture, as settings."""
+    return asdict(_RECIPES[name])
 
 
 def list_models() -> list[str]:
@@ -24,10 +52,15 @@ def list_models() -> list[str]:
 
 
 def describe_models() -> str:
-    """One line per registered architecture: its name and the first line of its docstring."""
+    """Two lines per registered architecture: its name and the first line of its docstring, then
+    its training defaults as the flags that change them."""
     width = max(len(name) for name in _REGISTRY)
-    return "\n".join(f"{name:<{width}}  {(_REGISTRY[name].__doc__ or '').strip().splitlines()[0]}"
-                     for name in list_models())
+    lines = []
+    for name in list_models():
+        defaults = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in recipe(name).items())
+        lines += [f"{name:<{width}}  {(_REGISTRY[name].__doc__ or '').strip().splitlines()[0]}",
+                  f"{'':<{width}}  defaults: {defaults}"]
+    return "\n".join(lines)
 
 
 def create_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
@@ -90,8 +123,91 @@ class ResNetSmall(nn.Module):
 
 @register
 def resnet_small(num_classes: int) -> nn.Module:
-    """Default for small images (32-64 px): ~0.3M parameters."""
+    """Small residual network for small images (32-64 px): ~0.3M parameters, the default before airbench."""
     return ResNetSmall(num_classes)
+
+
+class Whitening(nn.Module):
+    """A fixed 2x2 convolution that decorrelates the pixels of each 2x2 patch: its filters are the
+    eigenvectors of the training images' patch covariance, scaled to unit variance, and their
+    negatives (airbench's first layer). The network then starts from inputs whose directions all
+    have the same scale, which is what lets a short run at a high learning rate converge. The
+    filters are a buffer, not a parameter: they are set from data (``fit``) and never trained."""
+
+    def __init__(self, c_in: int = 3, size: int = 2) -> None:
+        super().__init__()
+        weight = torch.empty(2 * c_in * size * size, c_in, size, size)
+        nn.init.kaiming_uniform_(weight, a=5 ** 0.5)  # nn.Conv2d's default, until fit() is called
+        self.register_buffer("weight", weight)
+        self.bias = nn.Parameter(torch.zeros(len(weight)))
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the filters from a sample of normalised NCHW training images."""
+        c, (h, w) = images.shape[1], self.weight.shape[2:]
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+        patches = patches.double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp(min=0) + eps)[:, None]).reshape(-1, c, h, w)
+        self.weight.copy_(torch.cat([filters, -filters]).flip(0).to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias)
+
+
+class _BatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a learnt shift and no learnt scale: the convolution before it can scale. As in
+    airbench, which found the scale only slows a short run down. Its shift learns 64x faster than
+    the weights (training reads ``bias_lr_scale``), airbench's setting."""
+
+    bias_lr_scale = 64.0
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, affine=False, momentum=0.4, eps=1e-12)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+
+def _air_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    with torch.no_grad():
+        # The first c_in filters start as the identity, so that a fresh block passes its input on.
+        nn.init.dirac_(conv.weight[:c_in])
+    return conv
+
+
+class AirBench(nn.Module):
+    """Keller Jordan's airbench94 network (2024): a whitening layer, then three conv-pool-BN-GELU,
+    conv-BN-GELU groups and a max-pooled linear head whose logits are scaled by 1/9."""
+
+    def __init__(self, num_classes: int, widths: tuple[int, int, int] = (64, 128, 256)) -> None:
+        super().__init__()
+        self.whiten = Whitening()
+        layers: list[nn.Module] = [nn.GELU()]
+        c_in = len(self.whiten.weight)
+        for width in widths:
+            layers += [_air_conv(c_in, width), nn.MaxPool2d(2), _BatchNorm(width), nn.GELU(),
+                       _air_conv(width, width), _BatchNorm(width), nn.GELU()]
+            c_in = width
+        self.body = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(c_in, num_classes, bias=False)
+
+    def fit_to_data(self, images: torch.Tensor) -> None:
+        """Called by training with a sample of normalised training images before the first step."""
+        self.whiten.fit(images)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.whiten(x))
+        return self.head(torch.flatten(self.pool(x), 1)) / 9
+
+
+# airbench94's hyperparameters, for a loss averaged over the batch: its lr 11.5 per 1024 images of a
+# summed loss is 1.5; its decoupled decay 0.002 per step is 1.3e-3 x lr. 11 epochs of CIFAR-10 fit
+# 15 minutes of two CPU cores (BENCHMARKS.md).
+@register(recipe=Recipe(epochs=11, batch_size=1024, lr=1.5, momentum=0.85, weight_decay=1.3e-3, tta="flip", lookahead=True))
+def airbench(num_classes: int) -> nn.Module:
+    """Default for small images (32-64 px): airbench94's layout at widths 64-128-256, ~1.2M parameters."""
+    return AirBench(num_classes)
 
 
 @register
@@ -110,6 +226,28 @@ def resnet50(num_classes: int) -> nn.Module:
 def mobilenet_v3_small(num_classes: int) -> nn.Module:
     """torchvision MobileNetV3-Small: cheap inference on CPUs for larger images."""
     return _torchvision("mobilenet_v3_small", num_classes)
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Logits of a normalised NCHW batch under test-time augmentation ``tta``: ``none``, or
+    ``flip``, the mean of the logits of the images and of their mirror images (airbench: +0.3-0.5%
+    on CIFAR-10 for twice the inference cost). Training's evaluation and inference both call this."""
+    if tta == "flip":
+        return (model(x) + model(x.flip(3))) / 2
+    return model(x)
+
+
+class WithTTA(nn.Module):
+    """``model`` whose forward applies ``tta_logits``: what inference loads for an artifact trained
+    with --tta, so that every engine (and the exported ONNX graph) predicts the same way."""
+
+    def __init__(self, model: nn.Module, tta: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tta = tta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tta_logits(self.model, x, self.tta)
 
 
 def _torchvision(name: str, num_classes: int) -> nn.Module:

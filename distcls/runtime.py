@@ -3,6 +3,7 @@ joins a ``ray start`` cluster on this machine), else a local Ray started in-proc
 machine's CPUs."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -113,6 +114,19 @@ def can_get(bundle: dict[str, float], wait_s: float = GPU_PROBE_S) -> bool:
         time.sleep(1)
     request_resources(bundles=[])
     return False
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """Whether this node's CPU computes bfloat16 natively (AVX512-BF16 or AMX). There, autocast
+    to bfloat16 nearly doubles the speed of convolutions (measured on this project's 2-core AMD
+    EPYC: 1.84x for airbench); elsewhere oneDNN emulates it, slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:  # not Linux
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def require_cuda(what: str) -> str:

@@ -37,9 +37,9 @@ from distcls import console, lake, review, storage, tracking
 from distcls.artifact import InitMatch, ModelInfo, load_state_dict, match_state_dict, save_model
 from distcls.config import StorageConfig, TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
-from distcls.images import augment, normalize, read_batch
-from distcls.models import create_model
-from distcls.runtime import (autoscaling, can_get, cluster_cpus, cluster_gpus, ensure_ray,
+from distcls.images import crop, mirror, normalize, read_batch
+from distcls.models import create_model, tta_logits
+from distcls.runtime import (autoscaling, can_get, cluster_cpus, cluster_gpus, ensure_ray, native_bf16,
                              require_cuda_on_a_gpu_node)
 
 STATE_FILE = "state.pt"
@@ -49,6 +49,7 @@ STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary 
 # 2-core machine), they reserve this much less between them and decode tasks ask for it: the cores
 # are shared by the OS either way; the reservation only has to let Ray schedule the tasks.
 SHARED_DECODE_CPUS = 0.5
+MIN_STEPS = 4  # optimizer steps an epoch, at least (fit_batch)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         require_cuda_on_a_gpu_node("a training worker")
     worker_cpus, decode_cpus = plan_cpus(config, cluster_cpus(), can_grow=autoscaling())
     cache = choose_cache(config, train_rows.num_rows + val_rows.num_rows, _smallest_node_memory())
+    config = fit_batch(config, train_rows.num_rows)  # a warning, so after every check that can refuse the run
     if not config.val_input:  # written only once the run is known to start: no output from a usage error
         _write_val_manifest(val_rows, classes, config)
     log.info(f"training {config.arch} on {train_rows.num_rows} images ({val_rows.num_rows} held out), "
@@ -127,6 +129,19 @@ def _split(config: TrainConfig) -> tuple[pa.Table, pa.Table, list[str], dict[str
     # rely on, and the running statistics kept in the artifact (rank 0's) did not fit the other
     # half: 68% held-out accuracy on the demo lake with 2 workers against 100% with 1.
     return rows.take(rng.permutation(train_idx)), val_rows, classes, human_labels
+
+
+def fit_batch(config: TrainConfig, images: int) -> TrainConfig:
+    """``config`` with a batch size that ``images`` training images fill MIN_STEPS times an epoch.
+    Workers take whole batches only, so a batch larger than a worker's shard (the default 1024 on a
+    lake of a few hundred images) would train on nothing at all."""
+    fits = images // MIN_STEPS // config.workers * config.workers
+    if config.batch_size <= max(fits, config.workers):
+        return config
+    batch = max(fits, config.workers)
+    log.warning(f"--batch-size {config.batch_size} is more than {images} training images fill {MIN_STEPS} times "
+                f"an epoch: using {batch}")
+    return config.model_copy(update={"batch_size": batch})
 
 
 def _write_val_manifest(val_rows: pa.Table, classes: list[str], config: TrainConfig) -> None:
@@ -186,10 +201,14 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.dat
     Each execution (each epoch, when streaming) visits the blocks in a new seeded order, so the
     blocks a worker gets change from epoch to epoch; the rows within them were shuffled by _split."""
     slices = [rows.slice(start, ROWS_PER_BLOCK) for start in range(0, rows.num_rows, ROWS_PER_BLOCK)]
+    # Decoding that shares the workers' cores (less than a CPU of its own) runs one task per worker
+    # CPU: with --cache memory the workers wait, idle, for their shards, and one task decoded the
+    # whole lake on one core while the others waited.
+    task_cpus = min(1.0, decode_cpus) if decode_cpus >= 1 else decode_cpus / (config.workers * config.cpus_per_worker)
     return ray.data.from_arrow(slices).randomize_block_order(
         seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).map_batches(
         _decode_rows, fn_kwargs={"storage_config": config.storage(), "size": config.image_size},
-        batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=min(1.0, decode_cpus))
+        batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=task_cpus)
 
 
 def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:
@@ -296,6 +315,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     local_batch = max(1, config.batch_size // config.workers)
     train_data, val_data = (_shard(name, loop_config["cache"], local_batch) for name in ("train", "val"))
     state = _restore(ray.train.get_checkpoint())
+    tell({"message": f"training steps in {'bfloat16 autocast' if use_bf16(config, device) else 'float32'} "
+                     f"on {device.type} (--precision {config.precision})"})
     if state:
         tell({"message": f"resuming from checkpoint after epoch {state['epoch']}"})
     state = state or _fresh_state(config, classes)
@@ -303,24 +324,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     plain.load_state_dict(state["model"])
     # Every parameter is in the optimizer from the start, frozen or not: its state_dict then has the
     # same layout in every checkpoint, and SGD skips parameters without gradients while frozen.
-    optimizer = torch.optim.SGD(plain.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(param_groups(plain, config), lr=config.lr, momentum=config.momentum, nesterov=True)
     first_epoch = state["epoch"]
     model = _prepare(plain, state, frozen=first_epoch < config.freeze_epochs)
     if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError:  # a checkpoint of an older distcls, with one parameter group
+            tell({"message": "the checkpoint's optimizer state does not fit this version's parameter groups: "
+                             "the momentum starts again from zero"})
     # From the listing, for the schedule; the shards are equal (Ray Train splits with equal=True),
     # so every worker takes the same number of steps, as DDP needs.
     steps_per_epoch = max(1, loop_config["train_images"] // config.workers // local_batch)
     generator = torch.Generator().manual_seed(config.seed * 1000 + ray.train.get_context().get_world_rank())
+    lookahead = Lookahead(plain) if config.lookahead else None
     for epoch in range(first_epoch, config.epochs):
         if epoch == config.freeze_epochs and epoch > first_epoch:
             tell({"message": f"epoch {epoch + 1}: unfreezing the pretrained layers"})
             model = _prepare(plain, state, frozen=False)
         started = time.time()
-        train_loss, images = train_epoch(model, optimizer, train_data.batches(local_batch, generator), state, config,
-                                         epoch, steps_per_epoch, generator, device)
-        evaluation = eval_epoch(model, val_data.batches(1000), state, device, len(classes))
+        train_loss, images = train_epoch(model, optimizer, train_data.batches(local_batch, generator, epoch), state,
+                                         config, epoch, steps_per_epoch, generator, device, lookahead)
+        evaluation = eval_epoch(model, val_data.batches(1000), state, device, len(classes), config.tta)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": evaluation.loss,
                "val_accuracy": evaluation.accuracy, "images_per_s": images / (time.time() - started),
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
@@ -331,29 +356,57 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tell({"row": row, "epoch_s": time.time() - started})
 
 
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (uint8 NHWC images, int64 labels)
+# (uint8 NHWC images, int64 labels); training batches come mirrored already (the shards' batches()).
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, state: dict[str, Any],
                 config: TrainConfig, epoch: int, steps: int, generator: torch.Generator,
-                device: torch.device) -> tuple[float, int]:
+                device: torch.device, lookahead: Lookahead | None = None) -> tuple[float, int]:
     """One pass over ``batches`` (``steps`` of them planned, for the schedule); returns the mean loss
     and the number of images, both over all workers."""
     model.train()
+    bf16 = use_bf16(config, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     total = torch.zeros(2, device=device)
     for step, (images, labels) in enumerate(batches):
+        progress = min(1.0, (epoch * steps + step) / (config.epochs * steps))
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * one_cycle(min(1.0, (epoch * steps + step) / (config.epochs * steps)))
-        x = normalize(augment(images, generator).to(device), state["mean"], state["std"])
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            group["lr"] = config.lr * group["lr_scale"] * one_cycle(progress)
+        if lookahead and step % Lookahead.EVERY == 0 and step:
+            lookahead.update(progress)
+        x = normalize(crop(images, generator).to(device), state["mean"], state["std"])
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model(x), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += torch.stack([loss.detach().float() * len(labels), torch.tensor(float(len(labels)), device=device)])
+    if lookahead:  # at every epoch's end too: the checkpoint's weights are then the average itself
+        lookahead.update((epoch + 1) / config.epochs)
     loss_sum, count = _sum_across_workers(total).tolist()
     return loss_sum / max(1.0, count), int(count)
+
+
+class Lookahead:
+    """airbench's lookahead: every EVERY steps the weights (and BatchNorm statistics) move to a
+    slow average of themselves, which follows them less as training goes on (it keeps
+    ``decay = 0.95^5 x progress^3`` of itself), and the run ends on the average. Updated at each
+    epoch's end too, so the weights checkpointed are the average, and a resumed run, which starts
+    the average again from them, goes on exactly as it would have."""
+
+    EVERY = 5
+
+    def __init__(self, model: nn.Module) -> None:
+        self.live = {name: value for name, value in model.state_dict(keep_vars=True).items() if value.is_floating_point()}
+        self.slow = {name: value.detach().clone() for name, value in self.live.items()}
+
+    @torch.no_grad()
+    def update(self, progress: float) -> None:
+        decay = 1.0 if progress >= 1 else 0.95 ** 5 * progress ** 3
+        for name, value in self.live.items():
+            self.slow[name].lerp_(value.detach(), 1 - decay)
+            value.data.copy_(self.slow[name])
 
 
 @dataclass(frozen=True)
@@ -376,14 +429,15 @@ class Evaluation:
 
 @torch.no_grad()
 def eval_epoch(model: nn.Module, batches: Batches, state: dict[str, Any], device: torch.device,
-               num_classes: int) -> Evaluation:
-    """Mean loss, accuracy, mean top-1 probability and predicted classes over every worker's validation shard."""
+               num_classes: int, tta: str = "none") -> Evaluation:
+    """Mean loss, accuracy, mean top-1 probability and predicted classes over every worker's
+    validation shard, predicted as inference will (``tta``)."""
     model.eval()
     total = torch.zeros(4 + num_classes, device=device)  # loss, correct, images, top-1 sum, per-class predictions
     for images, labels in batches:
         x = normalize(images.to(device), state["mean"], state["std"])
         y = labels.to(device)
-        logits = model(x).float()
+        logits = tta_logits(model, x, tta).float()
         top1, predicted = torch.softmax(logits, dim=1).max(dim=1)
         total += torch.cat([torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum"),
                                          (predicted == y).sum().float(), torch.tensor(float(len(y)), device=device),
@@ -392,6 +446,24 @@ def eval_epoch(model: nn.Module, batches: Batches, state: dict[str, Any], device
     loss_sum, correct, count, top1_sum, *predicted = _sum_across_workers(total).tolist()
     return Evaluation(loss_sum / max(1.0, count), correct / max(1.0, count), int(count), top1_sum / max(1.0, count),
                       [int(n) for n in predicted])
+
+
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """Whether training steps autocast to bfloat16 (--precision)."""
+    return config.precision == "bf16" or (config.precision == "auto" and (device.type == "cuda" or native_bf16()))
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """SGD parameter groups: weight decay on weights only, not on biases and BatchNorm (decaying
+    those only fights the normalisation). A module may ask for a larger learning rate for its
+    bias with a ``bias_lr_scale`` attribute (airbench's BatchNorm shifts learn 64x faster)."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            scale = getattr(module, "bias_lr_scale", 1.0) if name == "bias" else 1.0
+            decay = config.weight_decay if parameter.ndim > 1 else 0.0
+            groups.setdefault((scale, decay), []).append(parameter)
+    return [{"params": params, "lr_scale": scale, "weight_decay": decay} for (scale, decay), params in groups.items()]
 
 
 def one_cycle(progress: float, warmup: float = 0.2) -> float:
@@ -413,17 +485,23 @@ class CachedShard:
 
     images: torch.Tensor
     labels: torch.Tensor
+    mirrored: torch.Tensor | None = None  # per image: mirrored in even epochs (drawn at the first)
 
-    def batches(self, size: int, generator: torch.Generator | None = None) -> Batches:
-        """Whole batches in a new random order (training, with ``generator``), else every image in order."""
+    def batches(self, size: int, generator: torch.Generator | None = None, epoch: int = 0) -> Batches:
+        """Training (with ``generator``): whole batches in a new random order, each image mirrored
+        in every other epoch (airbench's alternating flip: over two epochs the model sees both
+        sides of every image, where random flips show some one side twice). Else every image in
+        order, as it is."""
         if generator is None:
             for start in range(0, len(self.labels), size):
                 yield self.images[start:start + size], self.labels[start:start + size]
             return
+        if self.mirrored is None:
+            self.mirrored = torch.rand(len(self.labels), generator=generator) < 0.5
         order = torch.randperm(len(self.labels), generator=generator)
         for start in range(0, len(order) - size + 1, size):
             idx = order[start:start + size]
-            yield self.images[idx], self.labels[idx]
+            yield mirror(self.images[idx], self.mirrored[idx] ^ bool(epoch % 2)), self.labels[idx]
 
 
 @dataclass
@@ -436,13 +514,18 @@ class StreamedShard:
     shard: ray.data.DataIterator
     shuffle_buffer: int
 
-    def batches(self, size: int, generator: torch.Generator | None = None) -> Batches:
+    def batches(self, size: int, generator: torch.Generator | None = None, epoch: int = 0) -> Batches:
+        """Training (with ``generator``): each image mirrored at random (a stream has no fixed
+        images to alternate). Else every image, as it is."""
         training = generator is not None
         for batch in self.shard.iter_torch_batches(
                 batch_size=size, device="cpu", drop_last=training, prefetch_batches=2,
                 local_shuffle_buffer_size=self.shuffle_buffer if training else None,
                 local_shuffle_seed=int(torch.randint(2**31, (1,), generator=generator)) if training else None):
-            yield batch["image"], batch["label"]
+            images = batch["image"]
+            if training:
+                images = mirror(images, torch.rand(len(images), generator=generator) < 0.5)
+            yield images, batch["label"]
 
 
 def _cache_shard(shard: ray.data.DataIterator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -490,11 +573,16 @@ def _fresh_state(config: TrainConfig, classes: list[str]) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # identical initial weights on every worker before DDP's broadcast
     model = create_model(config.arch, num_classes=len(classes))
     pretrained: list[str] = []
+    mean, std = _pixel_statistics(ray.train.get_dataset_shard("stats"))
+    if hasattr(model, "fit_to_data"):  # layers set from data (airbench's whitening); --init-weights may then replace them
+        sample = [torch.from_numpy(batch["image"]) for batch in
+                  ray.train.get_dataset_shard("stats").iter_batches(batch_size=512, batch_format="numpy")]
+        if sample:
+            model.fit_to_data(normalize(torch.cat(sample), mean, std))
     if config.init_weights:
         match = _init_match(config, model)
         model.load_state_dict(match.loaded, strict=False)
         pretrained = sorted(match.loaded)
-    mean, std = _pixel_statistics(ray.train.get_dataset_shard("stats"))
     return {"model": model.state_dict(), "epoch": 0, "elapsed_s": 0.0, "history": [], "restores": 0,
             "mean": mean, "std": std, "pretrained": pretrained}
 
@@ -568,8 +656,8 @@ def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.trai
     final = {k: metrics[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "elapsed_s")}
     # A checkpoint written before the validation distribution was recorded has none: the artifact then neither.
     info = ModelInfo(arch=config.arch, classes=classes, image_size=config.image_size, mean=state["mean"],
-                     std=state["std"], config=public_dict(config), metrics=final, validation=state.get("validation"),
-                     human_labels=human_labels or {})
+                     std=state["std"], tta=config.tta, config=public_dict(config), metrics=final,
+                     validation=state.get("validation"), human_labels=human_labels or {})
     artifact = _output(config).child("model")
     info = save_model(model, info, artifact)
     log.info(f"model {info.model_id[:12]} (epoch {final['epoch']}, val_accuracy {final['val_accuracy']:.4f}) "

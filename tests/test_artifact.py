@@ -230,6 +230,8 @@ TAMPERED = {
     "no classes": ({"classes": []}, "field 'classes': List should have at least 2 items"),
     "unknown arch": ({"arch": "nope"}, "field 'arch': Value error, unknown arch 'nope'"),
     "class added": ({"classes": [*CLASSES, "newt"]}, "does not match its model_id"),
+    "tta switched on": ({"tta": "flip"}, "does not match its model_id"),
+    "tta unknown": ({"tta": "rotate"}, "field 'tta': Input should be 'none' or 'flip'"),
     "format 1": ({"format_version": 1}, "is format 1, whose model_id covers the weights but not classes"),
     "format 3": ({"format_version": 3}, "has format_version 3; this distcls reads 2"),
 }
@@ -292,3 +294,25 @@ def test_resave_upgrades_a_checked_format_1_artifact(tmp_path: Path) -> None:
     assert torch.equal(predict_proba(loaded, info, _images()), predict_proba(model, info, _images()))
     with pytest.raises(UsageError, match="not a format-1 artifact"):
         resave(Store(uri))
+
+
+def test_tta_changes_the_model_id_only_when_it_is_on() -> None:
+    """An artifact saved before tta existed (none) keeps its model_id; flip gets another one."""
+    info = _info(weights_sha256="ab" * 32)
+    before = info.model_dump(mode="json", include={"format_version", "weights_sha256", *artifact.IDENTITY_FIELDS})
+    assert model_id_of(info) == hashlib.sha256(json.dumps(before, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert model_id_of(info.model_copy(update={"tta": "flip"})) != model_id_of(info)
+
+
+def test_an_artifact_with_tta_predicts_with_it(tmp_path: Path) -> None:
+    model = _trained_looking_model()
+    saved = save_model(model, _info(tta="flip"), Store(str(tmp_path)))
+    loaded, info = load_model(Store(str(tmp_path)))
+    assert info == saved and info.tta == "flip"
+    x = artifact.normalize(_images(), info.mean, info.std)
+    with torch.no_grad():
+        expected = torch.softmax((model(x) + model(x.flip(3))) / 2, dim=1)
+    assert torch.allclose(predict_proba(loaded, info, _images()), expected, atol=1e-6)
+    # Saving what load_model returned saves the plain weights again, not the wrapper's.
+    again = save_model(loaded, info, Store(str(tmp_path / "again")))
+    assert again.weights_sha256 == saved.weights_sha256

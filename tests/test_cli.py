@@ -156,8 +156,9 @@ def test_version_and_models_commands(capsys: pytest.CaptureFixture) -> None:
         cli.main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("distcls ")
     assert cli.main(["models"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()]
-    assert listed == list_models()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[::2]] == list_models()
+    assert all(line.split()[0] == "defaults:" for line in lines[1::2])
 
 
 def test_a_comma_separated_list_flag_is_split() -> None:

@@ -144,3 +144,21 @@ def test_credentials_cannot_be_config_fields() -> None:
     message = _error(TrainConfig, None, {**REQUIRED, "aws_secret_access_key": "typed-secret-canary-99"})
     assert "unknown field 'aws_secret_access_key'" in message
     assert "typed-secret-canary-99" not in message  # an unknown field's value is never echoed
+
+
+def test_train_defaults_are_the_default_archs_recipe_and_another_arch_brings_its_own(tmp_path: Path) -> None:
+    from distcls.models import recipe
+
+    fields = TrainConfig.model_fields
+    default_arch = fields["arch"].default
+    # The field defaults are written out in config.py (no torch import for --help): they must be the recipe.
+    assert {name: fields[name].default for name in recipe(default_arch)} == recipe(default_arch)
+    assert TrainConfig(**REQUIRED).model_dump(include=set(recipe(default_arch))) == recipe(default_arch)
+    small = TrainConfig(**REQUIRED, arch="resnet_small")
+    assert small.model_dump(include=set(recipe("resnet_small"))) == recipe("resnet_small") != recipe(default_arch)
+    # What is given wins over the recipe: a flag, a YAML key, the old --model spelling.
+    assert load_config(TrainConfig, None, {**REQUIRED, "arch": "resnet_small", "lr": 0.07}).lr == 0.07
+    path = _yaml(tmp_path, "arch: resnet_small\nbatch_size: 96\n")
+    config = load_config(TrainConfig, path, REQUIRED)
+    assert (config.batch_size, config.epochs) == (96, recipe("resnet_small")["epochs"])
+    assert TrainConfig(**REQUIRED, model="resnet_small").epochs == recipe("resnet_small")["epochs"]

@@ -172,6 +172,19 @@ def test_every_registered_architecture_exports_and_agrees(arch: str) -> None:
     assert torch.allclose(got, predict_proba(model, info, _pixels(8)), atol=1e-5)
 
 
+def test_the_onnx_graph_of_a_tta_artifact_averages_the_mirror_image_too(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = models.create_model("airbench", num_classes=4)
+    model.fit_to_data(torch.randn(16, 3, 32, 32))
+    info = ModelInfo(arch="airbench", classes=list("abcd"), image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, tta="flip")
+    save_model(model, info, Store(str(tmp_path)))
+    loaded, info = load_model(Store(str(tmp_path)))
+    got = OnnxEngine(export.to_onnx(loaded, info, str(tmp_path)), info)(_pixels(8))
+    assert torch.allclose(got, predict_proba(loaded, info, _pixels(8)), atol=1e-5)
+    plain = predict_proba(model.eval(), info.model_copy(update={"tta": "none"}), _pixels(8))
+    assert not torch.allclose(got, plain, atol=1e-4)  # the graph does not ignore the mirror image
+
+
 def test_export_and_use_on_s3(s3_bucket: str, tmp_path: Path) -> None:
     local = _artifact(tmp_path / "model")
     uri = f"s3://{s3_bucket}/runs/a/model"

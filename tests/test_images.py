@@ -13,7 +13,7 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from distcls.config import StorageConfig
-from distcls.images import ImageError, augment, decode, normalize, read_batch
+from distcls.images import ImageError, crop, decode, mirror, normalize, read_batch
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -196,7 +196,7 @@ def test_read_batch_gives_per_row_errors_in_order(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# normalize and augment
+# normalize, crop and mirror
 
 
 def test_normalize_layout_dtype_and_values() -> None:
@@ -215,22 +215,21 @@ def _numbered_batch(n: int = 16, side: int = 8) -> torch.Tensor:
     return torch.arange(n * side * side * 3, dtype=torch.int64).remainder(251).to(torch.uint8).view(n, side, side, 3)
 
 
-def test_augment_keeps_shape_dtype_and_pixel_values() -> None:
+def test_crop_keeps_shape_dtype_and_pixel_values() -> None:
     batch = _numbered_batch()
-    out = augment(batch, torch.Generator().manual_seed(0), pad=2)
+    out = crop(batch, torch.Generator().manual_seed(0), pad=2)
     assert out.shape == batch.shape and out.dtype == torch.uint8
     assert not torch.equal(out, batch)
     # A reflect-padded crop only moves pixels: every output value exists in its source image.
     for source, result in zip(batch, out):
         assert set(result.unique().tolist()) <= set(source.unique().tolist())
+    assert torch.equal(out, crop(batch, torch.Generator().manual_seed(0), pad=2))  # the generator alone decides
+    assert torch.equal(crop(batch, torch.Generator().manual_seed(0), pad=0), batch)
 
 
-def test_augment_without_padding_only_flips() -> None:
+def test_mirror_flips_exactly_the_marked_images() -> None:
     batch = _numbered_batch()
-    out = augment(batch, torch.Generator().manual_seed(1), pad=0)
-    flipped = [torch.equal(o, b.flip(1)) for o, b in zip(out, batch)]
-    kept = [torch.equal(o, b) for o, b in zip(out, batch)]
-    assert all(f != k for f, k in zip(flipped, kept))  # each image exactly one of the two
-    assert 0 < sum(flipped) < len(batch)
-    again = augment(batch, torch.Generator().manual_seed(1), pad=0)
-    assert torch.equal(out, again)  # the generator alone decides
+    mask = torch.tensor([True, False] * (len(batch) // 2) + [True] * (len(batch) % 2))
+    out = mirror(batch, mask)
+    for o, b, flipped in zip(out, batch, mask):
+        assert torch.equal(o, b.flip(1) if flipped else b)

@@ -44,3 +44,44 @@ def test_unknown_model_lists_the_known_names() -> None:
         create_model("resnet9000", num_classes=10)
     message = str(info.value)
     assert "resnet9000" in message and all(name in message for name in list_models())
+
+
+def test_airbench_whitening_makes_every_patch_direction_unit_variance() -> None:
+    """fit() sets the 2x2 filters from data: the first half of the outputs (the eigen-directions;
+    the second half are their negatives) are uncorrelated, each of variance ~1, on those images."""
+    generator = torch.Generator().manual_seed(0)
+    # Correlated pixels: smooth images, as photos are.
+    images = torch.nn.functional.avg_pool2d(torch.randn(64, 3, 34, 34, generator=generator), 3, stride=1) * 3
+    model = create_model("airbench", num_classes=10)
+    model.fit_to_data(images)
+    out = torch.nn.functional.conv2d(images, model.whiten.weight)[:, :12].permute(1, 0, 2, 3).reshape(12, -1)
+    covariance = torch.cov(out)
+    # Within a few percent: fit() adds eps=5e-4 to each variance, which damps the faintest direction a little.
+    assert torch.allclose(covariance, torch.eye(12), atol=0.03), covariance.diagonal()
+    assert torch.equal(model.whiten.weight[:12], -model.whiten.weight[12:])
+    assert "whiten.weight" in model.state_dict() and "whiten.weight" not in dict(model.named_parameters())
+
+
+def test_every_architecture_has_a_recipe_and_describes_it() -> None:
+    from distcls.models import describe_models, recipe
+
+    text = describe_models()
+    for name in list_models():
+        settings = recipe(name)
+        assert set(settings) == {"epochs", "batch_size", "lr", "momentum", "weight_decay", "tta", "lookahead"}
+        assert f"--batch-size {settings['batch_size']}, --lr {settings['lr']}" in text.split(name, 1)[1]
+    assert recipe("airbench")["tta"] == "flip" and recipe("resnet18")["tta"] == "none"
+
+
+def test_tta_flip_averages_the_logits_of_the_image_and_its_mirror() -> None:
+    from distcls.models import WithTTA, tta_logits
+
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", num_classes=3).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(3))) / 2
+        assert torch.allclose(tta_logits(model, x, "flip"), expected)
+        assert torch.allclose(WithTTA(model, "flip")(x), expected)
+        assert torch.equal(tta_logits(model, x, "none"), model(x))
+        assert not torch.allclose(expected, model(x))  # the mirror image does change something

@@ -24,7 +24,8 @@ from distcls.cli import main
 from distcls.config import TrainConfig
 from distcls.images import decode
 from distcls.errors import UsageError
-from distcls.train import choose_cache, one_cycle, plan_cpus, train
+from distcls.models import create_model
+from distcls.train import Lookahead, choose_cache, fit_batch, one_cycle, param_groups, plan_cpus, train
 from distcls.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,7 +280,6 @@ def test_a_relative_output_gets_every_file_of_the_run(ray_local, synthetic_lake,
     """--output run (relative): rank 0 wrote metrics.jsonl into its Ray working directory and the
     driver failed reading <output>/metrics.jsonl (exit 2) after training and saving the model; a
     relative --init-weights is read by the workers, from the same other directory."""
-    from distcls.models import create_model
     from distcls.synthetic import CLASSES
 
     monkeypatch.chdir(tmp_path)
@@ -289,3 +289,49 @@ def test_a_relative_output_gets_every_file_of_the_run(ray_local, synthetic_lake,
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["model"] == str(tmp_path / "run" / "model")
     assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_weights_decay_biases_and_batchnorm_do_not_and_airbench_shifts_learn_faster() -> None:
+    config = TrainConfig(input="lake", output="out", weight_decay=0.01)
+    model = create_model("airbench", num_classes=10)
+    groups = param_groups(model, config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name = {names[id(p)]: (g["weight_decay"], g["lr_scale"]) for g in groups for p in g["params"]}
+    assert sorted(by_name) == sorted(names.values())  # every parameter once
+    assert by_name["head.weight"] == by_name["body.1.weight"] == (0.01, 1.0)
+    assert by_name["whiten.bias"] == (0.0, 1.0)
+    assert by_name["body.3.bias"] == (0.0, 64.0)  # a _BatchNorm shift
+    resnet = create_model("resnet_small", num_classes=10)
+    assert {(g["weight_decay"], g["lr_scale"]) for g in param_groups(resnet, config)} == {(0.01, 1.0), (0.0, 1.0)}
+
+
+def test_a_batch_the_lake_cannot_fill_is_made_smaller(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="distcls")
+    config = TrainConfig(input="lake", output="out", workers=2)  # the default batch, 1024
+    assert fit_batch(config, 45_000) is config
+    small = fit_batch(config, 270)
+    assert small.batch_size == 66 and small.batch_size % 2 == 0  # 270 // 4 steps, a multiple of the workers
+    assert "--batch-size 1024 is more than 270 training images fill 4 times an epoch: using 66" in caplog.text
+    assert fit_batch(config, 3).batch_size == 2  # one image per worker, at least
+
+
+def test_lookahead_follows_early_pulls_back_late_and_ends_on_the_average() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    lookahead = Lookahead(model)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    lookahead.update(0.0)  # early: the average keeps nothing of itself, the weights stay
+    assert torch.equal(model[0].weight, start + 1) and torch.equal(lookahead.slow["0.weight"], start + 1)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    lookahead.update(0.5)  # the average keeps 0.95^5 / 8 of itself, and the weights become it
+    keep = 0.95 ** 5 * 0.125
+    assert torch.allclose(model[0].weight, keep * (start + 1) + (1 - keep) * (start + 2))
+    before = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(5.0)
+        model[1].running_mean.add_(3.0)
+    lookahead.update(1.0)  # the end: back to the average, BatchNorm statistics included
+    assert torch.equal(model[0].weight, before) and torch.equal(model[1].running_mean, torch.zeros(2))
+    assert "1.num_batches_tracked" not in lookahead.slow  # integers are not averaged

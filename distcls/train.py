@@ -393,7 +393,10 @@ class Lookahead:
     slow average of themselves, which follows them less as training goes on (it keeps
     ``decay = 0.95^5 x progress^3`` of itself), and the run ends on the average. Updated at each
     epoch's end too, so the weights checkpointed are the average, and a resumed run, which starts
-    the average again from them, goes on exactly as it would have."""
+    the average again from them, goes on exactly as it would have. The last update takes in the
+    steps since the one before, at the schedule's last decay (airbench's end when its steps are a
+    multiple of 5); returning to the average without them (airbench's decay 1) threw away a whole
+    epoch when epochs are under EVERY steps, as fit_batch makes them on small lakes."""
 
     EVERY = 5
 
@@ -403,7 +406,7 @@ class Lookahead:
 
     @torch.no_grad()
     def update(self, progress: float) -> None:
-        decay = 1.0 if progress >= 1 else 0.95 ** 5 * progress ** 3
+        decay = 0.95 ** 5 * min(progress, 1.0) ** 3
         for name, value in self.live.items():
             self.slow[name].lerp_(value.detach(), 1 - decay)
             value.data.copy_(self.slow[name])

@@ -332,6 +332,28 @@ def test_lookahead_follows_early_pulls_back_late_and_ends_on_the_average() -> No
     with torch.no_grad():
         model[0].weight.add_(5.0)
         model[1].running_mean.add_(3.0)
-    lookahead.update(1.0)  # the end: back to the average, BatchNorm statistics included
-    assert torch.equal(model[0].weight, before) and torch.equal(model[1].running_mean, torch.zeros(2))
+    lookahead.update(1.0)  # the end: the average takes in the last steps, BatchNorm statistics included
+    keep = 0.95 ** 5
+    assert torch.allclose(model[0].weight, keep * before + (1 - keep) * (before + 5))
+    assert torch.allclose(model[1].running_mean, torch.full((2,), (1 - keep) * 3.0))
+    assert torch.equal(lookahead.slow["0.weight"], model[0].weight)  # and the run ends on it
     assert "1.num_batches_tracked" not in lookahead.slow  # integers are not averaged
+
+
+def test_the_last_epoch_of_a_lookahead_run_trains() -> None:
+    """Epochs of fewer than Lookahead.EVERY steps (fit_batch makes 4 on a small lake) have no
+    update but the epoch's end, and the last one returned to the average of the epoch before:
+    the final epoch's weights were the previous epoch's, bit for bit, and its training was lost."""
+    from distcls.train import train_epoch
+
+    torch.manual_seed(0)
+    config = TrainConfig(input="lake", output="out", epochs=2, precision="fp32")  # airbench: lookahead on
+    model = create_model("airbench", num_classes=2)
+    optimizer = torch.optim.SGD(param_groups(model, config), lr=config.lr, momentum=config.momentum, nesterov=True)
+    images, labels = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8), torch.arange(16) % 2
+    lookahead, generator = Lookahead(model), torch.Generator().manual_seed(0)
+    for epoch in range(config.epochs):
+        before = {name: value.clone() for name, value in model.state_dict().items()}
+        train_epoch(model, optimizer, zip(images.split(4), labels.split(4)), {"mean": (0.5,) * 3, "std": (0.25,) * 3},
+                    config, epoch, 4, generator, torch.device("cpu"), lookahead)
+        assert not torch.equal(model.head.weight, before["head.weight"]), f"epoch {epoch + 1} changed nothing"

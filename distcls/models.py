@@ -145,9 +145,14 @@ class Whitening(nn.Module):
     def fit(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the filters from a sample of normalised NCHW training images."""
         c, (h, w) = images.shape[1], self.weight.shape[2:]
-        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
-        patches = patches.double()
-        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        covariance, count = torch.zeros(c * h * w, c * h * w, dtype=torch.float64), 0
+        # A million pixels' patches at a time: all at once they take 2 x 4 x the sample's float32
+        # pixels (float64, one patch per pixel), 14 GiB for 2,048 images at 224 px.
+        for chunk in images.split(max(1, 2**20 // (images.shape[2] * images.shape[3]))):
+            patches = chunk.double().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+            covariance += patches.T @ patches
+            count += len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance / count)
         filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp(min=0) + eps)[:, None]).reshape(-1, c, h, w)
         self.weight.copy_(torch.cat([filters, -filters]).flip(0).to(self.weight.dtype))
 

@@ -50,6 +50,10 @@ STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary 
 # are shared by the OS either way; the reservation only has to let Ray schedule the tasks.
 SHARED_DECODE_CPUS = 0.5
 MIN_STEPS = 4  # optimizer steps an epoch, at least (fit_batch)
+# Pixels of the sample a model's layers are fitted to (airbench's whitening: the covariance of 2x2
+# patches, 12 numbers to estimate): all STATS_IMAGES up to 64 px, fewer larger ones. The whole
+# sample at --image-size 1024 was 25 GiB of float32 per worker.
+FIT_PIXELS = STATS_IMAGES * 64 * 64
 
 log = logging.getLogger(__name__)
 
@@ -578,16 +582,28 @@ def _fresh_state(config: TrainConfig, classes: list[str]) -> dict[str, Any]:
     pretrained: list[str] = []
     mean, std = _pixel_statistics(ray.train.get_dataset_shard("stats"))
     if hasattr(model, "fit_to_data"):  # layers set from data (airbench's whitening); --init-weights may then replace them
-        sample = [torch.from_numpy(batch["image"]) for batch in
-                  ray.train.get_dataset_shard("stats").iter_batches(batch_size=512, batch_format="numpy")]
-        if sample:
-            model.fit_to_data(normalize(torch.cat(sample), mean, std))
+        sample = _fitting_sample(ray.train.get_dataset_shard("stats"), mean, std)
+        if sample is not None:
+            model.fit_to_data(sample)
     if config.init_weights:
         match = _init_match(config, model)
         model.load_state_dict(match.loaded, strict=False)
         pretrained = sorted(match.loaded)
     return {"model": model.state_dict(), "epoch": 0, "elapsed_s": 0.0, "history": [], "restores": 0,
             "mean": mean, "std": std, "pretrained": pretrained}
+
+
+def _fitting_sample(sample: ray.data.DataIterator, mean: tuple[float, ...],
+                    std: tuple[float, ...]) -> torch.Tensor | None:
+    """The normalised images of ``sample`` for a model's ``fit_to_data``, up to FIT_PIXELS pixels;
+    None when it has none."""
+    images, pixels = [], 0
+    for batch in sample.iter_batches(batch_size=64, batch_format="numpy"):
+        images.append(normalize(torch.from_numpy(batch["image"]), mean, std))
+        pixels += images[-1].shape[0] * images[-1].shape[2] * images[-1].shape[3]
+        if pixels >= FIT_PIXELS:
+            break
+    return torch.cat(images) if images else None
 
 
 def _pixel_statistics(sample: ray.data.DataIterator) -> tuple[tuple[float, ...], tuple[float, ...]]:

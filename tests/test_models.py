@@ -85,3 +85,52 @@ def test_tta_flip_averages_the_logits_of_the_image_and_its_mirror() -> None:
         assert torch.allclose(WithTTA(model, "flip")(x), expected)
         assert torch.equal(tta_logits(model, x, "none"), model(x))
         assert not torch.allclose(expected, model(x))  # the mirror image does change something
+
+
+def test_airbench_whitening_of_large_images_fits_in_little_memory() -> None:
+    """fit() held every patch of its sample at once, in float64: 2,048 images at 224 px took 14 GiB
+    per training worker. It sums the patch covariance a million pixels at a time; the filters are
+    those of the whole sample's covariance."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, torch
+from distcls.models import Whitening
+torch.set_num_threads(1)
+images = torch.nn.functional.avg_pool2d(torch.randn(96, 3, 226, 226, generator=torch.Generator().manual_seed(0)), 3, stride=1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+whitening = Whitening()
+whitening.fit(images)
+grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+patches = images[:8].double().unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 12)
+out = torch.nn.functional.conv2d(images[:8].double(), whitening.weight.double())[:, :12].permute(1, 0, 2, 3).reshape(12, -1)
+print(grew, float((torch.cov(out) - torch.eye(12, dtype=torch.float64)).abs().max()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    grew_mib, off_identity = map(float, done.stdout.split())
+    # Its sample is 55 MiB of float32; all its patches at once took ~650 MiB more.
+    assert grew_mib < 250, grew_mib
+    assert off_identity < 0.1  # still whitening: unit, uncorrelated directions on these images
+
+
+def test_the_sample_a_model_is_fitted_to_is_bounded_by_pixels() -> None:
+    """Every image of the stats sample up to 64 px; fewer, larger ones above (a sample of 2,048
+    images at 1024 px was 25 GiB of float32 in every worker)."""
+    import numpy as np
+
+    from distcls.train import FIT_PIXELS, STATS_IMAGES, _fitting_sample
+
+    class Sample:  # what _fitting_sample reads of a Ray DataIterator
+        def __init__(self, images: int, side: int) -> None:
+            self.images, self.side = images, side
+
+        def iter_batches(self, batch_size: int, batch_format: str):
+            for start in range(0, self.images, batch_size):
+                yield {"image": np.zeros((min(batch_size, self.images - start), self.side, self.side, 3), np.uint8)}
+
+    stats = ((0.5,) * 3, (0.25,) * 3)
+    assert _fitting_sample(Sample(STATS_IMAGES, 64), *stats).shape == (STATS_IMAGES, 3, 64, 64)
+    large = _fitting_sample(Sample(STATS_IMAGES, 256), *stats)
+    assert FIT_PIXELS <= len(large) * 256 * 256 < FIT_PIXELS + 64 * 256 * 256
+    assert _fitting_sample(Sample(0, 32), *stats) is None

@@ -101,7 +101,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if result.error is not None:
             raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
         best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
-        _refuse_divergence(best_metrics)
+        _refuse_divergence(best_metrics, best_checkpoint)
         info = _save_artifact(config, classes, best_checkpoint, best_metrics, human_labels)
         _write_curves(config)
         epochs.log_artifact(_output(config).child("model"))
@@ -250,15 +250,22 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
     )
 
 
-def _refuse_divergence(metrics: dict[str, Any]) -> None:
-    """JobError when the losses of the best epoch are not finite: its weights are NaN, a model
-    that says one class for every image (and model.json cannot hold NaN: ModelInfo refused it
-    with a bare ValidationError)."""
+def _refuse_divergence(metrics: dict[str, Any], checkpoint: ray.train.Checkpoint) -> None:
+    """JobError when the losses of the best epoch (``checkpoint``'s) are not finite: its weights
+    are NaN, a model that says one class for every image (and model.json cannot hold NaN:
+    ModelInfo refused it with a bare ValidationError)."""
     bad = {key: value for key, value in metrics.items()
            if key in ("train_loss", "val_loss") and not math.isfinite(value)}
-    if bad:
-        raise JobError(f"training diverged: {', '.join(f'{k} {v}' for k, v in bad.items())} at epoch "
-                       f"{metrics.get('epoch')}; no model saved: lower --lr")
+    if not bad:
+        return
+    with checkpoint.as_directory() as folder:
+        std = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)["std"]
+    # Images of one colour: every activation is constant, BatchNorm divides by its epsilon alone
+    # (airbench's is 1e-12) and the first step's gradients are ~1e24 at any --lr.
+    hint = ("the sampled training images are all one colour (pixel std under 1/255 in every channel): "
+            "there is nothing to learn" if max(std) < 1 / 255 else "lower --lr")
+    raise JobError(f"training diverged: {', '.join(f'{k} {v}' for k, v in bad.items())} at epoch "
+                   f"{metrics.get('epoch')}; no model saved: {hint}")
 
 
 def _fit(trainer: ray.train.torch.TorchTrainer, progress: Queue, config: TrainConfig,

@@ -275,6 +275,26 @@ def test_a_diverged_training_fails_naming_it_and_saves_no_model(ray_local, synth
     assert not (output / "model" / "model.json").exists()
 
 
+def test_a_lake_of_one_colour_fails_saying_so_not_lower_lr(ray_local, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """All-black images diverge at any --lr (airbench: gradients ~1e24 at the first step); the
+    failure said 'lower --lr', which cannot help."""
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "lake" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (32, 32)).save(tmp_path / "lake" / name / f"{i}.png")
+    output = tmp_path / "run"
+    code = main(["train", "--input", str(tmp_path / "lake"), "--output", str(output), "--epochs", "1",
+                 "--workers", "1", "--lr", "0.001", "--val-fraction", "0.25"])
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert code == 1 and captured.out == "" and not (output / "model").exists()
+    assert last.startswith("distcls train: failed: training diverged: ") and "all one colour" in last, last
+    assert "--lr" not in last
+
+
 def test_a_relative_output_gets_every_file_of_the_run(ray_local, synthetic_lake, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """--output run (relative): rank 0 wrote metrics.jsonl into its Ray working directory and the

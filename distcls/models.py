@@ -57,10 +57,18 @@ def describe_models() -> str:
     width = max(len(name) for name in _REGISTRY)
     lines = []
     for name in list_models():
-        defaults = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in recipe(name).items())
+        defaults = ", ".join(_flag(key, value) for key, value in recipe(name).items())
         lines += [f"{name:<{width}}  {(_REGISTRY[name].__doc__ or '').strip().splitlines()[0]}",
                   f"{'':<{width}}  defaults: {defaults}"]
     return "\n".join(lines)
+
+
+def _flag(key: str, value: Any) -> str:
+    """A setting as the train flag that gives it: booleans are switches (--lookahead, --no-lookahead)."""
+    name = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value}"
 
 
 def create_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:

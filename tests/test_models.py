@@ -73,6 +73,18 @@ def test_every_architecture_has_a_recipe_and_describes_it() -> None:
     assert recipe("airbench")["tta"] == "flip" and recipe("resnet18")["tta"] == "none"
 
 
+def test_the_defaults_distcls_models_shows_are_flags_train_accepts(capsys) -> None:
+    """They read '--lookahead True', which train refuses (the flag is a switch: unrecognized argument 'True')."""
+    from distcls.cli import build_parser, main
+
+    assert main(["models"]) == 0
+    lines = [line.split("defaults: ", 1)[1] for line in capsys.readouterr().out.splitlines() if "defaults: " in line]
+    assert len(lines) == len(list_models())
+    for defaults in lines:
+        args = build_parser().parse_args(["train", "--input", "x", "--output", "y", *defaults.replace(",", "").split()])
+        assert args.lookahead == ("--lookahead" in defaults.split(", ")) and args.epochs is not None
+
+
 def test_tta_flip_averages_the_logits_of_the_image_and_its_mirror() -> None:
     from distcls.models import WithTTA, tta_logits
 

@@ -252,7 +252,9 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
 
 class WithTTA(nn.Module):
     """``model`` whose forward applies ``tta_logits``: what inference loads for an artifact trained
-    with --tta, so that every engine (and the exported ONNX graph) predicts the same way."""
+    with --tta, so that every engine (and the exported ONNX graph) predicts the same way. Its state
+    dict is the model's, keys unprefixed: weights saved from what ``load_model`` returns fit the
+    architecture (``--init-weights``) whatever the artifact's tta, as they did before tta existed."""
 
     def __init__(self, model: nn.Module, tta: str) -> None:
         super().__init__()
@@ -261,6 +263,12 @@ class WithTTA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tta_logits(self.model, x, self.tta)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def _torchvision(name: str, num_classes: int) -> nn.Module:

@@ -316,3 +316,21 @@ def test_an_artifact_with_tta_predicts_with_it(tmp_path: Path) -> None:
     # Saving what load_model returned saves the plain weights again, not the wrapper's.
     again = save_model(loaded, info, Store(str(tmp_path / "again")))
     assert again.weights_sha256 == saved.weights_sha256
+
+
+def test_weights_saved_from_a_loaded_tta_artifact_fit_its_architecture(tmp_path: Path) -> None:
+    """load_model wraps a tta=flip model in WithTTA; its state dict had every key prefixed 'model.',
+    so those weights, saved for --init-weights, were refused as 'a checkpoint of another architecture?'."""
+    from distcls.artifact import load_state_dict, match_state_dict
+    from distcls.models import create_model
+
+    model = _trained_looking_model()
+    save_model(model, _info(tta="flip"), Store(str(tmp_path / "model")))
+    loaded, info = load_model(Store(str(tmp_path / "model")))
+    torch.save(loaded.state_dict(), tmp_path / "weights.pt")
+    state = load_state_dict(Store(str(tmp_path / "weights.pt")))
+    fresh = create_model(info.arch, num_classes=len(info.classes))
+    match = match_state_dict(fresh, state, "weights.pt", partial=False)
+    assert sorted(match.loaded) == sorted(model.state_dict())
+    assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+    loaded.load_state_dict(state)  # and back into the wrapper

@@ -68,6 +68,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                        if getattr(config, name) and not storage.is_remote(getattr(config, name))})
     if config.freeze_epochs and not config.init_weights:
         raise UsageError("--freeze-epochs needs --init-weights: without them no layer is pretrained to freeze")
+    _check_image_size(config)
     if config.init_weights:
         # Checked on the driver first: a refused or unreadable file is a usage error before
         # anything is written, not a worker failure that Ray Train retries --max-failures times.
@@ -106,6 +107,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _write_curves(config)
         epochs.log_artifact(_output(config).child("model"))
     return {"model": _output(config).uri_of("model"), "model_id": info.model_id, **info.metrics}
+
+
+def _check_image_size(config: TrainConfig) -> None:
+    """UsageError when --arch cannot take --image-size images (its pooling leaves less than a pixel:
+    airbench at 8 px). A forward pass on the meta device, shapes only, on the driver: in the workers
+    it failed at the first step, again on every restart."""
+    with torch.device("meta"):
+        model = create_model(config.arch, num_classes=2).eval()
+        try:
+            model(torch.empty(1, 3, config.image_size, config.image_size))
+        except RuntimeError as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            raise UsageError(f"--image-size {config.image_size} is too small for --arch {config.arch} ({reason}); "
+                             "give a larger --image-size or another --arch") from None
 
 
 def _split(config: TrainConfig) -> tuple[pa.Table, pa.Table, list[str], dict[str, Any]]:

@@ -295,6 +295,15 @@ def test_a_lake_of_one_colour_fails_saying_so_not_lower_lr(ray_local, tmp_path: 
     assert "--lr" not in last
 
 
+def test_an_image_size_too_small_for_the_arch_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """airbench (the default) at --image-size 8, which config allows: its last pooling leaves 0x0
+    pixels, and every worker failed at its first step, restart after restart."""
+    code = main(["train", "--input", str(tmp_path / "lake"), "--output", str(tmp_path / "run"), "--image-size", "8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("distcls train: error: --image-size 8 is too small for --arch airbench (")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_a_relative_output_gets_every_file_of_the_run(ray_local, synthetic_lake, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """--output run (relative): rank 0 wrote metrics.jsonl into its Ray working directory and the

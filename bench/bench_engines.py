@@ -2,6 +2,7 @@
 
     python bench/bench_engines.py                         # resnet_small, 32x32, batch 256
     python bench/bench_engines.py --arch simple_cnn --rounds 10
+    python bench/bench_engines.py --arch airbench --tta flip   # the default recipe's model
     python bench/bench_engines.py --photos 2000        # + decoding the photo lake, as a labeling actor does
 
 One thread each, as in a labeling actor: ``engines.TorchEngine`` (PyTorch eager, channels-last)
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_label's 
 from distcls.artifact import ModelInfo
 from distcls.engines import OnnxEngine, TorchEngine
 from distcls.export import to_onnx
-from distcls.models import create_model
+from distcls.models import WithTTA, create_model
 
 
 def cpu_ms_per_image(engine, batch: np.ndarray) -> float:
@@ -96,12 +97,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--photos", type=int, default=0, help="also time decoding this many photos")
+    parser.add_argument("--tta", default="none", choices=("none", "flip"), help="test-time augmentation, as model.json says")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = create_model(args.arch, num_classes=10).eval()
+    if args.tta != "none":  # what load_model returns for such an artifact
+        model = WithTTA(model, args.tta).eval()
     info = ModelInfo(arch=args.arch, classes=[str(i) for i in range(10)], image_size=args.image_size,
-                     mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+                     mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), tta=args.tta)
     graph = to_onnx(model, info, args.arch)
     engines = {"torch": TorchEngine(model, info), "onnx": OnnxEngine(graph, info)}
     batch = np.random.default_rng(0).integers(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=np.uint8)

@@ -2,7 +2,7 @@
 cached vs streamed.
 
     python bench/bench_train.py throughput [--images 10000] [--epochs 3]
-    python bench/bench_train.py accuracy  [--config jobs/configs/cifar10_train.yaml] [distcls train flags]
+    python bench/bench_train.py accuracy  [--tuning] [--config FILE] [distcls train flags]
     python bench/bench_train.py accuracy  --arch simple_cnn --epochs 10 --lr 0.05
     python bench/bench_train.py photos    [--sizes 10000 50000] [--epochs 2] [--batch-size 128]
 
@@ -12,10 +12,12 @@ size, augmentation and per-epoch evaluation; the plain loop calls the very same 
 `eval_epoch` functions. Epoch 1 is warm-up and not counted. The two alternate (Ray, plain, Ray,
 plain) so that machine noise hits both. Ratio = Ray / plain (target >= 0.95).
 
-`accuracy`: the default recipe end to end on the full CIFAR-10 train lake from
-../shared/data (45,000 train / 5,000 held out, stratified, seed 0): wall time of the whole
-`distcls train` command (Ray start, decode, training, artifact), then `distcls evaluate` on the
-held-out manifest it wrote. Target: >= 85% held-out accuracy within 15 minutes.
+`accuracy`: `distcls train` with its defaults (or --config / extra flags) end to end on the full
+CIFAR-10 train lake from ../shared/data (45,000 train / 5,000 held out, stratified, seed 0): wall
+time of the whole command (Ray start, decode, training, artifact), then `distcls evaluate` on the
+held-out manifest it wrote. Target (issue 18): >= 91% held-out accuracy within 15 minutes. With
+--tuning it trains on those 45,000 images only, holding out 10% of them (seed 1): choose a recipe
+with --tuning, report without it, so that the reported 5,000 were never used to choose.
 
 `photos`: a photo lake per size (the first N/10 CIFAR-10 JPEGs of each class, upscaled by this
 script to 256x256 and re-encoded at JPEG quality 90: `bench_label.make_lake`), trained with
@@ -155,7 +157,7 @@ def accuracy(args: argparse.Namespace) -> None:
         print(f"  epoch {row['epoch']:2d}  val_acc {row['val_accuracy']:.4f}  {row['images_per_s']:.0f} img/s  {row['elapsed_s']:.0f}s")
     print(f"wall time of distcls train: {train_s:.0f} s ({train_s / 60:.1f} min, target <= 15 min)")
     print(f"held-out accuracy (distcls evaluate on {scores['images']} images never trained on): "
-          f"{scores['accuracy']:.4f} (target >= 0.85)")
+          f"{scores['accuracy']:.4f} (target >= 0.91)")
 
 
 def photos(args: argparse.Namespace) -> None:

@@ -119,7 +119,10 @@ class _RayMode:
         self.shutdown()
         if mode == "local":
             # "local": never join a Ray left running on this machine (ray_current_cluster).
-            ray.init(address="local", num_cpus=2, include_dashboard=False)
+            # log_to_driver=False, as the CLI's own ray.init (runtime.ensure_ray): with it on, the
+            # raylet's "N PYTHON worker processes have been started" warning reached the test's
+            # stdout, which a command's JSON summary must have to itself.
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         else:
             from ray.cluster_utils import Cluster
 
@@ -128,7 +131,7 @@ class _RayMode:
             for _ in range(2):
                 self.cluster.add_node(num_cpus=1)
             self.cluster.wait_for_nodes()
-            ray.init(address=self.cluster.address)
+            ray.init(address=self.cluster.address, log_to_driver=False)
         self.mode = mode
 
     def shutdown(self) -> None:

@@ -122,9 +122,10 @@ def test_killed_inference_actors_are_replaced_and_every_input_lands_once(
 def test_losing_a_worker_node_mid_run_loses_no_input(ray_cluster, tmp_path: Path, synthetic_lake,
                                                      model_uri: str) -> None:
     """The worker node of the first inference actor to come up is removed while its batches are
-    in flight (another worker node if that actor is on the head, which a cluster cannot lose),
-    and nothing replaces it: its tasks are retried, its objects rebuilt from lineage, its actor
-    restarted on the two nodes left."""
+    in flight (another worker node if that actor is on the head or the driver's node, which a
+    cluster cannot lose: on a real cluster the driver runs on the head, and the InputReader, which
+    owns the input blocks, beside it), and nothing replaces it: its tasks are retried, its objects
+    rebuilt from lineage, its actor restarted on the two nodes left."""
     import ray
 
     lake = synthetic_lake(30, labelled=False)
@@ -135,7 +136,10 @@ def test_losing_a_worker_node_mid_run_loses_no_input(ray_cluster, tmp_path: Path
         run.wait_until(lambda: _alive_since(before), "a live inference actor")
         assert not _staged_parquet(output)  # nothing written yet: the node takes work in flight with it
         actor_node = _alive_since(before)[0]["Address"]["NodeID"]
-        workers = sorted(ray_cluster.worker_nodes, key=lambda n: n.node_id != actor_node)
+        # All nodes share this machine's address, so the driver may have joined a worker node's raylet.
+        driver_node = ray.get_runtime_context().get_node_id()
+        workers = sorted((n for n in ray_cluster.worker_nodes if n.node_id != driver_node),
+                         key=lambda n: n.node_id != actor_node)
         victim = workers[0]
         ray_cluster.remove_node(victim)
         result = run.join()

@@ -179,8 +179,13 @@ def plan_cpus(config: TrainConfig, total_cpus: float, can_grow: bool = False) ->
     Decoding takes the CPUs the workers leave free. When they leave less than one (a full fixed
     cluster), the workers give up SHARED_DECODE_CPUS between them. A cluster smaller than the
     workers need (an autoscaling one still at its minimum) gets one CPU's worth of decode tasks,
-    which the autoscaler can add, and nothing is taken from the workers."""
+    which the autoscaler can add, and nothing is taken from the workers. A fixed cluster smaller
+    than the workers need is a UsageError: Ray Train would wait for their CPUs for ever."""
     spare = total_cpus - config.workers * config.cpus_per_worker
+    if spare < 0 and not can_grow:
+        raise UsageError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker} need "
+                         f"{config.workers * config.cpus_per_worker} CPUs; the Ray cluster has {total_cpus:g} "
+                         "and no autoscaler to add more")
     if config.decode_cpus is not None and config.decode_cpus > total_cpus and not can_grow:
         raise UsageError(f"--decode-cpus {config.decode_cpus:g} is more than the {total_cpus:g} CPUs of the Ray cluster")
     decode = config.decode_cpus or (spare if spare >= 1 else SHARED_DECODE_CPUS if spare >= 0 else 1.0)

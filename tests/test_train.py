@@ -188,7 +188,11 @@ def test_decode_cpus_leave_the_workers_some(tmp_path) -> None:
     assert plan(3) == (1.0, 1.0)  # a spare CPU: decoding takes it, the workers keep theirs
     assert plan(8, decode_cpus=2) == (1.0, 2)
     assert plan(4, decode_cpus=3) == (0.5, 3)
-    assert plan(0) == (1.0, 1.0)  # an autoscaling cluster still at zero: nothing to take from
+    # An autoscaling cluster still at zero: nothing to take from.
+    assert plan_cpus(TrainConfig(input="lake", output="out", workers=2), 0, can_grow=True) == (1.0, 1.0)
+    # A fixed one too small for the workers: Ray Train would wait for ever.
+    with pytest.raises(UsageError, match="--workers 3 x --cpus-per-worker 1 need 3 CPUs; the Ray cluster has 2"):
+        plan_cpus(TrainConfig(input="lake", output="out", workers=3), 2)
     for total, decode_cpus, message in ((2, 3, "more than the 2 CPUs"), (2, 2, "leaves the 2 training workers no CPUs")):
         with pytest.raises(UsageError, match=message):
             plan(total, decode_cpus=decode_cpus)
@@ -222,6 +226,16 @@ def test_more_decode_cpus_than_the_cluster_has_is_a_usage_error(ray_local, synth
     err = capsys.readouterr().err.strip()
     assert err.endswith("--decode-cpus 3 is more than the 2 CPUs of the Ray cluster") and len(err.splitlines()) == 1
     assert not output.exists()  # checked before the held-out manifest is written
+
+
+def test_more_workers_than_a_fixed_cluster_holds_is_a_usage_error_not_a_hang(ray_local, synthetic_lake, tmp_path,
+                                                                            capsys) -> None:
+    output = tmp_path / "out"
+    assert main(["train", "--input", str(synthetic_lake(30)), "--output", str(output), "--workers", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--workers 3 x --cpus-per-worker 1 need 3 CPUs; the Ray cluster has 2 and no autoscaler "
+                        "to add more") and len(err.splitlines()) == 1
+    assert not output.exists()
 
 
 @pytest.mark.parametrize("make_lake, message", [

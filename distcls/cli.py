@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -53,16 +54,16 @@ def _label(config: LabelConfig) -> dict[str, Any]:
     return label(config)
 
 
-def _runs(config: RunsConfig) -> dict[str, Any] | None:
+def _runs(config: RunsConfig) -> dict[str, Any] | str:
     from distcls.runs import runs
 
     return runs(config)
 
 
-def _models(config: ModelsConfig) -> None:
+def _models(config: ModelsConfig) -> str:
     from distcls.models import describe_models
 
-    print(describe_models())
+    return describe_models()
 
 
 def _export(config: ExportConfig) -> dict[str, Any]:
@@ -77,8 +78,8 @@ def _demo(config: DemoConfig) -> dict[str, Any]:
     return run_demo(config)
 
 
-# A command returns the JSON line to print last on stdout, or None when it printed its output itself.
-COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any] | None], str]] = {
+# A command returns what stdout gets: the data of its JSON line, or a table as text.
+COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any] | str], str]] = {
     "train": (TrainConfig, _train, "Train a classifier on a labelled lake with Ray Train; writes <output>/model/."),
     "evaluate": (EvaluateConfig, _evaluate, "Accuracy, per-class precision/recall/F1 and a confusion matrix."),
     "label": (LabelConfig, _label, "Label every image of a lake (or manifest) into a Parquet dataset."),
@@ -152,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(settings, args.config, overrides)
         log.debug(f"{args.command} settings: {config.model_dump_json()}")
-        result = run(config)
+        # stdout is the command's product alone. Ray prints the errors and warnings its nodes push
+        # to the driver (say "N PYTHON worker processes have been started") on sys.stdout from a
+        # thread of its own, whatever log_to_driver says: while the command runs, that is stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run(config)
     except UsageError as exc:
         print(f"distcls {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -168,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distcls {args.command}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
               " (set DISTCLS_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
-    if result is not None:
-        print(json.dumps(_finite(result), default=str, allow_nan=False))
+    print(result if isinstance(result, str) else json.dumps(_finite(result), default=str, allow_nan=False))
     if getattr(config, "fail_on_drift", False) and ((result or {}).get("quality") or {}).get("drift"):
         print(f"distcls {args.command}: drift: the label distribution moved more than --drift-threshold "
               f"{config.drift_threshold:g} from {', '.join(result['quality']['drifted_from'])}; the run was committed",
@@ -195,7 +199,8 @@ def run(argv: list[str] | None = None) -> typing.NoReturn:
     without the interpreter's teardown, which with torch and Ray loaded spends ~2 s in native code
     freeing modules after the job is done and its output written."""
     code = main(argv)
-    atexit._run_exitfuncs()
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's shutdown, and its error thread, may still print
+        atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

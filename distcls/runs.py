@@ -12,10 +12,10 @@ from distcls.errors import UsageError
 _COLUMNS = ("run_id", "started_at", "images", "errors", "images_per_s", "mean_top1", "drift", "model_id")
 
 
-def runs(config: RunsConfig) -> dict[str, Any] | None:
+def runs(config: RunsConfig) -> dict[str, Any] | str:
     """One row per committed run (run id, start, images, errors by kind, images/s, mean top-1 score,
-    drift, model id; with --json also its quality block), newest first: printed as a table, or returned for the CLI's JSON line with --json. UsageError when
-    ``config.output`` is not a distcls output."""
+    drift, model id; with --json also its quality block), newest first: a table, or with --json
+    the data of the CLI's JSON line. UsageError when ``config.output`` is not a distcls output."""
     output = storage.Store(config.output, config.storage())
     output.require_exists()
     summaries = Dataset(output).successes()
@@ -24,8 +24,7 @@ def runs(config: RunsConfig) -> dict[str, Any] | None:
     rows = sorted((_row(summary) for summary in summaries.values()), key=lambda r: r["started_at"], reverse=True)
     if config.as_json:
         return {"output": config.output, "runs": rows}
-    print(format_table(rows))
-    return None
+    return format_table(rows)
 
 
 def _row(summary: dict[str, Any]) -> dict[str, Any]:

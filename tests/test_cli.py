@@ -289,3 +289,22 @@ def test_an_infinite_optimiser_setting_is_a_usage_error(flag: str, captured_conf
     captured = capsys.readouterr()
     assert "config" not in captured_config and captured.out == ""
     assert captured.err.startswith(f"distcls train: error: invalid TrainConfig: {flag}: ") and "'inf'" in captured.err
+
+
+def test_what_ray_prints_on_stdout_while_a_command_runs_goes_to_stderr(monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """Ray prints what its nodes push to the driver (here its own printer, with the raylet warning
+    that broke the demo's JSON under load) on sys.stdout, whatever log_to_driver says."""
+    from ray._private.worker import print_to_stdstream
+
+    def noisy(config: object) -> dict:
+        print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started"], "pid": "raylet",
+                            "is_err": False}, ignore_prefix=False)
+        return {"done": True}
+
+    settings, _, help_text = cli.COMMANDS["models"]
+    monkeypatch.setitem(cli.COMMANDS, "models", (settings, noisy, help_text))
+    assert cli.main(["models"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"done": True}  # stdout: the JSON line alone
+    assert "8 PYTHON worker processes have been started" in err

@@ -85,7 +85,7 @@ class ModelInfo(BaseModel):
     human_labels: dict[str, Any] = Field(default_factory=dict)
     # Test-time augmentation (models.tta_logits): changes predictions, so model_id covers it, but
     # only when it is not "none", which keeps the model_id of artifacts saved before it existed.
-    tta: Literal["none", "flip"] = "none"
+    tta: Literal["none", "flip", "flip_translate"] = "none"
     # Not an IDENTITY_FIELD: it describes the model, it does not change a prediction. Artifacts
     # saved before it existed have none.
     validation: Validation | None = None

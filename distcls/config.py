@@ -134,10 +134,12 @@ class TrainConfig(StorageConfig):
     weight_decay: float = Field(1.3e-3, ge=0, allow_inf_nan=False,
                                 description="SGD weight decay of the weights (not of biases and BatchNorm); default: the --arch's.")
     label_smoothing: float = Field(0.2, ge=0, lt=1, description="Cross-entropy label smoothing.")
-    tta: Literal["none", "flip"] = Field(
-        "flip", description="Test-time augmentation, recorded in model.json and used by every evaluation and "
-                            "labeling of the model: flip averages the logits of each image and its mirror image "
-                            "(twice the inference cost); default: the --arch's.")
+    tta: Literal["none", "flip", "flip_translate"] = Field(
+        "flip", description="Test-time augmentation, recorded in model.json and used by every labeling and "
+                            "evaluation of the model: flip averages the logits of each image and its mirror image "
+                            "(twice the inference cost), flip_translate adds two shifted copies of both (six "
+                            "times); training evaluates with it after the last epoch, plainly before; default: "
+                            "the --arch's.")
     image_size: int = Field(32, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Side of the square model input in pixels.")
     workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker; also its torch thread count.")

@@ -231,7 +231,7 @@ TAMPERED = {
     "unknown arch": ({"arch": "nope"}, "field 'arch': Value error, unknown arch 'nope'"),
     "class added": ({"classes": [*CLASSES, "newt"]}, "does not match its model_id"),
     "tta switched on": ({"tta": "flip"}, "does not match its model_id"),
-    "tta unknown": ({"tta": "rotate"}, "field 'tta': Input should be 'none' or 'flip'"),
+    "tta unknown": ({"tta": "rotate"}, "field 'tta': Input should be 'none', 'flip' or 'flip_translate'"),
     "format 1": ({"format_version": 1}, "is format 1, whose model_id covers the weights but not classes"),
     "format 3": ({"format_version": 3}, "has format_version 3; this distcls reads 2"),
 }

@@ -172,11 +172,12 @@ def test_every_registered_architecture_exports_and_agrees(arch: str) -> None:
     assert torch.allclose(got, predict_proba(model, info, _pixels(8)), atol=1e-5)
 
 
-def test_the_onnx_graph_of_a_tta_artifact_averages_the_mirror_image_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tta", ["flip", "flip_translate"])
+def test_the_onnx_graph_of_a_tta_artifact_averages_the_mirror_image_too(tmp_path: Path, tta: str) -> None:
     torch.manual_seed(0)
     model = models.create_model("airbench", num_classes=4)
     model.fit_to_data(torch.randn(16, 3, 32, 32))
-    info = ModelInfo(arch="airbench", classes=list("abcd"), image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, tta="flip")
+    info = ModelInfo(arch="airbench", classes=list("abcd"), image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, tta=tta)
     save_model(model, info, Store(str(tmp_path)))
     loaded, info = load_model(Store(str(tmp_path)))
     got = OnnxEngine(export.to_onnx(loaded, info, str(tmp_path)), info)(_pixels(8))

@@ -146,3 +146,26 @@ def test_the_sample_a_model_is_fitted_to_is_bounded_by_pixels() -> None:
     large = _fitting_sample(Sample(STATS_IMAGES, 256), *stats)
     assert FIT_PIXELS <= len(large) * 256 * 256 < FIT_PIXELS + 64 * 256 * 256
     assert _fitting_sample(Sample(0, 32), *stats) is None
+
+
+def test_tta_flip_translate_adds_the_image_shifted_up_left_and_down_right() -> None:
+    """airbench's level 2: half the flip mean, half the flip mean of two reflect-padded shifts of
+    1/32 of the side (a pixel at 32 px, two at 64 px)."""
+    from distcls.config import TrainConfig
+    from distcls.models import TTAS, tta_logits
+
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", num_classes=3).eval()
+    for size, shift in ((32, 1), (64, 2), (48, 1)):
+        x = torch.randn(2, 3, size, size)
+        padded = torch.nn.functional.pad(x, (shift,) * 4, mode="reflect")
+        up_left, down_right = padded[:, :, :size, :size], padded[:, :, 2 * shift:, 2 * shift:]
+        assert torch.equal(up_left[:, :, shift:, shift:], x[:, :, :-shift, :-shift])
+        assert torch.equal(down_right[:, :, :-shift, :-shift], x[:, :, shift:, shift:])
+        with torch.no_grad():
+            flip = tta_logits(model, x, "flip")
+            shifted = (tta_logits(model, up_left, "flip") + tta_logits(model, down_right, "flip")) / 2
+            assert torch.allclose(tta_logits(model, x, "flip_translate"), (flip + shifted) / 2, atol=1e-6)
+    assert TrainConfig.model_fields["tta"].annotation.__args__ == TTAS
+    with pytest.raises(ValueError, match="unknown tta 'rotate'"):
+        tta_logits(model, x, "rotate")

@@ -62,12 +62,18 @@ def test_two_workers_on_three_nodes_over_s3(ray_cluster, synthetic_lake, upload_
     fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     history = [json.loads(line) for line in fs.cat(f"{s3_bucket}/runs/one/metrics.jsonl").decode().splitlines()]
     assert [row["epoch"] for row in history] == list(range(1, 7))
+    # The recipe's test-time flip after the last epoch, plain forward passes before it.
+    assert [row["val_tta"] for row in history] == ["none"] * 5 + ["flip"] and info.tta == "flip"
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert fs.exists(f"{s3_bucket}/runs/one/curves.png")
     # The artifact predicts held-out images through the same decode path: mostly right.
     val = pq.read_table(fs.open(f"{s3_bucket}/runs/one/val.parquet")).to_pylist()
     images = np.stack([decode(fs.cat(row["path"].removeprefix("s3://")), info.image_size)[0] for row in val])
-    probs = predict_proba(model, info, images)
+    # The artifact's metrics say how its val_accuracy was measured: an earlier epoch, evaluated
+    # plainly, may be the best checkpoint.
+    assert info.metrics["val_tta"] == history[info.metrics["epoch"] - 1]["val_tta"]
+    probs = predict_proba(model, info, images) if info.metrics["val_tta"] == "flip" else \
+        predict_proba(model.model, info.model_copy(update={"tta": "none"}), images)
     predicted = probs.argmax(1).tolist()
     correct = sum(info.classes[p] == row["label"] for p, row in zip(predicted, val))
     assert correct / len(val) == pytest.approx(result["val_accuracy"], abs=1e-6)

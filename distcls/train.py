@@ -49,6 +49,7 @@ STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary 
 # 2-core machine), they reserve this much less between them and decode tasks ask for it: the cores
 # are shared by the OS either way; the reservation only has to let Ray schedule the tasks.
 SHARED_DECODE_CPUS = 0.5
+STREAM_WINDOW_BYTES = 256 * 2**20
 MIN_STEPS = 4  # optimizer steps an epoch, at least (fit_batch)
 # Pixels of the sample a model's layers are fitted to (airbench's whitening: the covariance of 2x2
 # patches, 12 numbers to estimate): all STATS_IMAGES up to 64 px, fewer larger ones. The whole
@@ -229,10 +230,24 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.dat
     # CPU: with --cache memory the workers wait, idle, for their shards, and one task decoded the
     # whole lake on one core while the others waited.
     task_cpus = min(1.0, decode_cpus) if decode_cpus >= 1 else decode_cpus / (config.workers * config.cpus_per_worker)
-    return ray.data.from_arrow(slices).randomize_block_order(
+    dataset = ray.data.from_arrow(slices)
+    # Ray Data 2.60's per-operator reservations stop it reading a finished decode task's block once
+    # the decode operator's share of the object store is used; ray.wait then returns at once on
+    # that task and the streaming executor (Ray Train's SplitCoordinator) spins: 0.45-0.6 of a core
+    # for a whole streamed epoch, taken from training (resnet18 at 128 px: 53 images/s streamed
+    # against 77 cached). Without them, decoding stops at the global limit, stream_window().
+    dataset.context.op_resource_reservation_enabled = False
+    return dataset.randomize_block_order(
         seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).map_batches(
         _decode_rows, fn_kwargs={"storage_config": config.storage(), "size": config.image_size},
         batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=task_cpus)
+
+
+def stream_window(config: TrainConfig) -> int:
+    """Bytes of decoded images Ray Data may hold ahead of the workers, per dataset: 256 MiB, or two
+    blocks per worker when those are larger. What a streamed epoch holds whatever the lake's size."""
+    block = ROWS_PER_BLOCK * config.image_size ** 2 * 3
+    return max(STREAM_WINDOW_BYTES, 2 * config.workers * block)
 
 
 def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:
@@ -253,7 +268,8 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
                 for name, rows in (("train", train_rows), ("val", val_rows), ("stats", stats_rows))}
     # Ray Data's limit is what keeps decoding off the workers' reserved CPUs: without it, it sizes
     # itself by the whole cluster, CPUs the workers hold included.
-    limits = ray.data.ExecutionOptions(resource_limits=ray.data.ExecutionResources(cpu=decode_cpus))
+    limits = ray.data.ExecutionOptions(resource_limits=ray.data.ExecutionResources(
+        cpu=decode_cpus, object_store_memory=stream_window(config)))
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

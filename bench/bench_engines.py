@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_label's 
 from distcls.artifact import ModelInfo
 from distcls.engines import OnnxEngine, TorchEngine
 from distcls.export import to_onnx
-from distcls.models import WithTTA, create_model
+from distcls.models import TTAS, WithTTA, create_model
 
 
 def cpu_ms_per_image(engine, batch: np.ndarray) -> float:
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--photos", type=int, default=0, help="also time decoding this many photos")
-    parser.add_argument("--tta", default="none", choices=("none", "flip"), help="test-time augmentation, as model.json says")
+    parser.add_argument("--tta", default="none", choices=TTAS, help="test-time augmentation, as model.json says")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)

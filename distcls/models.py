@@ -259,12 +259,24 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
         return flipped
     if tta != "flip_translate":
         raise ValueError(f"unknown tta {tta!r}; known: {', '.join(TTAS)}")
-    h, w = x.shape[2:]
-    shift = max(1, min(h, w) // 32)
-    padded = F.pad(x, (shift,) * 4, mode="reflect")
-    views = (padded[:, :, :h, :w], padded[:, :, 2 * shift:, 2 * shift:])
+    # int(): a constant in the traced ONNX graph, whose layers need the sides.
+    shift = max(1, int(min(x.shape[2:])) // 32)
+    views = [_reflect_shift(_reflect_shift(x, step, 2), step, 3) for step in (shift, -shift)]
     translated = sum(tta_logits(model, view, "flip") for view in views) / 2
     return (flipped + translated) / 2
+
+
+def _reflect_shift(x: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
+    """``x`` moved ``shift`` pixels along ``dim`` (towards higher indices when positive), the edge it
+    uncovers reflected: F.pad(mode="reflect") cropped back to the same side, made of slices because
+    ONNX's Pad loses the spatial sides under the graph's dynamic batch axis, and the export of an
+    adaptive pooling to a size (simple_cnn's) then fails."""
+    def part(start: int | None, stop: int | None) -> torch.Tensor:
+        return x[(slice(None),) * dim + (slice(start, stop),)]
+
+    if shift > 0:
+        return torch.cat([part(1, shift + 1).flip(dim), part(None, -shift)], dim)
+    return torch.cat([part(-shift, None), part(shift - 1, -1).flip(dim)], dim)
 
 
 class WithTTA(nn.Module):

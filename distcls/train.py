@@ -44,6 +44,7 @@ from distcls.runtime import (autoscaling, can_get, cluster_cpus, cluster_gpus, e
 
 STATE_FILE = "state.pt"
 ROWS_PER_BLOCK = 256  # one decode task; small blocks reshuffle well and keep a block's pixels small
+EVAL_PIXELS = 2**24  # a batch of held-out images evaluated on the driver (_held_out_batches)
 STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary ~30/255, so ~1/255 error
 # Decoding needs some CPU to be scheduled on. When the workers take every CPU (2 workers on this
 # 2-core machine), they reserve this much less between them and decode tasks ask for it: the cores
@@ -102,9 +103,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         result = _fit(trainer, progress, config, epochs)
         if result.error is not None:
             raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
-        best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"])
+        # On a tie the later epoch: trained longer, and the last one was evaluated as the artifact
+        # predicts (--tta). Ray lists tied checkpoints oldest first, so max() took the oldest.
+        best_checkpoint, best_metrics = max(result.best_checkpoints,
+                                            key=lambda pair: (pair[1]["val_accuracy"], pair[1]["epoch"]))
         _refuse_divergence(best_metrics, best_checkpoint)
-        info = _save_artifact(config, classes, best_checkpoint, best_metrics, human_labels)
+        info = _save_artifact(config, classes, best_checkpoint, best_metrics, val_rows, human_labels)
         _write_curves(config)
         epochs.log_artifact(_output(config).child("model"))
     return {"model": _output(config).uri_of("model"), "model_id": info.model_id, **info.metrics}
@@ -714,7 +718,7 @@ def _sum_across_workers(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.train.Checkpoint,
-                   metrics: dict[str, Any], human_labels: dict[str, Any] | None = None) -> ModelInfo:
+                   metrics: dict[str, Any], val_rows: pa.Table, human_labels: dict[str, Any] | None = None) -> ModelInfo:
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         weights = safetensors.torch.load_file(str(Path(folder) / "model.safetensors"))
@@ -724,14 +728,36 @@ def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.trai
     final = {k: metrics[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "elapsed_s")} | \
         {"val_tta": metrics.get("val_tta", config.tta)}
     # A checkpoint written before the validation distribution was recorded has none: the artifact then neither.
+    validation = state.get("validation")
+    if final["val_tta"] != config.tta:
+        # The best epoch was evaluated plainly (or a rerun changed --tta): model.json's accuracy and
+        # validation distribution (label's drift reference) must be those of the artifact as it
+        # predicts, which evaluate and label reproduce, not of other forward passes.
+        evaluation = eval_epoch(model, _held_out_batches(val_rows, config), state, torch.device("cpu"),
+                                len(classes), config.tta)
+        log.info(f"epoch {final['epoch']}'s checkpoint (val_acc {final['val_accuracy']:.4f} with tta "
+                 f"{final['val_tta']}) evaluated with --tta {config.tta}: val_acc {evaluation.accuracy:.4f}")
+        final |= {"val_loss": evaluation.loss, "val_accuracy": evaluation.accuracy, "val_tta": config.tta}
+        validation = evaluation.distribution(classes)
     info = ModelInfo(arch=config.arch, classes=classes, image_size=config.image_size, mean=state["mean"],
                      std=state["std"], tta=config.tta, config=public_dict(config), metrics=final,
-                     validation=state.get("validation"), human_labels=human_labels or {})
+                     validation=validation, human_labels=human_labels or {})
     artifact = _output(config).child("model")
     info = save_model(model, info, artifact)
     log.info(f"model {info.model_id[:12]} (epoch {final['epoch']}, val_accuracy {final['val_accuracy']:.4f}) "
              f"saved to {artifact.root}")
     return info
+
+
+def _held_out_batches(val_rows: pa.Table, config: TrainConfig) -> Batches:
+    """The held-out images decoded on this process, unreadable ones skipped as training's decode
+    tasks skip them, in batches of at most EVAL_PIXELS pixels (16 images at 1024 px)."""
+    size = max(1, min(ROWS_PER_BLOCK, EVAL_PIXELS // config.image_size ** 2))
+    for start in range(0, val_rows.num_rows, size):
+        block = val_rows.slice(start, size)
+        decoded = _decode_rows({"path": block["path"].to_numpy(zero_copy_only=False), "label": block["label"].to_numpy()},
+                               config.storage(), config.image_size)
+        yield torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
 
 
 def _write_curves(config: TrainConfig) -> None:

@@ -195,6 +195,14 @@ class ProcessSampler:
         self.other_cpu_s = 0.0
         self._cpu: dict[int, float] = {}  # CPU seconds of each process outside the tree, last sample
         self._first = True
+        # Ray's object store is a file in /dev/shm (Linux): its growth is what the run's objects
+        # took at most. Other sessions' Rays on the machine add to it; none here is the noise-free case.
+        self._shm_start = self._shm() or 0
+        self.peak_shm = 0
+
+    @staticmethod
+    def _shm() -> int | None:
+        return shutil.disk_usage("/dev/shm").used if os.path.isdir("/dev/shm") else None
 
     def sample(self) -> None:
         try:
@@ -224,6 +232,7 @@ class ProcessSampler:
                 self.other_cpu_s += used - self._cpu.get(pid, used if self._first else 0.0)
                 self._cpu[pid] = used
         self._first = False
+        self.peak_shm = max(self.peak_shm, (self._shm() or 0) - self._shm_start)
         self.peak_tree_rss = max(self.peak_tree_rss, tree_rss)
         self.peak_tree_private = max(self.peak_tree_private, tree_private)
 
@@ -273,7 +282,7 @@ def run_timed(command: list[str], worker_tag: str | None = None) -> dict:
             "tree_rss_gib": sampler.peak_tree_rss / 2**30,
             "tree_private_gib": sampler.peak_tree_private / 2**30,
             "worker_rss_gib": sampler.peak_worker_rss / 2**30, "worker_private_gib": sampler.peak_worker_private / 2**30,
-            **json.loads(stdout.strip().splitlines()[-1])}
+            "shm_gib": sampler.peak_shm / 2**30, **json.loads(stdout.strip().splitlines()[-1])}
 
 
 def trial(way: str, lake: Path, model: str, out: Path, n: int, attempts: int = 4) -> dict:

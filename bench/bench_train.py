@@ -28,7 +28,9 @@ own process with a private local Ray (`bench_label.run_timed`: waits for a quiet
 samples RSS every 0.5 s). Reported per run: images/s of each epoch (from metrics.jsonl: images
 trained / (train + eval seconds); with --cache memory epoch 1 also decodes the shard), the peak RSS
 of the largest RayTrainWorker process (and that less shared pages: Ray's object store is shared
-memory a streaming worker maps) and of the driver. Targets: streaming >= 0.8x cached (mean of the
+memory a streaming worker maps), of the driver, and the peak growth of /dev/shm, where Ray's
+object store lives (what the decoded images held ahead of the workers took; other Rays on the
+machine add to it). Targets: streaming >= 0.8x cached (mean of the
 epochs after the first), streaming worker peak at the larger lake <= 1.25x the smaller's.
 """
 from __future__ import annotations
@@ -197,7 +199,7 @@ def photos(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         for n in args.sizes:
             lake = make_lake(Path(tmp) / f"lake{n}", n, (256, 256))
-            for cache in ("memory", "none"):
+            for cache in args.caches:
                 out = Path(tmp) / f"run{n}-{cache}"
                 got = run_timed([sys.executable, "-m", "distcls", "train", "--input", str(lake), "--output", str(out),
                                  "--arch", "resnet18", "--image-size", "128", "--workers", "2", "--cache", cache,
@@ -210,14 +212,16 @@ def photos(args: argparse.Namespace) -> None:
     print(f"input: CIFAR-10 JPEGs upscaled to 256x256 (q90); resnet18 at 128x128, 2 workers x 1 thread, "
           f"global batch {args.batch_size}, {args.epochs} epochs, one run each")
     print(f"{'lake':>7s} {'cache':>7s} {'images/s per epoch':>28s} {'worker GiB':>11s} {'less shared':>12s} "
-          f"{'driver GiB':>11s} {'wall s':>7s} {'noise CPU-s':>12s}")
+          f"{'driver GiB':>11s} {'object store GiB':>17s} {'wall s':>7s} {'noise CPU-s':>12s}")
     for (n, cache), r in runs.items():
         rates = " ".join(f"{rate:.1f}" for rate in r["rates"])
         print(f"{n:7d} {cache:>7s} {rates:>28s} {r['worker_rss_gib']:11.2f} {r['worker_private_gib']:12.2f} "
-              f"{r['driver_rss_gib']:11.2f} {r['wall_s']:7.0f} {r['other_cpu_s']:12.0f}")
-    for n in args.sizes:
+              f"{r['driver_rss_gib']:11.2f} {r['shm_gib']:17.2f} {r['wall_s']:7.0f} {r['other_cpu_s']:12.0f}")
+    for n in args.sizes if set(args.caches) == {"memory", "none"} else []:
         streamed, cached = (float(np.mean(runs[n, cache]["rates"][1:] or runs[n, cache]["rates"])) for cache in ("none", "memory"))
         print(f"{n} images: streaming / cached = {streamed / cached:.2f}x (epochs after the first; target >= 0.8x)")
+    if "none" not in args.caches:
+        return
     small, big = (runs[n, "none"] for n in args.sizes[:2])
     for key, what in (("worker_rss_gib", "RSS"), ("worker_private_gib", "RSS less shared")):
         print(f"streaming worker peak {what}: {args.sizes[1]} / {args.sizes[0]} = {big[key] / small[key]:.2f}x (target <= 1.25x)")
@@ -239,6 +243,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs=2, default=[10_000, 50_000], help="the two lake sizes")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--caches", nargs="+", choices=("memory", "none"), default=["memory", "none"],
+                   help="which --cache runs to make at each size (the ratios need both)")
     args, extra = parser.parse_known_args()
     args.extra = extra  # accuracy: further `distcls train` flags, e.g. --arch simple_cnn --lr 0.02
     {"throughput": throughput, "accuracy": accuracy, "photos": photos}[args.bench](args)

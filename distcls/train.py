@@ -234,14 +234,7 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.dat
     # CPU: with --cache memory the workers wait, idle, for their shards, and one task decoded the
     # whole lake on one core while the others waited.
     task_cpus = min(1.0, decode_cpus) if decode_cpus >= 1 else decode_cpus / (config.workers * config.cpus_per_worker)
-    dataset = ray.data.from_arrow(slices)
-    # Ray Data 2.60's per-operator reservations stop it reading a finished decode task's block once
-    # the decode operator's share of the object store is used; ray.wait then returns at once on
-    # that task and the streaming executor (Ray Train's SplitCoordinator) spins: 0.45-0.6 of a core
-    # for a whole streamed epoch, taken from training (resnet18 at 128 px: 53 images/s streamed
-    # against 77 cached). Without them, decoding stops at the global limit, stream_window().
-    dataset.context.op_resource_reservation_enabled = False
-    return dataset.randomize_block_order(
+    return ray.data.from_arrow(slices).randomize_block_order(
         seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).map_batches(
         _decode_rows, fn_kwargs={"storage_config": config.storage(), "size": config.image_size},
         batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=task_cpus)
@@ -249,7 +242,13 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.dat
 
 def stream_window(config: TrainConfig) -> int:
     """Bytes of decoded images Ray Data may hold ahead of the workers, per dataset: 256 MiB, or two
-    blocks per worker when those are larger. What a streamed epoch holds whatever the lake's size."""
+    blocks per worker when those are larger. What a streamed epoch holds whatever the lake's size.
+
+    Known cost (Ray Data 2.60, BENCHMARKS.md "Training on photos"): once the window is full, the
+    executor in Ray Train's SplitCoordinator spins on decoded blocks its per-operator budget does
+    not let it read (ray.wait returns at once on them), ~half a core for a whole streamed epoch.
+    Turning the budgets off (DataContext.op_resource_reservation_enabled) stops the spin but also
+    every bound on decoding ahead: a 50,000-photo streamed run then held 2.1 GB in the store."""
     block = ROWS_PER_BLOCK * config.image_size ** 2 * 3
     return max(STREAM_WINDOW_BYTES, 2 * config.workers * block)
 

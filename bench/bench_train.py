@@ -102,7 +102,9 @@ def plain_epoch_rate(lake: Path, epochs: int, batch: int) -> float:
         started = time.time()
         train_epoch(model, optimizer, train_data.batches(batch, generator, epoch), state, config, epoch, steps,
                     generator, device, lookahead)
-        eval_epoch(model, val_data.batches(1000), state, device, len(classes), config.tta)
+        # As train_loop_per_worker: plain forward passes, --tta after the last epoch only.
+        eval_epoch(model, val_data.batches(1000), state, device, len(classes),
+                   config.tta if epoch == epochs - 1 else "none")
         rates.append(steps * batch / (time.time() - started))
     return float(np.mean(rates[1:]))
 

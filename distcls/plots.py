@@ -31,6 +31,12 @@ def training_curves(history: Sequence[dict[str, Any]]) -> bytes:
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss (log scale)", title="Loss", yscale="log")
     loss_ax.legend()
     acc_ax.plot(epochs, [100 * r["val_accuracy"] for r in history], marker="o", color="tab:green")
+    # Training evaluates with --tta after its last epoch only: say which points include it.
+    with_tta = [r for r in history if r.get("val_tta", "none") != "none"]
+    if with_tta:
+        acc_ax.plot([r["epoch"] for r in with_tta], [100 * r["val_accuracy"] for r in with_tta], linestyle="none",
+                    marker="*", markersize=14, color="tab:red", label=f"with --tta {with_tta[-1]['val_tta']}")
+        acc_ax.legend(loc="lower right")
     acc_ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy", ylim=(0, 100))
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)

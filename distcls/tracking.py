@@ -105,6 +105,8 @@ class Epochs:
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(value), now, int(row["epoch"])) for key, value in row.items()
                    if key != "epoch" and isinstance(value, (int, float))]
+        if "val_tta" in row:  # a string; the last epoch's val_accuracy is measured with the tta, the others not
+            metrics.append(Metric("val_with_tta", float(row["val_tta"] != "none"), now, int(row["epoch"])))
         if not _quietly(f"log epoch {row.get('epoch')}", self.client.log_batch, self.run_id, metrics=metrics):
             self._give_up()
 

@@ -22,7 +22,7 @@ def test_training_logs_params_epochs_and_the_artifact(ray_local, synthetic_lake,
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "distcls-test")
     assert main(["train", "--input", lake, "--output", str(output), "--arch", "simple_cnn", "--epochs", "2",
-                 "--batch-size", "32", "--workers", "1", "--name", "tracked"]) == 0
+                 "--batch-size", "32", "--workers", "1", "--name", "tracked", "--tta", "flip"]) == 0
 
     client = mlflow_tracking.MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("distcls-test").experiment_id])
@@ -38,6 +38,8 @@ def test_training_logs_params_epochs_and_the_artifact(ray_local, synthetic_lake,
         assert [m.step for m in history] == [e["epoch"] for e in epochs], key
         assert [m.value for m in history] == pytest.approx([e[key] for e in epochs]), key
     assert [e["epoch"] for e in epochs] == [1, 2]
+    # --tta flip: only the last epoch's val_accuracy includes it, and the run's metrics say so.
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val_with_tta")] == [0.0, 1.0]
 
     assert sorted(f.path for f in client.list_artifacts(run.info.run_id, "model")) == \
         ["model/model.json", "model/model.safetensors"]

@@ -241,7 +241,7 @@ def mobilenet_v3_small(num_classes: int) -> nn.Module:
     return _torchvision("mobilenet_v3_small", num_classes)
 
 
-# The test-time augmentations (--tta), each a list of views of the image whose logits are averaged.
+# The names --tta and model.json accept (tta_logits: which views of an image it averages the logits of).
 TTAS = ("none", "flip", "flip_translate")
 
 

@@ -80,7 +80,7 @@ def plain_epoch_rate(lake: Path, epochs: int, batch: int) -> float:
     from distcls.storage import Store
     from distcls.images import read_batch
     from distcls.models import create_model
-    from distcls.train import CachedShard, Lookahead, eval_epoch, param_groups, train_epoch
+    from distcls.train import CachedShard, Lookahead, eval_batch_size, eval_epoch, param_groups, train_epoch
 
     torch.set_num_threads(2)
     config = TrainConfig(input=str(lake), output="unused", epochs=epochs, batch_size=batch, workers=1)
@@ -103,7 +103,7 @@ def plain_epoch_rate(lake: Path, epochs: int, batch: int) -> float:
         train_epoch(model, optimizer, train_data.batches(batch, generator, epoch), state, config, epoch, steps,
                     generator, device, lookahead)
         # As train_loop_per_worker: plain forward passes, --tta after the last epoch only.
-        eval_epoch(model, val_data.batches(1000), state, device, len(classes),
+        eval_epoch(model, val_data.batches(eval_batch_size(config.image_size)), state, device, len(classes),
                    config.tta if epoch == epochs - 1 else "none")
         rates.append(steps * batch / (time.time() - started))
     return float(np.mean(rates[1:]))

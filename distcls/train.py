@@ -30,6 +30,7 @@ import ray.train
 import ray.train.torch
 import safetensors.torch
 import torch
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.util.queue import Empty, Queue
 from torch import nn
 
@@ -44,13 +45,17 @@ from distcls.runtime import (autoscaling, can_get, cluster_cpus, cluster_gpus, e
 
 STATE_FILE = "state.pt"
 ROWS_PER_BLOCK = 256  # one decode task; small blocks reshuffle well and keep a block's pixels small
-EVAL_PIXELS = 2**24  # a batch of held-out images evaluated on the driver (_held_out_batches)
+# A batch of held-out images: at most 1,000, and at most 4M pixels (256 at 128 px, 4 at 1024 px).
+# Its activations set a worker's peak memory: 1,000 photos at 128 px took resnet18's workers from
+# ~1.7 GiB while training to 3.7 GiB while evaluating.
+EVAL_BATCH, EVAL_PIXELS = 1000, 2**22
 STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary ~30/255, so ~1/255 error
 # Decoding needs some CPU to be scheduled on. When the workers take every CPU (2 workers on this
 # 2-core machine), they reserve this much less between them and decode tasks ask for it: the cores
 # are shared by the OS either way; the reservation only has to let Ray schedule the tasks.
 SHARED_DECODE_CPUS = 0.5
 STREAM_WINDOW_BYTES = 256 * 2**20
+SCHEDULING_PERIOD_S = 0.02  # PacedScheduling: a step of Ray Data's executor loop at most every 20 ms
 MIN_STEPS = 4  # optimizer steps an epoch, at least (fit_batch)
 # Pixels of the sample a model's layers are fitted to (airbench's whitening: the covariance of 2x2
 # patches, 12 numbers to estimate): all STATS_IMAGES up to 64 px, fewer larger ones. The whole
@@ -234,23 +239,41 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.dat
     # CPU: with --cache memory the workers wait, idle, for their shards, and one task decoded the
     # whole lake on one core while the others waited.
     task_cpus = min(1.0, decode_cpus) if decode_cpus >= 1 else decode_cpus / (config.workers * config.cpus_per_worker)
-    return ray.data.from_arrow(slices).randomize_block_order(
+    dataset = ray.data.from_arrow(slices).randomize_block_order(
         seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).map_batches(
         _decode_rows, fn_kwargs={"storage_config": config.storage(), "size": config.image_size},
         batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=task_cpus)
+    dataset.context.custom_execution_callback_classes = [PacedScheduling]
+    return dataset
 
 
 def stream_window(config: TrainConfig) -> int:
     """Bytes of decoded images Ray Data may hold ahead of the workers, per dataset: 256 MiB, or two
-    blocks per worker when those are larger. What a streamed epoch holds whatever the lake's size.
-
-    Known cost (Ray Data 2.60, BENCHMARKS.md "Training on photos"): once the window is full, the
-    executor in Ray Train's SplitCoordinator spins on decoded blocks its per-operator budget does
-    not let it read (ray.wait returns at once on them), ~half a core for a whole streamed epoch.
-    Turning the budgets off (DataContext.op_resource_reservation_enabled) stops the spin but also
-    every bound on decoding ahead: a 50,000-photo streamed run then held 2.1 GB in the store."""
+    blocks per worker when those are larger. What a streamed epoch holds whatever the lake's size."""
     block = ROWS_PER_BLOCK * config.image_size ** 2 * 3
     return max(STREAM_WINDOW_BYTES, 2 * config.workers * block)
+
+
+class PacedScheduling(ExecutionCallback):
+    """Runs the steps of Ray Data's executor loop at most every SCHEDULING_PERIOD_S.
+
+    Ray Data 2.60 spins once the stream window is full: a finished decode task whose block the
+    operator's budget does not let the executor read makes ``ray.wait`` return at once, step after
+    step, until the workers consume. In Ray Train's SplitCoordinator that took ~half a core from
+    two training workers for every streamed epoch (BENCHMARKS.md, "Training on photos"). Turning the
+    budgets off stops the spin but also every bound on decoding ahead (2.1 GB held for a
+    50,000-photo run). A step that waited on ``ray.wait`` already took longer than the period, so
+    only the spinning steps are slowed; a block then reaches the workers at most 20 ms later, against
+    seconds of training per batch."""
+
+    def __init__(self) -> None:
+        self._last_step = time.perf_counter()
+
+    def on_execution_step(self, executor: Any) -> None:
+        wait = self._last_step + SCHEDULING_PERIOD_S - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        self._last_step = time.perf_counter()
 
 
 def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:
@@ -400,7 +423,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # costs six forward passes, 20 s an epoch on CIFAR-10's 5,000 held-out images here. The
         # best checkpoint is still chosen by val_accuracy, so the last epoch's gets the tta's gain.
         tta = config.tta if epoch == config.epochs - 1 else "none"
-        evaluation = eval_epoch(model, val_data.batches(1000), state, device, len(classes), tta)
+        evaluation = eval_epoch(model, val_data.batches(eval_batch_size(config.image_size)), state, device,
+                                len(classes), tta)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": evaluation.loss,
                "val_accuracy": evaluation.accuracy, "val_tta": tta, "images_per_s": images / (time.time() - started),
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
@@ -750,13 +774,18 @@ def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.trai
 
 def _held_out_batches(val_rows: pa.Table, config: TrainConfig) -> Batches:
     """The held-out images decoded on this process, unreadable ones skipped as training's decode
-    tasks skip them, in batches of at most EVAL_PIXELS pixels (16 images at 1024 px)."""
-    size = max(1, min(ROWS_PER_BLOCK, EVAL_PIXELS // config.image_size ** 2))
+    tasks skip them, in eval_batch_size batches."""
+    size = eval_batch_size(config.image_size)
     for start in range(0, val_rows.num_rows, size):
         block = val_rows.slice(start, size)
         decoded = _decode_rows({"path": block["path"].to_numpy(zero_copy_only=False), "label": block["label"].to_numpy()},
                                config.storage(), config.image_size)
         yield torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
+
+
+def eval_batch_size(image_size: int) -> int:
+    """Held-out images evaluated at once (EVAL_BATCH, EVAL_PIXELS)."""
+    return max(1, min(EVAL_BATCH, EVAL_PIXELS // image_size ** 2))
 
 
 def _write_curves(config: TrainConfig) -> None:

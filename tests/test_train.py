@@ -1,6 +1,7 @@
 """Training end to end: multi-node Ray Train over S3, fault tolerance, resume, bad input."""
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -25,11 +26,12 @@ from distcls.config import TrainConfig
 from distcls.images import decode
 from distcls.errors import UsageError
 from distcls.models import create_model
-from distcls.train import (Lookahead, choose_cache, fit_batch, one_cycle, param_groups, plan_cpus, stream_window,
-                           train)
+from distcls.train import (Lookahead, PacedScheduling, choose_cache, eval_batch_size, fit_batch, one_cycle,
+                           param_groups, plan_cpus, stream_window, train)
 from distcls.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
+train_module = importlib.import_module("distcls.train")  # the package's `train` is the function
 QUICK = {"epochs": 6, "batch_size": 64, "lr": 0.05, "workers": 2}
 LONGER = {**QUICK, "epochs": 7}  # leaves time to kill something mid-run (during epoch 4)
 
@@ -242,6 +244,27 @@ def test_a_streamed_epoch_holds_at_most_the_stream_window_ahead() -> None:
     config = TrainConfig(input="lake", output="out", image_size=128, workers=2)
     assert stream_window(config) == 256 * 2**20  # blocks of 256 x 128^2 x 3 bytes: 12 MiB each
     assert stream_window(config.model_copy(update={"image_size": 512})) == 4 * 256 * 512 * 512 * 3
+
+
+def test_the_executor_loop_is_paced_only_when_its_steps_come_faster_than_the_period(monkeypatch) -> None:
+    """Ray Data's loop spins on a full stream window (steps of ~1 ms); a step that waited on its
+    tasks is not slowed."""
+    clock, slept = [100.0], []
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(train_module.time, "sleep", lambda s: (slept.append(s), clock.__setitem__(0, clock[0] + s)))
+    pacing = PacedScheduling()
+    clock[0] += 0.001  # a spinning step
+    pacing.on_execution_step(None)
+    assert slept == [pytest.approx(train_module.SCHEDULING_PERIOD_S - 0.001)]
+    clock[0] += 0.1  # a step that waited on ray.wait's timeout
+    pacing.on_execution_step(None)
+    assert len(slept) == 1
+
+
+def test_the_held_out_batch_is_bounded_by_its_pixels() -> None:
+    assert eval_batch_size(32) == 1000
+    assert eval_batch_size(128) == 256
+    assert eval_batch_size(1024) == 4
 
 
 def test_auto_caches_a_lake_that_fits_a_quarter_of_a_node(caplog) -> None:

@@ -14,7 +14,9 @@ import functools
 import json
 import logging
 import math
+import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -55,7 +57,7 @@ STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary 
 # are shared by the OS either way; the reservation only has to let Ray schedule the tasks.
 SHARED_DECODE_CPUS = 0.5
 STREAM_WINDOW_BYTES = 256 * 2**20
-SCHEDULING_PERIOD_S = 0.02  # PacedScheduling: a step of Ray Data's executor loop at most every 20 ms
+BACKPRESSURED_STEP_S = 0.1  # PacedScheduling's pause of Ray Data's loop while the stream window is full
 MIN_STEPS = 4  # optimizer steps an epoch, at least (fit_batch)
 # Pixels of the sample a model's layers are fitted to (airbench's whitening: the covariance of 2x2
 # patches, 12 numbers to estimate): all STATS_IMAGES up to 64 px, fewer larger ones. The whole
@@ -241,7 +243,7 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.dat
     task_cpus = min(1.0, decode_cpus) if decode_cpus >= 1 else decode_cpus / (config.workers * config.cpus_per_worker)
     dataset = ray.data.from_arrow(slices).randomize_block_order(
         seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).map_batches(
-        _decode_rows, fn_kwargs={"storage_config": config.storage(), "size": config.image_size},
+        _decode_yielding, fn_kwargs={"storage_config": config.storage(), "size": config.image_size},
         batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=task_cpus)
     dataset.context.custom_execution_callback_classes = [PacedScheduling]
     return dataset
@@ -255,25 +257,54 @@ def stream_window(config: TrainConfig) -> int:
 
 
 class PacedScheduling(ExecutionCallback):
-    """Runs the steps of Ray Data's executor loop at most every SCHEDULING_PERIOD_S.
+    """Pauses Ray Data's executor loop for BACKPRESSURED_STEP_S after each step in which an operator
+    may not read its finished tasks' output.
 
     Ray Data 2.60 spins once the stream window is full: a finished decode task whose block the
     operator's budget does not let the executor read makes ``ray.wait`` return at once, step after
     step, until the workers consume. In Ray Train's SplitCoordinator that took ~half a core from
     two training workers for every streamed epoch (BENCHMARKS.md, "Training on photos"). Turning the
     budgets off stops the spin but also every bound on decoding ahead (2.1 GB held for a
-    50,000-photo run). A step that waited on ``ray.wait`` already took longer than the period, so
-    only the spinning steps are slowed; a block then reaches the workers at most 20 ms later, against
-    seconds of training per batch."""
+    50,000-photo run). Only a full window pauses the loop, and then the workers hold seconds of
+    batches, so a block reaching them 0.1 s later costs nothing; steps while the window has room
+    (a cached run's single pass, the start of an epoch) run as Ray Data runs them.
 
-    def __init__(self) -> None:
-        self._last_step = time.perf_counter()
+    It reads the executor's topology and each operator's output-backpressure flag, which Ray Data
+    sets every step (``process_completed_tasks``): private names, checked by a test against the
+    installed Ray. Without them it does nothing."""
 
     def on_execution_step(self, executor: Any) -> None:
-        wait = self._last_step + SCHEDULING_PERIOD_S - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        self._last_step = time.perf_counter()
+        topology = getattr(executor, "_topology", None) or {}
+        if any(getattr(op, "_in_task_output_backpressure", False) for op in topology):
+            time.sleep(BACKPRESSURED_STEP_S)
+
+
+
+def _decode_yielding(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:
+    """_decode_rows in a thread of the lowest CPU priority (nice 19), so that decoding takes the
+    cores the training workers leave idle (waiting on each other's gradients) rather than one
+    worker's core, which would stall every worker at the next all-reduce. Training's data-parallel
+    steps run in lock step, so a decode task that preempts one worker costs all of them. If
+    decoding falls behind, the workers wait for batches and it gets the CPU. The thread is new
+    for every block: a nice value can be raised but not lowered back. Linux only: elsewhere a
+    thread id is not a ``setpriority`` target, and decoding runs as it is."""
+    if not sys.platform.startswith("linux"):
+        return _decode_rows(batch, storage_config, size)
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            result["out"] = _decode_rows(batch, storage_config, size)
+        except BaseException as error:  # re-raised in the task's own thread, where Ray reports it
+            result["error"] = error
+
+    thread = threading.Thread(target=work, name="distcls-decode")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["out"]
 
 
 def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:

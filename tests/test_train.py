@@ -12,11 +12,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from distcls import load_model
@@ -246,19 +249,56 @@ def test_a_streamed_epoch_holds_at_most_the_stream_window_ahead() -> None:
     assert stream_window(config.model_copy(update={"image_size": 512})) == 4 * 256 * 512 * 512 * 3
 
 
-def test_the_executor_loop_is_paced_only_when_its_steps_come_faster_than_the_period(monkeypatch) -> None:
-    """Ray Data's loop spins on a full stream window (steps of ~1 ms); a step that waited on its
-    tasks is not slowed."""
-    clock, slept = [100.0], []
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(train_module.time, "sleep", lambda s: (slept.append(s), clock.__setitem__(0, clock[0] + s)))
-    pacing = PacedScheduling()
-    clock[0] += 0.001  # a spinning step
-    pacing.on_execution_step(None)
-    assert slept == [pytest.approx(train_module.SCHEDULING_PERIOD_S - 0.001)]
-    clock[0] += 0.1  # a step that waited on ray.wait's timeout
-    pacing.on_execution_step(None)
-    assert len(slept) == 1
+def test_the_executor_loop_pauses_only_while_an_operator_is_backpressured_on_its_output(monkeypatch) -> None:
+    """Ray Data's loop spins while the stream window is full; other steps are not slowed."""
+    slept = []
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(sleep=slept.append))
+    read, decode = SimpleNamespace(_in_task_output_backpressure=False), SimpleNamespace(_in_task_output_backpressure=False)
+    executor = SimpleNamespace(_topology=[read, decode])  # a dict of operators in Ray; iterated the same way
+    PacedScheduling().on_execution_step(executor)
+    assert slept == []
+    decode._in_task_output_backpressure = True
+    PacedScheduling().on_execution_step(executor)
+    assert slept == [train_module.BACKPRESSURED_STEP_S]
+
+
+def test_pacing_sees_a_full_stream_window_in_the_installed_ray(ray_local) -> None:
+    """The private names PacedScheduling reads exist in this Ray: a slow consumer of a dataset whose
+    window holds a few blocks makes it pause."""
+    pauses = []
+
+    class Counting(PacedScheduling):
+        def on_execution_step(self, executor: Any) -> None:
+            if any(op._in_task_output_backpressure for op in executor._topology):
+                pauses.append(1)
+
+    dataset = ray.data.range(64, override_num_blocks=64).map_batches(
+        lambda b: {"x": np.zeros((len(b["id"]), 2**20), dtype=np.uint8)}, batch_size=None)
+    dataset.context.custom_execution_callback_classes = [Counting]
+    dataset.context.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=4 * 2**20)
+    for _ in dataset.iter_batches(batch_size=1, prefetch_batches=0):
+        time.sleep(0.05)
+    assert pauses
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are Linux's")
+def test_training_decodes_at_the_lowest_cpu_priority_and_reports_its_errors(monkeypatch) -> None:
+    seen = []
+
+    def decode(batch, storage_config, size):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        if size == 13:
+            raise OSError("disk gone")
+        return {"image": batch["path"], "label": batch["label"]}
+
+    monkeypatch.setattr(train_module, "_decode_rows", decode)
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    batch = {"path": np.array(["a", "b"]), "label": np.array([1, 2])}
+    assert train_module._decode_yielding(batch, None, 16) == {"image": batch["path"], "label": batch["label"]}
+    assert seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # the caller keeps its own
+    with pytest.raises(OSError, match="disk gone"):
+        train_module._decode_yielding(batch, None, 13)
 
 
 def test_the_held_out_batch_is_bounded_by_its_pixels() -> None:

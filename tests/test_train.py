@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -250,8 +251,11 @@ def test_the_executor_loop_is_paced_only_when_its_steps_come_faster_than_the_per
     """Ray Data's loop spins on a full stream window (steps of ~1 ms); a step that waited on its
     tasks is not slowed."""
     clock, slept = [100.0], []
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(train_module.time, "sleep", lambda s: (slept.append(s), clock.__setitem__(0, clock[0] + s)))
+    # distcls.train's `time` only: faking the time module's own functions faked them for every
+    # thread of this process (Ray's, once an earlier test started it), whose sleeps then moved
+    # the clock and landed in `slept`.
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(
+        perf_counter=lambda: clock[0], sleep=lambda s: (slept.append(s), clock.__setitem__(0, clock[0] + s))))
     pacing = PacedScheduling()
     clock[0] += 0.001  # a spinning step
     pacing.on_execution_step(None)

@@ -264,9 +264,12 @@ class PacedScheduling(ExecutionCallback):
     step, until the workers consume. In Ray Train's SplitCoordinator that took ~half a core from
     two training workers for every streamed epoch (BENCHMARKS.md, "Training on photos"). Turning the
     budgets off stops the spin but also every bound on decoding ahead (2.1 GB held for a
-    50,000-photo run). A step that waited on ``ray.wait`` already took longer than the period, so
-    only the spinning steps are slowed; a block then reaches the workers at most 20 ms later, against
-    seconds of training per batch."""
+    50,000-photo run). ``ray.wait`` there waits for every running task (at most 0.1 s): a step that
+    waited took longer than the period already. Slowed are the steps that did not: the spinning
+    ones, those with no task left to wait on (an epoch decoded, the workers still reading it), and
+    those whose tasks had all finished, which a block's decoding seldom makes (ROWS_PER_BLOCK of
+    CIFAR's 32 px JPEGs: ~65 ms here; a first pass over 5,000 of them to 8 px took no longer paced).
+    A block then reaches the workers at most 20 ms later, against seconds of training per batch."""
 
     def __init__(self) -> None:
         self._last_step = time.perf_counter()

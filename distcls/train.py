@@ -245,7 +245,9 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.dat
         seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).map_batches(
         _decode_yielding, fn_kwargs={"storage_config": config.storage(), "size": config.image_size},
         batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=task_cpus)
-    dataset.context.custom_execution_callback_classes = [PacedScheduling]
+    # Added to, not replacing, the callbacks the driver's DataContext gave every new dataset.
+    dataset.context.custom_execution_callback_classes = [*dataset.context.custom_execution_callback_classes,
+                                                          PacedScheduling]
     return dataset
 
 
@@ -277,7 +279,6 @@ class PacedScheduling(ExecutionCallback):
         topology = getattr(executor, "_topology", None) or {}
         if any(getattr(op, "_in_task_output_backpressure", False) for op in topology):
             time.sleep(BACKPRESSURED_STEP_S)
-
 
 
 def _decode_yielding(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:

@@ -21,12 +21,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from distcls import load_model
 from distcls.artifact import predict_proba
 from distcls.cli import main
 from distcls.config import TrainConfig
 from distcls.images import decode
+from distcls.lake import labelled_images
 from distcls.errors import UsageError
 from distcls.models import create_model
 from distcls.train import (Lookahead, PacedScheduling, choose_cache, eval_batch_size, fit_batch, one_cycle,
@@ -299,6 +301,30 @@ def test_training_decodes_at_the_lowest_cpu_priority_and_reports_its_errors(monk
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # the caller keeps its own
     with pytest.raises(OSError, match="disk gone"):
         train_module._decode_yielding(batch, None, 13)
+
+
+def test_every_training_dataset_is_paced_where_it_executes_and_keeps_the_drivers_callbacks(
+        ray_local, synthetic_lake, monkeypatch) -> None:
+    """The split datasets execute in Ray Train's SplitCoordinator, "stats" in each worker: both get
+    the context the dataset carries there. The driver's own context is left as it was, so the
+    datasets label creates later are not paced."""
+    class DriversCallback(ExecutionCallback):
+        """One a notebook set on its DataContext before training (a progress display, say)."""
+
+    driver = ray.data.DataContext.get_current()
+    monkeypatch.setattr(driver, "custom_execution_callback_classes", [DriversCallback])
+    root = synthetic_lake(2)
+    config = TrainConfig(input=str(root), output="unused", workers=2)
+    rows, _ = labelled_images(Store(str(root), config.storage()))
+    datasets = {name: train_module._dataset(rows, config, 0.5) for name in ("train", "stats")}
+    shards = ray.train.DataConfig(datasets_to_split=["train"]).configure(
+        datasets, world_size=2, worker_handles=None, worker_node_ids=None)
+    iterators = {"train": shards[1]["train"],  # its context comes from its SplitCoordinator actor
+                 "stats": ray.cloudpickle.loads(ray.cloudpickle.dumps(shards[1]["stats"]))}  # as a worker gets it
+    for name, iterator in iterators.items():
+        classes = iterator.get_context().custom_execution_callback_classes
+        assert [cls.__name__ for cls in classes] == ["DriversCallback", "PacedScheduling"], name
+    assert driver.custom_execution_callback_classes == [DriversCallback]
 
 
 def test_the_held_out_batch_is_bounded_by_its_pixels() -> None:

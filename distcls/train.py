@@ -57,7 +57,7 @@ STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary 
 # are shared by the OS either way; the reservation only has to let Ray schedule the tasks.
 SHARED_DECODE_CPUS = 0.5
 STREAM_WINDOW_BYTES = 256 * 2**20
-BACKPRESSURED_STEP_S = 0.1  # PacedScheduling's pause of Ray Data's loop while the stream window is full
+STEP_S, IDLE_STEP_S = 0.02, 0.1  # PacedScheduling: the shortest steps of Ray Data's executor loop
 MIN_STEPS = 4  # optimizer steps an epoch, at least (fit_batch)
 # Pixels of the sample a model's layers are fitted to (airbench's whitening: the covariance of 2x2
 # patches, 12 numbers to estimate): all STATS_IMAGES up to 64 px, fewer larger ones. The whole
@@ -259,26 +259,40 @@ def stream_window(config: TrainConfig) -> int:
 
 
 class PacedScheduling(ExecutionCallback):
-    """Pauses Ray Data's executor loop for BACKPRESSURED_STEP_S after each step in which an operator
-    may not read its finished tasks' output.
+    """Lets a step of Ray Data's executor loop start at most every STEP_S, or every IDLE_STEP_S while
+    there is nothing to wait for: no task running, or an operator that may not read its finished
+    tasks' output.
 
-    Ray Data 2.60 spins once the stream window is full: a finished decode task whose block the
-    operator's budget does not let the executor read makes ``ray.wait`` return at once, step after
-    step, until the workers consume. In Ray Train's SplitCoordinator that took ~half a core from
-    two training workers for every streamed epoch (BENCHMARKS.md, "Training on photos"). Turning the
-    budgets off stops the spin but also every bound on decoding ahead (2.1 GB held for a
-    50,000-photo run). Only a full window pauses the loop, and then the workers hold seconds of
-    batches, so a block reaching them 0.1 s later costs nothing; steps while the window has room
-    (a cached run's single pass, the start of an epoch) run as Ray Data runs them.
+    Ray Data 2.60 spins once the stream window is full: with every block decoded and the budget
+    used, no task runs and the loop has nothing to block on; with a finished decode task whose
+    block the budget does not let it read, ``ray.wait`` returns at once. Step after step until the
+    workers consume: in Ray Train's SplitCoordinator ~half a core taken from two training workers
+    for every streamed epoch (BENCHMARKS.md, "Training on photos"). Turning the budgets off stops
+    the spin but also every bound on decoding ahead (2.1 GB held for a 50,000-photo run). Only the
+    workers taking a block can end such a wait, and they hold seconds of batches, so noticing it
+    0.1 s later costs nothing. ``ray.wait`` itself blocks up to 0.1 s for a running task, so other
+    steps are seldom slowed: only those that find their tasks all finished.
 
     It reads the executor's topology and each operator's output-backpressure flag, which Ray Data
     sets every step (``process_completed_tasks``): private names, checked by a test against the
-    installed Ray. Without them it does nothing."""
+    installed Ray. Without them it paces every step at STEP_S."""
+
+    def __init__(self) -> None:
+        self._last_step = time.perf_counter()
 
     def on_execution_step(self, executor: Any) -> None:
-        topology = getattr(executor, "_topology", None) or {}
-        if any(getattr(op, "_in_task_output_backpressure", False) for op in topology):
-            time.sleep(BACKPRESSURED_STEP_S)
+        wait = self._last_step + (IDLE_STEP_S if self.idle(executor) else STEP_S) - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        self._last_step = time.perf_counter()
+
+    @staticmethod
+    def idle(executor: Any) -> bool:
+        """Whether the executor has nothing to wait for (see the class)."""
+        operators = list(getattr(executor, "_topology", None) or ())
+        running = [getattr(op, "get_active_tasks", lambda: ["unknown"])() for op in operators]
+        return bool(operators) and (not any(running) or any(
+            getattr(op, "_in_task_output_backpressure", False) for op in operators))
 
 
 def _decode_yielding(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:

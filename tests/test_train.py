@@ -251,17 +251,28 @@ def test_a_streamed_epoch_holds_at_most_the_stream_window_ahead() -> None:
     assert stream_window(config.model_copy(update={"image_size": 512})) == 4 * 256 * 512 * 512 * 3
 
 
-def test_the_executor_loop_pauses_only_while_an_operator_is_backpressured_on_its_output(monkeypatch) -> None:
-    """Ray Data's loop spins while the stream window is full; other steps are not slowed."""
-    slept = []
-    monkeypatch.setattr(train_module, "time", SimpleNamespace(sleep=slept.append))
-    read, decode = SimpleNamespace(_in_task_output_backpressure=False), SimpleNamespace(_in_task_output_backpressure=False)
-    executor = SimpleNamespace(_topology=[read, decode])  # a dict of operators in Ray; iterated the same way
-    PacedScheduling().on_execution_step(executor)
-    assert slept == []
-    decode._in_task_output_backpressure = True
-    PacedScheduling().on_execution_step(executor)
-    assert slept == [train_module.BACKPRESSURED_STEP_S]
+def test_the_executor_loop_waits_longest_when_it_has_nothing_to_wait_for(monkeypatch) -> None:
+    """Ray Data's loop spins while the stream window is full: no task running, or a finished one
+    whose output the budget does not let it read. Steps that blocked on a running task are not slowed."""
+    clock, slept = [100.0], []
+    # distcls.train's `time` only: the time module's own functions are every thread's.
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(
+        perf_counter=lambda: clock[0], sleep=lambda s: (slept.append(round(s, 6)), clock.__setitem__(0, clock[0] + s))))
+    read = SimpleNamespace(_in_task_output_backpressure=False, get_active_tasks=lambda: [])
+    decode = SimpleNamespace(_in_task_output_backpressure=False, get_active_tasks=lambda: ["task"])
+    executor = SimpleNamespace(_topology=[read, decode])  # a dict of operators in Ray, iterated the same way
+    pacing = PacedScheduling()
+    clock[0] += 0.05  # a step that blocked on its running task
+    pacing.on_execution_step(executor)
+    clock[0] += 0.001  # a step whose task had finished
+    pacing.on_execution_step(executor)
+    decode._in_task_output_backpressure = True  # a finished task it may not read
+    clock[0] += 0.001
+    pacing.on_execution_step(executor)
+    decode._in_task_output_backpressure, decode.get_active_tasks = False, lambda: []  # nothing running
+    clock[0] += 0.001
+    pacing.on_execution_step(executor)
+    assert slept == [round(train_module.STEP_S - 0.001, 6)] + 2 * [round(train_module.IDLE_STEP_S - 0.001, 6)]
 
 
 def test_pacing_sees_a_full_stream_window_in_the_installed_ray(ray_local) -> None:
@@ -271,8 +282,9 @@ def test_pacing_sees_a_full_stream_window_in_the_installed_ray(ray_local) -> Non
 
     class Counting(PacedScheduling):
         def on_execution_step(self, executor: Any) -> None:
+            assert all(isinstance(op.get_active_tasks(), list) for op in executor._topology)
             if any(op._in_task_output_backpressure for op in executor._topology):
-                pauses.append(1)
+                pauses.append(self.idle(executor))
 
     dataset = ray.data.range(64, override_num_blocks=64).map_batches(
         lambda b: {"x": np.zeros((len(b["id"]), 2**20), dtype=np.uint8)}, batch_size=None)
@@ -280,7 +292,7 @@ def test_pacing_sees_a_full_stream_window_in_the_installed_ray(ray_local) -> Non
     dataset.context.execution_options.resource_limits = ray.data.ExecutionResources(object_store_memory=4 * 2**20)
     for _ in dataset.iter_batches(batch_size=1, prefetch_batches=0):
         time.sleep(0.05)
-    assert pauses
+    assert pauses and all(pauses)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are Linux's")

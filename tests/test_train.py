@@ -276,15 +276,19 @@ def test_the_executor_loop_waits_longest_when_it_has_nothing_to_wait_for(monkeyp
 
 
 def test_pacing_sees_a_full_stream_window_in_the_installed_ray(ray_local) -> None:
-    """The private names PacedScheduling reads exist in this Ray: a slow consumer of a dataset whose
-    window holds a few blocks makes it pause."""
-    pauses = []
+    """The names PacedScheduling reads exist in this Ray and show both states of a full window to a
+    slow consumer: a finished task whose output may not be read, and no task running at all."""
+    pauses, nothing_running, started = [], [], []
 
     class Counting(PacedScheduling):
         def on_execution_step(self, executor: Any) -> None:
-            assert all(isinstance(op.get_active_tasks(), list) for op in executor._topology)
             if any(op._in_task_output_backpressure for op in executor._topology):
                 pauses.append(self.idle(executor))
+            # The spin a full window causes most: the blocks decoded, no task left to wait on.
+            running = any(op.get_active_tasks() for op in executor._topology)
+            if any(started) and not running:
+                nothing_running.append(self.idle(executor))
+            started.append(running)
 
     dataset = ray.data.range(64, override_num_blocks=64).map_batches(
         lambda b: {"x": np.zeros((len(b["id"]), 2**20), dtype=np.uint8)}, batch_size=None)
@@ -293,10 +297,11 @@ def test_pacing_sees_a_full_stream_window_in_the_installed_ray(ray_local) -> Non
     for _ in dataset.iter_batches(batch_size=1, prefetch_batches=0):
         time.sleep(0.05)
     assert pauses and all(pauses)
+    assert any(started) and nothing_running and all(nothing_running)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are Linux's")
-def test_training_decodes_at_the_lowest_cpu_priority_and_reports_its_errors(monkeypatch) -> None:
+def test_training_decodes_at_nice_19_and_reports_its_errors(monkeypatch) -> None:
     seen = []
 
     def decode(batch, storage_config, size):
@@ -313,6 +318,12 @@ def test_training_decodes_at_the_lowest_cpu_priority_and_reports_its_errors(monk
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # the caller keeps its own
     with pytest.raises(OSError, match="disk gone"):
         train_module._decode_yielding(batch, None, 13)
+
+    def refuse(*args):
+        raise PermissionError("setpriority refused")
+
+    monkeypatch.setattr(train_module.os, "setpriority", refuse)  # a sandbox: decoding goes on
+    assert train_module._decode_yielding(batch, None, 16)["label"].tolist() == [1, 2]
 
 
 def test_every_training_dataset_is_paced_where_it_executes_and_keeps_the_drivers_callbacks(

@@ -144,8 +144,10 @@ def reading(config: LabelConfig, source: Store) -> Iterator[Reading]:
     at once and reads when asked: the worker process starts while the driver does other work.
     It reserves no CPU, so that it never waits for a node nor keeps one from the inference
     actors, and runs beside the driver (the head, on a cluster): its blocks then live in an object
-    store the autoscaler never removes."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    store the autoscaler never removes. The affinity is hard: Ray places an actor that asks for no
+    resources on a random node when its affinity is soft (ray-project/ray#25360 fixed only the hard
+    case), and the driver's node lives as long as the run anyway."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(InputReader).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(config, source)
     try:
         yield Reading(actor)

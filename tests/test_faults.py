@@ -91,6 +91,14 @@ def _alive_since(before: set[str]) -> list[dict]:
     return [a for k, a in _predictor_actors().items() if k not in before and a["State"] == "ALIVE"]
 
 
+def _reader_nodes() -> list[str]:
+    """The nodes of the live InputReader actors (the owners of a label run's input blocks)."""
+    from ray._private import state
+
+    return [a["Address"]["NodeID"] for a in state.actors().values()
+            if a["ActorClassName"] == "InputReader" and a["State"] == "ALIVE"]
+
+
 def _config(lake: Path, model_uri: str, output: Path, **extra: Any) -> LabelConfig:
     return LabelConfig(input=str(lake), model=model_uri, output=str(output), batch_size=10, rows_per_file=10, **extra)
 
@@ -141,6 +149,8 @@ def test_losing_a_worker_node_mid_run_loses_no_input(ray_cluster, tmp_path: Path
         workers = sorted((n for n in ray_cluster.worker_nodes if n.node_id != driver_node),
                          key=lambda n: n.node_id != actor_node)
         victim = workers[0]
+        # The reader asks for no resources: only a hard affinity keeps it on the driver's node.
+        assert _reader_nodes() == [driver_node]
         ray_cluster.remove_node(victim)
         result = run.join()
     finally:

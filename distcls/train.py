@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -311,24 +312,15 @@ def _decode_yielding(batch: dict[str, np.ndarray], storage_config: StorageConfig
     target; there, or where the call is refused, decoding runs at the worker's priority."""
     if not sys.platform.startswith("linux"):
         return _decode_rows(batch, storage_config, size)
-    result: dict[str, Any] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="distcls-decode", initializer=_lowest_priority) as thread:
+        return thread.submit(_decode_rows, batch, storage_config, size).result()
 
-    def work() -> None:
-        try:
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            except OSError:  # a sandbox that refuses it: decode at the worker's priority
-                pass
-            result["out"] = _decode_rows(batch, storage_config, size)
-        except BaseException as error:  # re-raised in the task's own thread, where Ray reports it
-            result["error"] = error
 
-    thread = threading.Thread(target=work, name="distcls-decode")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["out"]
+def _lowest_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:  # a sandbox that refuses it: decode at the worker's priority
+        pass
 
 
 def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:

@@ -84,6 +84,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # anything is written, not a worker failure that Ray Train retries --max-failures times.
         load_state_dict(storage.Store(config.init_weights, config.storage()))
     train_rows, val_rows, classes, human_labels = _split(config)
+    if val_rows.num_rows < config.workers:
+        # Ray Data splits them equally, dropping the remainder: every worker would evaluate none.
+        held = (f"--val-input {config.val_input} has" if config.val_input
+                else f"--val-fraction {config.val_fraction} holds out")
+        raise UsageError(f"{held} {val_rows.num_rows} images, fewer than --workers {config.workers}: the held-out "
+                         "images are split equally, so no worker would evaluate any")
     if config.init_weights:
         _check_init_weights(config, len(classes))
     tracker = tracking.tracker(config)  # UsageError before Ray starts when MLflow is asked for but missing

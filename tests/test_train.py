@@ -406,6 +406,22 @@ def test_bad_data_is_a_clear_usage_error(tmp_path, capsys, make_lake, message) -
     assert message in err and str(root) in err and len(err.splitlines()) == 1
 
 
+def test_fewer_held_out_images_than_workers_is_a_usage_error(tmp_path, capsys) -> None:
+    """Ray Data splits the held-out images equally among the workers, dropping the remainder:
+    with fewer images than workers each worker would evaluate none and report 0% accuracy."""
+    root = tmp_path / "lake"
+    for name, count in (("cat", 2), ("dog", 3)):
+        (root / name).mkdir(parents=True)
+        _write_jpegs(root / name, count)
+    output = tmp_path / "out"
+    # One image of each class held out (round(0.6), round(0.9)): two, for three workers.
+    assert main(["train", "--input", str(root), "--output", str(output), "--workers", "3", "--val-fraction", "0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--val-fraction 0.3 holds out 2 images, fewer than --workers 3: the held-out images are "
+                        "split equally, so no worker would evaluate any") and len(err.splitlines()) == 1
+    assert not output.exists()
+
+
 def test_missing_data_is_a_clear_usage_error(tmp_path, capsys) -> None:
     missing = tmp_path / "nowhere"
     assert main(["train", "--input", str(missing), "--output", str(tmp_path / "out")]) == 2

@@ -166,6 +166,10 @@ def _get(ref: ray.ObjectRef) -> Any:
     except ray.exceptions.RayActorError as exc:
         raise JobError(f"the process reading the inputs died ({str(exc).strip().splitlines()[0][:200]}); "
                        "nothing was committed") from None
+    except ray.exceptions.ActorUnschedulableError as exc:
+        # Its affinity is hard: the driver's node refused it (draining, say).
+        raise JobError(f"the process reading the inputs could not start on the driver's node "
+                       f"({str(exc).strip().splitlines()[0][:200]}); nothing was committed") from None
 
 
 def fresh(todo: pa.Table, staged_paths: pa.Array, labelled: dedup.KeySet | None) -> pa.Table:

@@ -35,6 +35,7 @@ import safetensors.torch
 import torch
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
 from distcls import console, lake, review, storage, tracking
@@ -84,12 +85,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # anything is written, not a worker failure that Ray Train retries --max-failures times.
         load_state_dict(storage.Store(config.init_weights, config.storage()))
     train_rows, val_rows, classes, human_labels = _split(config)
-    if val_rows.num_rows < config.workers:
-        # Ray Data splits them equally, dropping the remainder: every worker would evaluate none.
-        held = (f"--val-input {config.val_input} has" if config.val_input
-                else f"--val-fraction {config.val_fraction} holds out")
-        raise UsageError(f"{held} {val_rows.num_rows} images, fewer than --workers {config.workers}: the held-out "
-                         "images are split equally, so no worker would evaluate any")
+    _check_split(config, train_rows.num_rows, val_rows.num_rows)
     if config.init_weights:
         _check_init_weights(config, len(classes))
     tracker = tracking.tracker(config)  # UsageError before Ray starts when MLflow is asked for but missing
@@ -111,7 +107,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # workers' own output reaches the driver only with --verbose (Ray's log_to_driver), and then
     # prefixed per process. No CPU: on a full cluster a default actor (1 CPU to be placed) would
     # wait for the workers.
-    progress = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node, which lives as long as the run: Ray places an actor that asks for no
+    # resources on a random node unless its affinity is hard (see inputs.reading).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     with tracking.run(tracker, config) as epochs:
         trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress)
         result = _fit(trainer, progress, config, epochs)
@@ -121,11 +120,26 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # predicts (--tta). Ray lists tied checkpoints oldest first, so max() took the oldest.
         best_checkpoint, best_metrics = max(result.best_checkpoints,
                                             key=lambda pair: (pair[1]["val_accuracy"], pair[1]["epoch"]))
+        if best_metrics.get("val_images") == 0:  # .get: the rows an older distcls checkpointed have none
+            raise JobError("no held-out image could be decoded (see the warnings naming them): the model was "
+                           "never evaluated; no artifact was saved")
         _refuse_divergence(best_metrics, best_checkpoint)
         info = _save_artifact(config, classes, best_checkpoint, best_metrics, val_rows, human_labels)
         _write_curves(config)
         epochs.log_artifact(_output(config).child("model"))
     return {"model": _output(config).uri_of("model"), "model_id": info.model_id, **info.metrics}
+
+
+def _check_split(config: TrainConfig, train_images: int, val_images: int) -> None:
+    """UsageError when a split has fewer images than workers: Ray Data splits each equally, dropping
+    the remainder, so every worker would train on, or evaluate, none."""
+    held = f"--val-input {config.val_input} has" if config.val_input else f"--val-fraction {config.val_fraction} holds out"
+    if val_images < config.workers:
+        raise UsageError(f"{held} {val_images} images, fewer than --workers {config.workers}: the held-out "
+                         "images are split equally, so no worker would evaluate any")
+    if train_images < config.workers:
+        raise UsageError(f"{config.input} has {train_images} images to train on ({held} {val_images}), fewer than "
+                         f"--workers {config.workers}: they are split equally, so no worker would train on any")
 
 
 def _check_image_size(config: TrainConfig) -> None:
@@ -479,7 +493,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluation = eval_epoch(model, val_data.batches(eval_batch_size(config.image_size)), state, device,
                                 len(classes), tta)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": evaluation.loss,
-               "val_accuracy": evaluation.accuracy, "val_tta": tta, "images_per_s": images / (time.time() - started),
+               "val_accuracy": evaluation.accuracy, "val_images": evaluation.images, "val_tta": tta, "images_per_s": images / (time.time() - started),
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
         # In the checkpoint's state, not the reported row: the artifact takes it from the best checkpoint.
         state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row],

@@ -385,6 +385,25 @@ def test_the_input_reader_dying_while_the_pipeline_runs_is_one_line_and_a_rerun_
 
 
 @pytest.mark.usefixtures("ray_local")
+def test_an_input_reader_the_drivers_node_refuses_is_one_line_and_commits_nothing(
+        tmp_path: Path, synthetic_lake, tiny_model: Path, capsys, monkeypatch) -> None:
+    """The reader's affinity to the driver's node is hard; a node that refuses it (draining, or here
+    one that does not exist) fails the run with one line, not Ray's exception text."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from distcls import inputs
+
+    monkeypatch.setattr(inputs, "NodeAffinitySchedulingStrategy",
+                        lambda node_id, soft: NodeAffinitySchedulingStrategy("ab" * 28, soft=soft))
+    lake, output = synthetic_lake(1, labelled=False), tmp_path / "out"
+    code = main(_label_args(lake, tiny_model, output))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("distcls label: failed: the process reading the inputs could not start "
+                                         "on the driver's node (") and last.endswith("; nothing was committed")
+    assert not (output / SUCCESS).exists() and not (output / LOCK).exists()
+
+
+@pytest.mark.usefixtures("ray_local")
 def test_an_s3_prefix_that_is_also_an_object_is_listed_page_by_page_with_odd_keys(
         s3_endpoint: str, s3_bucket: str, synthetic_lake, tiny_model: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """``s3://b/p`` is an object and ``p/`` holds images (keys with a space, unicode, ``%``, ``+``),

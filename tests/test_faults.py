@@ -140,18 +140,18 @@ def test_losing_a_worker_node_mid_run_loses_no_input(ray_cluster, tmp_path: Path
     output = tmp_path / "out"
     before = set(_predictor_actors())
     run = _Run(_config(lake, model_uri, output))
+    run.wait_until(lambda: _alive_since(before), "a live inference actor")
+    assert not _staged_parquet(output)  # nothing written yet: the node takes work in flight with it
+    actor_node = _alive_since(before)[0]["Address"]["NodeID"]
+    # All nodes share this machine's address, so the driver may have joined a worker node's raylet.
+    driver_node = ray.get_runtime_context().get_node_id()
+    workers = sorted((n for n in ray_cluster.worker_nodes if n.node_id != driver_node),
+                     key=lambda n: n.node_id != actor_node)
+    victim = workers[0]
+    # The reader asks for no resources: only a hard affinity keeps it on the driver's node.
+    assert _reader_nodes() == [driver_node]
+    ray_cluster.remove_node(victim)
     try:
-        run.wait_until(lambda: _alive_since(before), "a live inference actor")
-        assert not _staged_parquet(output)  # nothing written yet: the node takes work in flight with it
-        actor_node = _alive_since(before)[0]["Address"]["NodeID"]
-        # All nodes share this machine's address, so the driver may have joined a worker node's raylet.
-        driver_node = ray.get_runtime_context().get_node_id()
-        workers = sorted((n for n in ray_cluster.worker_nodes if n.node_id != driver_node),
-                         key=lambda n: n.node_id != actor_node)
-        victim = workers[0]
-        # The reader asks for no resources: only a hard affinity keeps it on the driver's node.
-        assert _reader_nodes() == [driver_node]
-        ray_cluster.remove_node(victim)
         result = run.join()
     finally:
         # The fixture's cluster is shared: bring it back to three nodes for the tests after this one.

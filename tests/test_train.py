@@ -22,6 +22,7 @@ import pytest
 import ray
 import torch
 from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.util.queue import Queue
 
 from distcls import load_model
 from distcls.artifact import predict_proba
@@ -55,10 +56,25 @@ def test_one_cycle_warms_up_then_decays_to_zero() -> None:
 
 
 @pytest.mark.slow
-def test_two_workers_on_three_nodes_over_s3(ray_cluster, synthetic_lake, upload_folder, s3_bucket, tmp_path) -> None:
+def test_two_workers_on_three_nodes_over_s3(ray_cluster, synthetic_lake, upload_folder, s3_bucket, tmp_path,
+                                           monkeypatch) -> None:
+    from ray._private import state
+
+    queue_nodes = []
+
+    def placed_queue(*args, **kwargs):
+        queue = Queue(*args, **kwargs)
+        queue.size()  # the actor is up
+        queue_nodes.append(state.actors(queue.actor._actor_id.hex())["Address"]["NodeID"])
+        return queue
+
+    monkeypatch.setattr(train_module, "Queue", placed_queue)
     lake = upload_folder(synthetic_lake(30), f"{s3_bucket}/lake")
     output = f"s3://{s3_bucket}/runs/one"
     result = train(TrainConfig(input=lake, output=output, **QUICK))
+    # The epoch lines' queue asks for no resources: only a hard affinity keeps it off the worker
+    # nodes, which an autoscaler may remove mid-run (its epochs would then reach neither log nor MLflow).
+    assert queue_nodes == [ray.get_runtime_context().get_node_id()]
 
     model, info = load_model(Store(result["model"]))
     assert info.classes == sorted(info.classes) and len(info.classes) == 10
@@ -406,20 +422,42 @@ def test_bad_data_is_a_clear_usage_error(tmp_path, capsys, make_lake, message) -
     assert message in err and str(root) in err and len(err.splitlines()) == 1
 
 
-def test_fewer_held_out_images_than_workers_is_a_usage_error(tmp_path, capsys) -> None:
-    """Ray Data splits the held-out images equally among the workers, dropping the remainder:
-    with fewer images than workers each worker would evaluate none and report 0% accuracy."""
+@pytest.mark.parametrize("fraction, message", [
+    # One image of each class held out (round(0.6), round(0.9)): two, for three workers.
+    ("0.3", "--val-fraction 0.3 holds out 2 images, fewer than --workers 3: the held-out images are split "
+            "equally, so no worker would evaluate any"),
+    # Four held out (round(1.6), round(2.4)): one left to train on.
+    ("0.8", "{root} has 1 images to train on (--val-fraction 0.8 holds out 4), fewer than --workers 3: they are "
+            "split equally, so no worker would train on any"),
+])
+def test_fewer_images_in_a_split_than_workers_is_a_usage_error(tmp_path, capsys, fraction, message) -> None:
+    """Ray Data splits the training and held-out images equally among the workers, dropping the
+    remainder: with fewer images than workers each worker would train on, or evaluate, none."""
     root = tmp_path / "lake"
     for name, count in (("cat", 2), ("dog", 3)):
         (root / name).mkdir(parents=True)
         _write_jpegs(root / name, count)
     output = tmp_path / "out"
-    # One image of each class held out (round(0.6), round(0.9)): two, for three workers.
-    assert main(["train", "--input", str(root), "--output", str(output), "--workers", "3", "--val-fraction", "0.3"]) == 2
+    assert main(["train", "--input", str(root), "--output", str(output), "--workers", "3", "--val-fraction", fraction]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("--val-fraction 0.3 holds out 2 images, fewer than --workers 3: the held-out images are "
-                        "split equally, so no worker would evaluate any") and len(err.splitlines()) == 1
+    assert err.endswith(message.format(root=root)) and len(err.splitlines()) == 1
     assert not output.exists()
+
+
+def test_held_out_images_none_of_which_decode_fail_the_run_and_save_no_model(ray_local, synthetic_lake, tmp_path,
+                                                                             capsys) -> None:
+    """Listed, so past the split check, but unreadable: every worker evaluates none."""
+    held = tmp_path / "held"
+    for name in ("circle", "square"):
+        (held / name).mkdir(parents=True)
+        (held / name / "0.jpg").write_bytes(b"not a jpeg")
+    output = tmp_path / "out"
+    code = main(["train", "--input", str(synthetic_lake(4)), "--val-input", str(held), "--output", str(output),
+                 "--arch", "simple_cnn", "--epochs", "1", "--workers", "2", "--batch-size", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].endswith("no held-out image could be decoded (see the warnings naming them): the model "
+                                          "was never evaluated; no artifact was saved")
+    assert not (output / "model").exists()
 
 
 def test_missing_data_is_a_clear_usage_error(tmp_path, capsys) -> None:

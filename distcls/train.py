@@ -258,13 +258,14 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.dat
     Each execution (each epoch, when streaming) visits the blocks in a new seeded order, so the
     blocks a worker gets change from epoch to epoch; the rows within them were shuffled by _split."""
     slices = [rows.slice(start, ROWS_PER_BLOCK) for start in range(0, rows.num_rows, ROWS_PER_BLOCK)]
-    # Decoding that shares the workers' cores (less than a CPU of its own) runs one task per worker
-    # CPU: with --cache memory the workers wait, idle, for their shards, and one task decoded the
-    # whole lake on one core while the others waited.
+    # Decoding that shares the workers' cores (less than a CPU of its own) runs up to one actor per
+    # worker CPU: with --cache memory the workers wait, idle, for their shards, and one decoder
+    # took the whole lake on one core while the others waited.
     task_cpus = min(1.0, decode_cpus) if decode_cpus >= 1 else decode_cpus / (config.workers * config.cpus_per_worker)
     dataset = ray.data.from_arrow(slices).randomize_block_order(
         seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).map_batches(
-        _decode_yielding, fn_kwargs={"storage_config": config.storage(), "size": config.image_size},
+        Decoder, fn_constructor_kwargs={"storage_config": config.storage(), "size": config.image_size},
+        compute=ray.data.ActorPoolStrategy(size=max(1, int(decode_cpus / task_cpus + 1e-9))),
         batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=task_cpus)
     # Added to, not replacing, the callbacks the driver's DataContext gave every new dataset.
     dataset.context.custom_execution_callback_classes = [*dataset.context.custom_execution_callback_classes,
@@ -317,6 +318,22 @@ class PacedScheduling(ExecutionCallback):
         running = [getattr(op, "get_active_tasks", lambda: ["unknown"])() for op in operators]
         return bool(operators) and (not any(running) or any(
             getattr(op, "_in_task_output_backpressure", False) for op in operators))
+
+
+class Decoder:
+    """Ray Data's decode stage, run by a fixed pool of actors that live for an execution. Run as
+    tasks, a decode worker idle for a second (whenever the stream window is full) was ended by Ray,
+    which kills idle task workers beyond one per CPU, and the next block started a new one,
+    importing torch again (~4 CPU-s): 10 worker starts in a 150 s streamed epoch here. A pool that
+    may shrink did the same when Ray Data removed its idle actors (BENCHMARKS.md, "Training on
+    photos")."""
+
+    def __init__(self, storage_config: StorageConfig, size: int) -> None:
+        self.storage_config = storage_config
+        self.size = size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _decode_yielding(batch, self.storage_config, self.size)
 
 
 def _decode_yielding(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:

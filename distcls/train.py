@@ -48,15 +48,15 @@ from distcls.runtime import (autoscaling, can_get, cluster_cpus, cluster_gpus, e
                              require_cuda_on_a_gpu_node)
 
 STATE_FILE = "state.pt"
-ROWS_PER_BLOCK = 256  # one decode task; small blocks reshuffle well and keep a block's pixels small
+ROWS_PER_BLOCK = 256  # one decode call; small blocks reshuffle well and keep a block's pixels small
 # A batch of held-out images: at most 1,000, and at most 4M pixels (256 at 128 px, 4 at 1024 px).
 # Its activations set a worker's peak memory: 1,000 photos at 128 px took resnet18's workers from
 # ~1.7 GiB while training to 3.7 GiB while evaluating.
 EVAL_BATCH, EVAL_PIXELS = 1000, 2**22
 STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary ~30/255, so ~1/255 error
 # Decoding needs some CPU to be scheduled on. When the workers take every CPU (2 workers on this
-# 2-core machine), they reserve this much less between them and decode tasks ask for it: the cores
-# are shared by the OS either way; the reservation only has to let Ray schedule the tasks.
+# 2-core machine), they reserve this much less between them and the decode actors ask for it: the
+# cores are shared by the OS either way; the reservation only has to let Ray schedule the actors.
 SHARED_DECODE_CPUS = 0.5
 STREAM_WINDOW_BYTES = 256 * 2**20
 STEP_S, IDLE_STEP_S = 0.02, 0.1  # PacedScheduling: the shortest steps of Ray Data's executor loop
@@ -211,7 +211,7 @@ def plan_cpus(config: TrainConfig, total_cpus: float, can_grow: bool = False) ->
 
     Decoding takes the CPUs the workers leave free. When they leave less than one (a full fixed
     cluster), the workers give up SHARED_DECODE_CPUS between them. A cluster smaller than the
-    workers need (an autoscaling one still at its minimum) gets one CPU's worth of decode tasks,
+    workers need (an autoscaling one still at its minimum) gets one CPU's worth of decode actors,
     which the autoscaler can add, and nothing is taken from the workers. A fixed cluster smaller
     than the workers need is a UsageError: Ray Train would wait for their CPUs for ever."""
     spare = total_cpus - config.workers * config.cpus_per_worker
@@ -258,19 +258,30 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.dat
     Each execution (each epoch, when streaming) visits the blocks in a new seeded order, so the
     blocks a worker gets change from epoch to epoch; the rows within them were shuffled by _split."""
     slices = [rows.slice(start, ROWS_PER_BLOCK) for start in range(0, rows.num_rows, ROWS_PER_BLOCK)]
-    # Decoding that shares the workers' cores (less than a CPU of its own) runs up to one actor per
-    # worker CPU: with --cache memory the workers wait, idle, for their shards, and one decoder
-    # took the whole lake on one core while the others waited.
-    task_cpus = min(1.0, decode_cpus) if decode_cpus >= 1 else decode_cpus / (config.workers * config.cpus_per_worker)
+    actor_cpus, actors = decode_pool(config, decode_cpus, len(slices))
     dataset = ray.data.from_arrow(slices).randomize_block_order(
         seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).map_batches(
         Decoder, fn_constructor_kwargs={"storage_config": config.storage(), "size": config.image_size},
-        compute=ray.data.ActorPoolStrategy(size=max(1, int(decode_cpus / task_cpus + 1e-9))),
-        batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=task_cpus)
+        compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy", batch_size=ROWS_PER_BLOCK,
+        num_cpus=actor_cpus)
     # Added to, not replacing, the callbacks the driver's DataContext gave every new dataset.
     dataset.context.custom_execution_callback_classes = [*dataset.context.custom_execution_callback_classes,
                                                           PacedScheduling]
     return dataset
+
+
+def decode_pool(config: TrainConfig, decode_cpus: float, blocks: int) -> tuple[float, int]:
+    """(CPUs of each decode actor, actors) for a dataset of ``blocks`` blocks: one actor per decode
+    CPU, or, when decoding shares the workers' cores (less than a CPU of its own), one per worker
+    CPU: with --cache memory the workers wait, idle, for their shards, and one decoder took the
+    whole lake on one core while the others waited. Never more actors than blocks: every actor of
+    the pool starts with each execution, importing torch, used or not. A share is rounded down to
+    Ray's 1/10,000 of a CPU, so that the actors fit in ``decode_cpus`` after Ray rounds them."""
+    if decode_cpus >= 1:
+        actor_cpus = min(1.0, decode_cpus)
+    else:
+        actor_cpus = max(1e-4, math.floor(decode_cpus / (config.workers * config.cpus_per_worker) * 1e4) / 1e4)
+    return actor_cpus, max(1, min(blocks, int(decode_cpus / actor_cpus + 1e-9)))
 
 
 def stream_window(config: TrainConfig) -> int:
@@ -340,7 +351,7 @@ def _decode_yielding(batch: dict[str, np.ndarray], storage_config: StorageConfig
     """_decode_rows in a thread at nice 19, below the nice 15 Ray gives its workers, so that
     decoding leans on the cores the training workers leave idle (waiting on each other's
     gradients) rather than on one worker's core: the data-parallel steps run in lock step, so a
-    decode task that preempts one worker stalls all of them at the next all-reduce. On a core it
+    decode that preempts one worker stalls all of them at the next all-reduce. On a core it
     shares with a worker it gets ~30% (the kernel's weights for nice 19 and 15) instead of half;
     against nice-0 work outside Ray, ~1.4% instead of ~3.4%, so a node busy with other programs
     decodes more slowly. If decoding falls behind, the workers wait for batches and it gets the

@@ -253,17 +253,24 @@ def _smallest_node_memory() -> float:
     return min(sizes, default=0.0)
 
 
-def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.data.Dataset:
+def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float, streamed: bool = False) -> ray.data.Dataset:
     """Decoded images as a lazy Ray Dataset: fixed-shape uint8 tensors + int labels (Arrow-native).
     Each execution (each epoch, when streaming) visits the blocks in a new seeded order, so the
-    blocks a worker gets change from epoch to epoch; the rows within them were shuffled by _split."""
+    blocks a worker gets change from epoch to epoch; the rows within them were shuffled by _split.
+    A ``streamed`` one decodes in a pool of actors (see Decoder); one read in a single pass (the
+    cache's, the stats sample) in tasks, whose workers Ray keeps while they are busy and which
+    start no pool: a pool per execution made the test suite ~5 minutes slower."""
     slices = [rows.slice(start, ROWS_PER_BLOCK) for start in range(0, rows.num_rows, ROWS_PER_BLOCK)]
     actor_cpus, actors = decode_pool(config, decode_cpus, len(slices))
-    dataset = ray.data.from_arrow(slices).randomize_block_order(
-        seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).map_batches(
-        Decoder, fn_constructor_kwargs={"storage_config": config.storage(), "size": config.image_size},
-        compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy", batch_size=ROWS_PER_BLOCK,
-        num_cpus=actor_cpus)
+    ordered = ray.data.from_arrow(slices).randomize_block_order(
+        seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
+    settings = {"storage_config": config.storage(), "size": config.image_size}
+    if streamed:
+        dataset = ordered.map_batches(Decoder, fn_constructor_kwargs=settings, compute=ray.data.ActorPoolStrategy(
+            size=actors), batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=actor_cpus)
+    else:
+        dataset = ordered.map_batches(_decode_yielding, fn_kwargs=settings, batch_format="numpy",
+                                      batch_size=ROWS_PER_BLOCK, num_cpus=actor_cpus)
     # Added to, not replacing, the callbacks the driver's DataContext gave every new dataset.
     dataset.context.custom_execution_callback_classes = [*dataset.context.custom_execution_callback_classes,
                                                           PacedScheduling]
@@ -271,7 +278,7 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float) -> ray.dat
 
 
 def decode_pool(config: TrainConfig, decode_cpus: float, blocks: int) -> tuple[float, int]:
-    """(CPUs of each decode actor, actors) for a dataset of ``blocks`` blocks: one actor per decode
+    """(CPUs of each decoder, actors of a streamed pool) for a dataset of ``blocks`` blocks: one per decode
     CPU, or, when decoding shares the workers' cores (less than a CPU of its own), one per worker
     CPU: with --cache memory the workers wait, idle, for their shards, and one decoder took the
     whole lake on one core while the others waited. Never more actors than blocks: every actor of
@@ -385,7 +392,7 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
     loop_config = {"config": config.model_dump(), "classes": classes, "cache": cache, "train_images": train_rows.num_rows,
                    "progress": progress, "verbose": console.verbose()}
     stats_rows = train_rows.slice(0, STATS_IMAGES)  # already in a seeded random order
-    datasets = {name: _dataset(rows, config, decode_cpus)
+    datasets = {name: _dataset(rows, config, decode_cpus, streamed=cache == "none" and name != "stats")
                 for name, rows in (("train", train_rows), ("val", val_rows), ("stats", stats_rows))}
     # Ray Data's limit is what keeps decoding off the workers' reserved CPUs: without it, it sizes
     # itself by the whole cluster, CPUs the workers hold included.

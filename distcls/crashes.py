@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import ray
 from ray.actor import ActorHandle
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distcls import images
 from distcls.errors import JobError
+from distcls.runtime import beside_driver
 
 # Careful attempts that died with no file in flight (between files: not a file's fault) before the
 # batch is given up on, failing the run instead of being retried forever.
@@ -62,10 +62,8 @@ class CrashRegistry:
 
 
 def start_registry() -> ActorHandle:
-    """A registry for one run, on the driver's node: a worker node may go away mid-run, taking
-    what it holds with it, while the run cannot outlive the driver's node anyway."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return CrashRegistry.options(scheduling_strategy=here).remote()
+    """A registry for one run, on the driver's node (``runtime.beside_driver``)."""
+    return CrashRegistry.options(scheduling_strategy=beside_driver()).remote()
 
 
 def read_batch(registry: ActorHandle, paths: list[str], sizes: list[int | None], threads: int,

@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data.block import BlockMetadataWithSchema
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distcls import dedup, lake, storage
 from distcls.config import LabelConfig
 from distcls.dataset import Dataset, keys
 from distcls.errors import JobError, UsageError
+from distcls.runtime import beside_driver
 from distcls.storage import Store
 
 # One row per input; ``error`` is preset for inputs never to be read.
@@ -144,11 +144,9 @@ def reading(config: LabelConfig, source: Store) -> Iterator[Reading]:
     at once and reads when asked: the worker process starts while the driver does other work.
     It reserves no CPU, so that it never waits for a node nor keeps one from the inference
     actors, and runs beside the driver (the head, on a cluster): its blocks then live in an object
-    store the autoscaler never removes. The affinity is hard: Ray places an actor that asks for no
-    resources on a random node when its affinity is soft (ray-project/ray#25360 fixed only the hard
-    case), and the driver's node lives as long as the run anyway."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ray.remote(InputReader).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(config, source)
+    store the autoscaler never removes."""
+    actor = ray.remote(InputReader).options(num_cpus=0, max_restarts=0,
+                                            scheduling_strategy=beside_driver()).remote(config, source)
     try:
         yield Reading(actor)
     finally:

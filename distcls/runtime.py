@@ -11,6 +11,7 @@ import socket
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distcls import console
 from distcls.errors import JobError, UsageError
@@ -54,6 +55,14 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as exc:
         raise UsageError(f"Ray not reachable at RAY_ADDRESS={address}: {exc}") from None
+
+
+def beside_driver() -> NodeAffinitySchedulingStrategy:
+    """Placement on this process's node, for the 0-CPU actors a run keeps there: a worker node may
+    go away mid-run (an autoscaler scaling down), taking what they hold with it, while the run cannot
+    outlive the driver's node anyway. Hard: Ray places an actor that asks for no resources on a
+    random node when its affinity is soft (ray-project/ray#25360 fixed only the hard case)."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def cluster_cpus() -> int:

@@ -35,7 +35,6 @@ import safetensors.torch
 import torch
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.util.queue import Empty, Queue
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
 from distcls import console, lake, review, storage, tracking
@@ -44,8 +43,8 @@ from distcls.config import StorageConfig, TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
 from distcls.images import crop, mirror, normalize, read_batch
 from distcls.models import create_model, tta_logits
-from distcls.runtime import (autoscaling, can_get, cluster_cpus, cluster_gpus, ensure_ray, native_bf16,
-                             require_cuda_on_a_gpu_node)
+from distcls.runtime import (autoscaling, beside_driver, can_get, cluster_cpus, cluster_gpus, ensure_ray,
+                             native_bf16, require_cuda_on_a_gpu_node)
 
 STATE_FILE = "state.pt"
 ROWS_PER_BLOCK = 256  # one decode call; small blocks reshuffle well and keep a block's pixels small
@@ -107,10 +106,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # workers' own output reaches the driver only with --verbose (Ray's log_to_driver), and then
     # prefixed per process. No CPU: on a full cluster a default actor (1 CPU to be placed) would
     # wait for the workers.
-    # On the driver's node, which lives as long as the run: Ray places an actor that asks for no
-    # resources on a random node unless its affinity is hard (see inputs.reading).
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": beside_driver()})
     with tracking.run(tracker, config) as epochs:
         trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress)
         result = _fit(trainer, progress, config, epochs)
@@ -265,12 +261,9 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float, streamed: 
     ordered = ray.data.from_arrow(slices).randomize_block_order(
         seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
     settings = {"storage_config": config.storage(), "size": config.image_size}
-    if streamed:
-        dataset = ordered.map_batches(Decoder, fn_constructor_kwargs=settings, compute=ray.data.ActorPoolStrategy(
-            size=actors), batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=actor_cpus)
-    else:
-        dataset = ordered.map_batches(_decode_yielding, fn_kwargs=settings, batch_format="numpy",
-                                      batch_size=ROWS_PER_BLOCK, num_cpus=actor_cpus)
+    how = ({"fn": Decoder, "fn_constructor_kwargs": settings, "compute": ray.data.ActorPoolStrategy(size=actors)}
+           if streamed else {"fn": _decode_yielding, "fn_kwargs": settings})
+    dataset = ordered.map_batches(**how, batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=actor_cpus)
     # Added to, not replacing, the callbacks the driver's DataContext gave every new dataset.
     dataset.context.custom_execution_callback_classes = [*dataset.context.custom_execution_callback_classes,
                                                           PacedScheduling]
@@ -278,8 +271,8 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float, streamed: 
 
 
 def decode_pool(config: TrainConfig, decode_cpus: float, blocks: int) -> tuple[float, int]:
-    """(CPUs of each decoder, actors of a streamed pool) for a dataset of ``blocks`` blocks: one per decode
-    CPU, or, when decoding shares the workers' cores (less than a CPU of its own), one per worker
+    """(CPUs of each decoder, actors of a streamed pool) for a dataset of ``blocks`` blocks: one
+    per decode CPU, or, when decoding shares the workers' cores (less than a CPU of its own), one per worker
     CPU: with --cache memory the workers wait, idle, for their shards, and one decoder took the
     whole lake on one core while the others waited. Never more actors than blocks: every actor of
     the pool starts with each execution, importing torch, used or not. A share is rounded down to
@@ -342,7 +335,7 @@ class Decoder:
     """Ray Data's decode stage, run by a fixed pool of actors that live for an execution. Run as
     tasks, a decode worker idle for a second (whenever the stream window is full) was ended by Ray,
     which kills idle task workers beyond one per CPU, and the next block started a new one,
-    importing torch again (~4 CPU-s): 10 worker starts in a 150 s streamed epoch here. A pool that
+    importing torch again (3.4 CPU-s): 10 worker starts in a 150 s streamed epoch here. A pool that
     may shrink did the same when Ray Data removed its idle actors (BENCHMARKS.md, "Training on
     photos")."""
 
@@ -528,7 +521,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluation = eval_epoch(model, val_data.batches(eval_batch_size(config.image_size)), state, device,
                                 len(classes), tta)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": evaluation.loss,
-               "val_accuracy": evaluation.accuracy, "val_images": evaluation.images, "val_tta": tta, "images_per_s": images / (time.time() - started),
+               "val_accuracy": evaluation.accuracy, "val_images": evaluation.images, "val_tta": tta,
+               "images_per_s": images / (time.time() - started),
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
         # In the checkpoint's state, not the reported row: the artifact takes it from the best checkpoint.
         state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row],

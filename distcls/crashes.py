@@ -66,11 +66,13 @@ def start_registry() -> ActorHandle:
     return CrashRegistry.options(scheduling_strategy=beside_driver()).remote()
 
 
-def read_batch(registry: ActorHandle, paths: list[str], sizes: list[int | None], threads: int,
+def read_batch(registry: ActorHandle, paths: list[str], sizes: list[int | None], threads: int, scope: str = "",
                **read_args: Any) -> dict[str, np.ndarray]:
     """``images.read_batch`` of ``paths``, as an attempt recorded in ``registry``: the same columns,
-    with files that killed an earlier attempt as ``corrupt`` rows that were not read again."""
-    key = hashlib.blake2b("\n".join(paths).encode(), digest_size=16).hexdigest()
+    with files that killed an earlier attempt as ``corrupt`` rows that were not read again. Attempts
+    at the same paths must not overlap (a second one would take the first for dead): batches that
+    two readers may decode at once are told apart by ``scope``."""
+    key = hashlib.blake2b("\n".join([scope, *paths]).encode(), digest_size=16).hexdigest()
     plan = ray.get(registry.begin.remote(key))
     if plan["give_up"]:
         raise JobError(f"a batch of {len(paths)} images from {paths[0]} keeps killing its worker outside any "

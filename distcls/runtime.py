@@ -61,7 +61,7 @@ def beside_driver() -> NodeAffinitySchedulingStrategy:
     """Placement on this process's node, for the 0-CPU actors a run keeps there: a worker node may
     go away mid-run (an autoscaler scaling down), taking what they hold with it, while the run cannot
     outlive the driver's node anyway. Hard: Ray places an actor that asks for no resources on a
-    random node when its affinity is soft (ray-project/ray#25360 fixed only the hard case)."""
+    random node when its affinity is soft (ray-project/ray#25344 fixed only the hard case)."""
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 

@@ -34,10 +34,11 @@ import ray.train.torch
 import safetensors.torch
 import torch
 from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.actor import ActorHandle
 from ray.util.queue import Empty, Queue
 from torch import nn
 
-from distcls import console, lake, review, storage, tracking
+from distcls import console, crashes, lake, review, storage, tracking
 from distcls.artifact import InitMatch, ModelInfo, load_state_dict, match_state_dict, save_model
 from distcls.config import StorageConfig, TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
@@ -48,6 +49,9 @@ from distcls.runtime import (autoscaling, beside_driver, can_get, cluster_cpus, 
 
 STATE_FILE = "state.pt"
 ROWS_PER_BLOCK = 256  # one decode call; small blocks reshuffle well and keep a block's pixels small
+READ_THREADS = 8  # files a decode call reads at once, overlapping object-store latency
+MIN_SHARE = 0.25  # of a CPU, per decode actor when decoding shares the workers' cores (decode_pool)
+CHECK_IMAGES = 16  # images of each split the driver decodes at a time before the run (_check_split)
 # A batch of held-out images: at most 1,000, and at most 4M pixels (256 at 128 px, 4 at 1024 px).
 # Its activations set a worker's peak memory: 1,000 photos at 128 px took resnet18's workers from
 # ~1.7 GiB while training to 3.7 GiB while evaluating.
@@ -84,7 +88,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # anything is written, not a worker failure that Ray Train retries --max-failures times.
         load_state_dict(storage.Store(config.init_weights, config.storage()))
     train_rows, val_rows, classes, human_labels = _split(config)
-    _check_split(config, train_rows.num_rows, val_rows.num_rows)
+    _check_split(config, train_rows, val_rows)
     if config.init_weights:
         _check_init_weights(config, len(classes))
     tracker = tracking.tracker(config)  # UsageError before Ray starts when MLflow is asked for but missing
@@ -107,8 +111,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # prefixed per process. No CPU: on a full cluster a default actor (1 CPU to be placed) would
     # wait for the workers.
     progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": beside_driver()})
+    # A file that kills its decoder is skipped like an unreadable one; without the registry Ray Data
+    # retried its block for ever, and the run hung.
+    registry = crashes.start_registry()
     with tracking.run(tracker, config) as epochs:
-        trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress)
+        trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress, registry)
         result = _fit(trainer, progress, config, epochs)
         if result.error is not None:
             raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
@@ -116,9 +123,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # predicts (--tta). Ray lists tied checkpoints oldest first, so max() took the oldest.
         best_checkpoint, best_metrics = max(result.best_checkpoints,
                                             key=lambda pair: (pair[1]["val_accuracy"], pair[1]["epoch"]))
-        if best_metrics.get("val_images") == 0:  # .get: the rows an older distcls checkpointed have none
-            raise JobError("no held-out image could be decoded (see the warnings naming them): the model was "
-                           "never evaluated; no artifact was saved")
+        # After _check_split, only files that broke during the run (or fewer decoded images than a
+        # batch per worker) leave a split empty. .get: the rows an older distcls checkpointed have no counts.
+        for key, what in (("train_images", "trained on"), ("val_images", "evaluated")):
+            if best_metrics.get(key) == 0:
+                raise JobError(f"no image was {what}: the run's decode tasks could read too few of them (the warnings "
+                               f"name them with --verbose); no artifact was saved, and a rerun into --output "
+                               f"{config.output} resumes this run: give another --output or --name")
         _refuse_divergence(best_metrics, best_checkpoint)
         info = _save_artifact(config, classes, best_checkpoint, best_metrics, val_rows, human_labels)
         _write_curves(config)
@@ -126,9 +137,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return {"model": _output(config).uri_of("model"), "model_id": info.model_id, **info.metrics}
 
 
-def _check_split(config: TrainConfig, train_images: int, val_images: int) -> None:
-    """UsageError when a split has fewer images than workers: Ray Data splits each equally, dropping
-    the remainder, so every worker would train on, or evaluate, none."""
+def _check_split(config: TrainConfig, train_rows: pa.Table, val_rows: pa.Table) -> None:
+    """UsageError when a split has fewer images, or fewer that decode, than workers: Ray Data splits
+    the decoded images equally, dropping the remainder, so every worker would train on, or evaluate,
+    none. The run found that out only after its last epoch, and a rerun resumed into it again."""
+    train_images, val_images = train_rows.num_rows, val_rows.num_rows
     held = f"--val-input {config.val_input} has" if config.val_input else f"--val-fraction {config.val_fraction} holds out"
     if val_images < config.workers:
         raise UsageError(f"{held} {val_images} images, fewer than --workers {config.workers}: the held-out "
@@ -136,6 +149,27 @@ def _check_split(config: TrainConfig, train_images: int, val_images: int) -> Non
     if train_images < config.workers:
         raise UsageError(f"{config.input} has {train_images} images to train on ({held} {val_images}), fewer than "
                          f"--workers {config.workers}: they are split equally, so no worker would train on any")
+    splits = ((val_rows, f"--val-input {config.val_input}" if config.val_input else f"--input {config.input}", "held-out"),
+              (train_rows, f"--input {config.input}", "training"))
+    for rows, source, kind in splits:
+        decoded, failure = _decodable(rows, config)
+        if decoded < config.workers:
+            raise UsageError(f"{source}: {decoded} of its {rows.num_rows} {kind} images decode, fewer than "
+                             f"--workers {config.workers} (first failure: {failure})")
+
+
+def _decodable(rows: pa.Table, config: TrainConfig) -> tuple[int, str | None]:
+    """(images of ``rows`` that decode, up to --workers of them; the first failure) read on the
+    driver a block at a time: one block when the lake is sound."""
+    decoded, failure = 0, None
+    for start in range(0, rows.num_rows, CHECK_IMAGES):
+        paths = rows["path"].slice(start, CHECK_IMAGES).to_pylist()
+        errors = read_batch(paths, config.storage(), config.image_size, threads=READ_THREADS)["error"]
+        decoded += sum(error is None for error in errors)
+        failure = failure or next((f"{path}: {error}" for path, error in zip(paths, errors) if error), None)
+        if decoded >= config.workers:
+            break
+    return decoded, failure
 
 
 def _check_image_size(config: TrainConfig) -> None:
@@ -249,18 +283,22 @@ def _smallest_node_memory() -> float:
     return min(sizes, default=0.0)
 
 
-def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float, streamed: bool = False) -> ray.data.Dataset:
+def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float, name: str, crash_registry: ActorHandle | None,
+             streamed: bool = False) -> ray.data.Dataset:
     """Decoded images as a lazy Ray Dataset: fixed-shape uint8 tensors + int labels (Arrow-native).
     Each execution (each epoch, when streaming) visits the blocks in a new seeded order, so the
     blocks a worker gets change from epoch to epoch; the rows within them were shuffled by _split.
     A ``streamed`` one decodes in a pool of actors (see Decoder); one read in a single pass (the
     cache's, the stats sample) in tasks, whose workers Ray keeps while they are busy and which
-    start no pool: a pool per execution made the test suite ~5 minutes slower."""
+    start no pool: a pool per execution made the test suite ~5 minutes slower. ``name`` tells its
+    batches apart in ``crash_registry`` from another dataset's over the same files (the stats sample's
+    are the first training blocks)."""
     slices = [rows.slice(start, ROWS_PER_BLOCK) for start in range(0, rows.num_rows, ROWS_PER_BLOCK)]
     actor_cpus, actors = decode_pool(config, decode_cpus, len(slices))
     ordered = ray.data.from_arrow(slices).randomize_block_order(
         seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
-    settings = {"storage_config": config.storage(), "size": config.image_size}
+    settings = {"storage_config": config.storage(), "size": config.image_size, "crash_registry": crash_registry,
+                "scope": name}
     how = ({"fn": Decoder, "fn_constructor_kwargs": settings, "compute": ray.data.ActorPoolStrategy(size=actors)}
            if streamed else {"fn": _decode_yielding, "fn_kwargs": settings})
     dataset = ordered.map_batches(**how, batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=actor_cpus)
@@ -271,17 +309,15 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float, streamed: 
 
 
 def decode_pool(config: TrainConfig, decode_cpus: float, blocks: int) -> tuple[float, int]:
-    """(CPUs of each decoder, actors of a streamed pool) for a dataset of ``blocks`` blocks: one
-    per decode CPU, or, when decoding shares the workers' cores (less than a CPU of its own), one per worker
-    CPU: with --cache memory the workers wait, idle, for their shards, and one decoder took the
-    whole lake on one core while the others waited. Never more actors than blocks: every actor of
-    the pool starts with each execution, importing torch, used or not. A share is rounded down to
-    Ray's 1/10,000 of a CPU, so that the actors fit in ``decode_cpus`` after Ray rounds them."""
-    if decode_cpus >= 1:
-        actor_cpus = min(1.0, decode_cpus)
-    else:
-        actor_cpus = max(1e-4, math.floor(decode_cpus / (config.workers * config.cpus_per_worker) * 1e4) / 1e4)
-    return actor_cpus, max(1, min(blocks, int(decode_cpus / actor_cpus + 1e-9)))
+    """(CPUs of each decoder, actors of a streamed pool) for a dataset of ``blocks`` blocks: one per
+    decode CPU, or, when decoding shares the workers' cores (less than a CPU of its own), one per
+    MIN_SHARE of it: each actor reads with READ_THREADS threads, so a few keep up, and every actor
+    of the pool starts with each execution (train and val, every epoch), importing torch (3.4 CPU-s
+    here), used or not; for the same reason never more actors than blocks. A share is rounded down
+    to Ray's 1/10,000 of a CPU, so that the actors fit in ``decode_cpus`` after Ray rounds them."""
+    share = 1.0 if decode_cpus >= 1 else MIN_SHARE
+    actors = max(1, min(blocks, int(decode_cpus / share + 1e-9)))
+    return (1.0 if decode_cpus >= 1 else math.floor(decode_cpus / actors * 1e4) / 1e4), actors
 
 
 def stream_window(config: TrainConfig) -> int:
@@ -339,15 +375,15 @@ class Decoder:
     may shrink did the same when Ray Data removed its idle actors (BENCHMARKS.md, "Training on
     photos")."""
 
-    def __init__(self, storage_config: StorageConfig, size: int) -> None:
-        self.storage_config = storage_config
-        self.size = size
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _decode_yielding(batch, self.storage_config, self.size)
+        return _decode_yielding(batch, **self.settings)
 
 
-def _decode_yielding(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:
+def _decode_yielding(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int,
+                     crash_registry: ActorHandle | None = None, scope: str = "") -> dict[str, np.ndarray]:
     """_decode_rows in a thread at nice 19, below the nice 15 Ray gives its workers, so that
     decoding leans on the cores the training workers leave idle (waiting on each other's
     gradients) rather than on one worker's core: the data-parallel steps run in lock step, so a
@@ -359,9 +395,9 @@ def _decode_yielding(batch: dict[str, np.ndarray], storage_config: StorageConfig
     raised but not lowered back. Linux only: elsewhere a thread id is not a ``setpriority``
     target; there, or where the call is refused, decoding runs at the worker's priority."""
     if not sys.platform.startswith("linux"):
-        return _decode_rows(batch, storage_config, size)
+        return _decode_rows(batch, storage_config, size, crash_registry, scope)
     with ThreadPoolExecutor(1, thread_name_prefix="distcls-decode", initializer=_lowest_priority) as thread:
-        return thread.submit(_decode_rows, batch, storage_config, size).result()
+        return thread.submit(_decode_rows, batch, storage_config, size, crash_registry, scope).result()
 
 
 def _lowest_priority() -> None:
@@ -371,21 +407,30 @@ def _lowest_priority() -> None:
         pass
 
 
-def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int) -> dict[str, np.ndarray]:
-    decoded = read_batch(batch["path"], storage_config, size)
+def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int,
+                 crash_registry: ActorHandle | None = None, scope: str = "") -> dict[str, np.ndarray]:
+    """The images that decode, with their labels; the others are logged and dropped. With a
+    ``crash_registry`` (crashes.py), a file that killed an attempt at this batch is dropped unread."""
+    paths = batch["path"].tolist()
+    decoded = (read_batch(paths, storage_config, size, threads=READ_THREADS) if crash_registry is None else
+               crashes.read_batch(crash_registry, paths, [None] * len(paths), threads=READ_THREADS, scope=scope,
+                                  storage_config=storage_config, size=size))
     ok = np.array([e is None for e in decoded["error"]], dtype=bool)
     for path, error in zip(batch["path"][~ok], decoded["error"][~ok]):
-        log.warning(f"skipping unreadable training image {path}: {error}")
+        log.warning(f"skipping unreadable {'held-out' if scope == 'val' else 'training'} image {path}: "
+                    f"{error.removeprefix(f'{path}: ')}")
     return {"image": decoded["image"][ok], "label": batch["label"][ok].astype(np.int64)}
 
 
 def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_rows: pa.Table, cache: str,
-             worker_cpus: float, decode_cpus: float, progress: Queue) -> ray.train.torch.TorchTrainer:
+             worker_cpus: float, decode_cpus: float, progress: Queue,
+             crash_registry: ActorHandle) -> ray.train.torch.TorchTrainer:
     output = _output(config)
     loop_config = {"config": config.model_dump(), "classes": classes, "cache": cache, "train_images": train_rows.num_rows,
                    "progress": progress, "verbose": console.verbose()}
     stats_rows = train_rows.slice(0, STATS_IMAGES)  # already in a seeded random order
-    datasets = {name: _dataset(rows, config, decode_cpus, streamed=cache == "none" and name != "stats")
+    datasets = {name: _dataset(rows, config, decode_cpus, name, crash_registry,
+                               streamed=cache == "none" and name != "stats")
                 for name, rows in (("train", train_rows), ("val", val_rows), ("stats", stats_rows))}
     # Ray Data's limit is what keeps decoding off the workers' reserved CPUs: without it, it sizes
     # itself by the whole cluster, CPUs the workers hold included.
@@ -395,7 +440,7 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
         train_loop_per_worker,
         train_loop_config=loop_config,
         datasets=datasets,
-        # "stats" is not split: every worker reads the same sample and gets the same mean/std.
+        # "stats" is not split: rank 0 reads all of it (_fresh_state).
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=limits),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers, use_gpu=config.gpu, resources_per_worker={"CPU": worker_cpus}),
@@ -520,7 +565,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tta = config.tta if epoch == config.epochs - 1 else "none"
         evaluation = eval_epoch(model, val_data.batches(eval_batch_size(config.image_size)), state, device,
                                 len(classes), tta)
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": evaluation.loss,
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_images": images, "val_loss": evaluation.loss,
                "val_accuracy": evaluation.accuracy, "val_images": evaluation.images, "val_tta": tta,
                "images_per_s": images / (time.time() - started),
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
@@ -748,14 +793,21 @@ def _check_init_weights(config: TrainConfig, num_classes: int) -> None:
 
 
 def _fresh_state(config: TrainConfig, classes: list[str]) -> dict[str, Any]:
-    torch.manual_seed(config.seed)  # identical initial weights on every worker before DDP's broadcast
+    """A new run's state. Rank 0 alone reads the stats sample and fits the layers set from data
+    (airbench's whitening): DDP copies its weights to the others when it wraps the model, and the
+    normalisation is sent to them here. The others would only decode the same images again, and two
+    decodes of a batch at once each take the other's attempt for a crash (crashes.py)."""
+    torch.manual_seed(config.seed)
     model = create_model(config.arch, num_classes=len(classes))
     pretrained: list[str] = []
-    mean, std = _pixel_statistics(ray.train.get_dataset_shard("stats"))
-    if hasattr(model, "fit_to_data"):  # layers set from data (airbench's whitening); --init-weights may then replace them
-        sample = _fitting_sample(ray.train.get_dataset_shard("stats"), mean, std)
-        if sample is not None:
-            model.fit_to_data(sample)
+    normalisation = None
+    if ray.train.get_context().get_world_rank() == 0:
+        normalisation = _pixel_statistics(ray.train.get_dataset_shard("stats"))
+        if hasattr(model, "fit_to_data"):  # --init-weights may then replace what it set
+            sample = _fitting_sample(ray.train.get_dataset_shard("stats"), *normalisation)
+            if sample is not None:
+                model.fit_to_data(sample)
+    mean, std = _from_rank_zero(normalisation)
     if config.init_weights:
         match = _init_match(config, model)
         model.load_state_dict(match.loaded, strict=False)
@@ -777,9 +829,17 @@ def _fitting_sample(sample: ray.data.DataIterator, mean: tuple[float, ...],
     return torch.cat(images) if images else None
 
 
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value``, on every worker."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _pixel_statistics(sample: ray.data.DataIterator) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (in [0, 1] units) of the sampled training images. Every worker reads
-    the same unsplit sample, so all get the same values whether or not the lake is cached."""
+    """Per-channel mean and std (in [0, 1] units) of the sampled training images."""
     sums, count = np.zeros(6), 0
     for batch in sample.iter_batches(batch_size=64, batch_format="numpy"):
         pixels = batch["image"].reshape(-1, 3).astype(np.float64)
@@ -854,6 +914,9 @@ def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.trai
         # predicts, which evaluate and label reproduce, not of other forward passes.
         evaluation = eval_epoch(model, _held_out_batches(val_rows, config), state, torch.device("cpu"),
                                 len(classes), config.tta)
+        if not evaluation.images:
+            raise JobError(f"the driver decoded none of the held-out images to evaluate epoch {final['epoch']}'s "
+                           f"checkpoint with --tta {config.tta}; no artifact was saved")
         log.info(f"epoch {final['epoch']}'s checkpoint (val_acc {final['val_accuracy']:.4f} with tta "
                  f"{final['val_tta']}) evaluated with --tta {config.tta}: val_acc {evaluation.accuracy:.4f}")
         final |= {"val_loss": evaluation.loss, "val_accuracy": evaluation.accuracy, "val_tta": config.tta}
@@ -875,7 +938,7 @@ def _held_out_batches(val_rows: pa.Table, config: TrainConfig) -> Batches:
     for start in range(0, val_rows.num_rows, size):
         block = val_rows.slice(start, size)
         decoded = _decode_rows({"path": block["path"].to_numpy(zero_copy_only=False), "label": block["label"].to_numpy()},
-                               config.storage(), config.image_size)
+                               config.storage(), config.image_size, scope="val")
         yield torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
 
 

@@ -121,7 +121,7 @@ def test_train_gpu_is_accepted_and_a_gpu_node_without_cuda_fails_the_run_naming_
 def test_train_runs_its_workers_on_nodes_the_autoscaler_adds(on_autoscaling_cluster, synthetic_lake, tmp_path,
                                                              capsys) -> None:
     """Two 1-CPU workers on a cluster of 1-CPU nodes: each needs a node of its own, and the decode
-    tasks that stream the lake into them every epoch need CPUs beside them."""
+    actors that stream the lake into them every epoch need CPUs beside them."""
     from ray._private import state
 
     code = main(["train", "--input", str(synthetic_lake(4)), "--output", str(tmp_path / "run"), "--workers", "2",

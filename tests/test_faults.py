@@ -148,8 +148,7 @@ def test_losing_a_worker_node_mid_run_loses_no_input(ray_cluster, tmp_path: Path
     workers = sorted((n for n in ray_cluster.worker_nodes if n.node_id != driver_node),
                      key=lambda n: n.node_id != actor_node)
     victim = workers[0]
-    # The reader asks for no resources: only a hard affinity keeps it on the driver's node.
-    assert _reader_nodes() == [driver_node]
+    reader_nodes = _reader_nodes()  # asserted once the run is joined: a failure here must not leave it running
     ray_cluster.remove_node(victim)
     try:
         result = run.join()
@@ -158,6 +157,8 @@ def test_losing_a_worker_node_mid_run_loses_no_input(ray_cluster, tmp_path: Path
         ray_cluster.add_node(num_cpus=1)
         ray_cluster.wait_for_nodes()
 
+    # The reader asks for no resources: only a hard affinity keeps it on the driver's node.
+    assert reader_nodes == [driver_node]
     assert "summary" in result, result
     _assert_exactly_once(output, [str(p) for p in lake.glob("*.jpg")])
     assert result["summary"]["images"] == 300 and result["summary"]["errors"] == 0

@@ -251,3 +251,38 @@ def test_a_file_that_kills_its_decoder_becomes_an_error_row_not_an_endless_retry
     assert (rows[str(poison)]["error"], rows[str(poison)]["error_kind"]) == (f"{poison}: crashed the decoder", "corrupt")
     assert all(r["label"] is not None for p, r in rows.items() if p != str(poison))
     assert restarts == 2
+
+
+@pytest.mark.timeout(600, method="thread")  # without the registry, Ray Data retries the block forever
+def test_a_file_that_kills_its_decoder_is_skipped_by_training(no_ray, tmp_path: Path, synthetic_lake) -> None:
+    """One in the streamed training blocks (decoded by actors), one in the held-out ones, the first
+    also in the stats sample (decoded by tasks): each kills two attempts at its batch in the first
+    epoch, none after it, and the run trains and evaluates on every other image."""
+    import json
+
+    import ray
+    import ray.cloudpickle
+    from ray._private import state
+
+    lake, held = tmp_path / "lake", tmp_path / "held"
+    shutil.copytree(synthetic_lake(4), lake)
+    shutil.copytree(synthetic_lake(2, seed=1), held)
+    for root in (lake, held):
+        next(p for p in sorted(root.iterdir()) if p.is_dir()).joinpath("poison.jpg").write_bytes(b"POISON" + GOOD)
+    output = tmp_path / "out"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 runtime_env={"worker_process_setup_hook": _decoder_that_dies_on_poison})
+        code = main(["train", "--input", str(lake), "--val-input", str(held), "--output", str(output),
+                     "--arch", "simple_cnn", "--epochs", "2", "--workers", "1", "--batch-size", "8", "--cache", "none"])
+        restarts = sum(a["NumRestarts"] for a in state.actors().values()
+                       if a["ActorClassName"] == "MapWorker(MapBatches(Decoder))")
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert code == 0 and (output / "model" / "model.json").exists()
+    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    good_held = len([p for p in held.rglob("*.jpg") if p.name != "poison.jpg"])
+    assert [row["val_images"] for row in history] == [good_held, good_held]
+    assert restarts == 4

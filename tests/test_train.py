@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_two_workers_and_streaming_reach_the_accuracy_of_one(ray_local, syntheti
         scores = evaluate(EvaluateConfig(input=str(output / "val.parquet"), model=result["model"]))
         accuracy[workers, cache] = scores["accuracy"]
     # The streamed run's decoders: a pool of at most 2 (0.5 CPU in 0.25 shares) per execution, 2 per
-    # epoch and a "stats" one per worker, none restarted. As tasks, Ray ended their workers whenever
+    # epoch (train and val; the stats sample decodes in tasks), none restarted. As tasks, Ray ended their workers whenever
     # they idled a second and started new ones (10 in a 150 s epoch of the photo benchmark).
     streamed = [a for k, a in decoders().items() if k not in before]
     assert 1 <= len(streamed) <= 2 * (2 * 8 + 2) and all(a["NumRestarts"] == 0 for a in streamed), streamed
@@ -331,7 +332,7 @@ def test_pacing_sees_a_full_stream_window_in_the_installed_ray(ray_local) -> Non
 def test_training_decodes_at_nice_19_and_reports_its_errors(monkeypatch) -> None:
     seen = []
 
-    def decode(batch, storage_config, size):
+    def decode(batch, storage_config, size, crash_registry=None, scope=""):
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         if size == 13:
             raise OSError("disk gone")
@@ -366,7 +367,7 @@ def test_every_training_dataset_is_paced_where_it_executes_and_keeps_the_drivers
     root = synthetic_lake(2)
     config = TrainConfig(input=str(root), output="unused", workers=2)
     rows, _ = labelled_images(Store(str(root), config.storage()))
-    datasets = {name: train_module._dataset(rows, config, 0.5) for name in ("train", "stats")}
+    datasets = {name: train_module._dataset(rows, config, 0.5, name, None) for name in ("train", "stats")}
     shards = ray.train.DataConfig(datasets_to_split=["train"]).configure(
         datasets, world_size=2, worker_handles=None, worker_node_ids=None)
     iterators = {"train": shards[1]["train"],  # its context comes from its SplitCoordinator actor
@@ -379,8 +380,9 @@ def test_every_training_dataset_is_paced_where_it_executes_and_keeps_the_drivers
 
 @pytest.mark.parametrize("workers, cpus_per_worker, decode_cpus, blocks, expected", [
     (2, 1, 0.5, 36, (0.25, 2)),     # this machine: the workers give up 0.5 CPU between them
-    (2, 8, 0.5, 36, (0.0312, 16)),  # 0.03125 each rounds up in Ray to 0.0313, and 16 would need 0.5008
-    (3, 1, 0.5, 36, (0.1666, 3)),
+    (4, 16, 0.5, 36, (0.25, 2)),    # not 64 actors of 1/128 CPU, each importing torch every execution
+    (2, 1, 0.9, 36, (0.3, 3)),      # 0.3 each fits in 0.9 however Ray rounds
+    (2, 1, 0.5, 1, (0.5, 1)),       # a 1-block held-out split
     (2, 1, 62.0, 400, (1.0, 62)),   # a 64-CPU node
     (2, 1, 62.0, 4, (1.0, 4)),      # never more actors than blocks: each starts, used or not
     (2, 1, 2.5, 36, (1.0, 2)),
@@ -470,19 +472,44 @@ def test_fewer_images_in_a_split_than_workers_is_a_usage_error(tmp_path, capsys,
 
 
 def test_held_out_images_none_of_which_decode_fail_the_run_and_save_no_model(ray_local, synthetic_lake, tmp_path,
-                                                                             capsys) -> None:
-    """Listed, so past the split check, but unreadable: every worker evaluates none."""
+                                                                             capsys, monkeypatch) -> None:
+    """Listed, so past the count, but unreadable: refused before anything is written, naming one. Had
+    the driver found them readable (files that break during the run), every worker evaluates none:
+    the run fails saving no artifact and says how a rerun gets out (it would resume the same state)."""
     held = tmp_path / "held"
     for name in ("circle", "square"):
         (held / name).mkdir(parents=True)
         (held / name / "0.jpg").write_bytes(b"not a jpeg")
     output = tmp_path / "out"
-    code = main(["train", "--input", str(synthetic_lake(4)), "--val-input", str(held), "--output", str(output),
-                 "--arch", "simple_cnn", "--epochs", "1", "--workers", "2", "--batch-size", "8"])
+    argv = ["train", "--input", str(synthetic_lake(4)), "--val-input", str(held), "--output", str(output),
+            "--arch", "simple_cnn", "--epochs", "1", "--workers", "2", "--batch-size", "8"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"distcls train: error: --val-input {held}: 0 of its 2 held-out images decode, fewer than --workers 2 "
+        f"(first failure: {held}/circle/0.jpg: not an image (unrecognised format))")
+    assert not output.exists()
+
+    monkeypatch.setattr(train_module, "_decodable", lambda rows, config: (config.workers, None))
+    code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and err[-1].endswith("no held-out image could be decoded (see the warnings naming them): the model "
-                                          "was never evaluated; no artifact was saved")
+    assert code == 1 and err[-1].endswith(f"no image was evaluated: the run's decode tasks could read too few of them "
+                                          f"(the warnings name them with --verbose); no artifact was saved, and a rerun "
+                                          f"into --output {output} resumes this run: give another --output or --name")
     assert not (output / "model").exists()
+
+
+def test_training_images_none_of_which_decode_are_a_usage_error(synthetic_lake, tmp_path, capsys) -> None:
+    """They trained nothing and saved a model of its initial weights, with exit 0."""
+    lake = tmp_path / "lake"
+    shutil.copytree(synthetic_lake(1), lake)
+    for path in lake.rglob("*.jpg"):
+        path.write_bytes(b"\xff\xd8 cut short")
+    assert main(["train", "--input", str(lake), "--val-input", str(synthetic_lake(1)), "--output", str(tmp_path / "out"),
+                 "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"distcls train: error: --input {lake}: 0 of its {len(list(lake.rglob('*.jpg')))} training "
+                          f"images decode, fewer than --workers 1 (first failure: {lake}/"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_data_is_a_clear_usage_error(tmp_path, capsys) -> None:

@@ -8,6 +8,7 @@ environment or the standard AWS chain, so no config dump can contain them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -396,3 +397,14 @@ class DemoConfig(StorageConfig):
     def _known_arch(cls, value: str) -> str:
         # Checked here too, so a typo fails before the demo draws its lakes and starts Ray.
         return TrainConfig._known_arch(value)
+
+    @model_validator(mode="after")
+    def _workers_fit_the_lake(self) -> DemoConfig:
+        # Training's own check would name --val-fraction, which the demo does not take: it holds out
+        # the default tenth of each of its 10 classes.
+        held = 10 * round(self.per_class * TrainConfig.model_fields["val_fraction"].default)
+        if self.input is None and self.workers > held:
+            raise UsageError(f"--workers {self.workers} is more than the {held} images the demo holds out "
+                             f"(a tenth of --per-class {self.per_class}, per class): give --per-class "
+                             f"{10 * math.ceil(self.workers / 10)} or more, or fewer --workers")
+        return self

@@ -26,3 +26,12 @@ def test_demo_makes_every_output(ray_local, tmp_path, capsys) -> None:
     assert set(rows.loc[rows["error"].notna(), "path"].map(lambda p: p.rsplit("/", 1)[-1])) == {
         "empty.jpg", "notes.jpg", "truncated.jpg"}
     assert "confusion matrix" in said and "outputs" in said
+
+
+def test_more_workers_than_the_demo_holds_out_is_a_usage_error_naming_its_own_flags(tmp_path, capsys) -> None:
+    """Training's check named --val-fraction, which the demo does not take."""
+    assert main(["demo", "--per-class", "10", "--workers", "11", "--output", str(tmp_path / "demo")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "distcls demo: error: --workers 11 is more than the 10 images the demo holds out (a tenth of --per-class 10, "
+        "per class): give --per-class 20 or more, or fewer --workers")
+    assert not (tmp_path / "demo").exists()

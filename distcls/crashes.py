@@ -8,7 +8,8 @@ batch holding such a file kills a fresh actor again and again. Here one small ac
 registry) remembers, per batch, whether its last attempt finished decoding. A batch started again
 without having finished is decoded carefully: one file at a time, each noted in the registry
 before it is read. When a careful attempt dies too, the next one finds the file that was in flight
-and gives it the row ``crashed the decoder`` (kind ``corrupt``) without reading it. A batch thus
+and gives it the row ``crashed the decoder`` (kind ``corrupt``) without reading it, as every later
+batch of the run does. A batch thus
 costs at most two attempts more than it holds such files, and a batch that never crashes costs
 two calls to the registry.
 """
@@ -32,33 +33,34 @@ _BLIND_DEATHS = 2
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class CrashRegistry:
-    """Per batch (a digest of its paths): whether an attempt is open, the file a careful attempt
-    is reading, and the files that were being read when an attempt died."""
+    """Per batch (a digest of its paths): whether an attempt is open and the file a careful attempt
+    is reading; for the run, the files that were being read when an attempt died. Those are skipped
+    by every later batch, not only their own: training cuts its batches differently from epoch to
+    epoch (Ray Data joins a split's short last block to the next one, drawn anew each epoch)."""
 
     def __init__(self) -> None:
         self._batches: dict[str, dict[str, Any]] = {}
+        self._crashed: list[str] = []
 
     def begin(self, key: str) -> dict[str, Any]:
         """Start an attempt: ``careful`` when the last attempt died, ``crashed`` the files not to read."""
-        batch = self._batches.setdefault(key, {"open": False, "careful": False, "in_flight": None,
-                                               "crashed": [], "blind": 0})
+        batch = self._batches.setdefault(key, {"open": False, "careful": False, "in_flight": None, "blind": 0})
         died = batch["open"]
         if died and batch["in_flight"] is not None:
-            batch["crashed"].append(batch["in_flight"])
+            self._crashed.append(batch["in_flight"])
         elif died and batch["careful"]:
             batch["blind"] += 1
         batch.update(open=True, careful=died, in_flight=None)
-        return {"careful": died, "crashed": list(batch["crashed"]), "give_up": batch["blind"] >= _BLIND_DEATHS}
+        return {"careful": died, "crashed": list(self._crashed), "give_up": batch["blind"] >= _BLIND_DEATHS}
 
+    # .get and pop: an attempt overlapping another at the same batch (a restarted execution's, say)
+    # may find it finished and forgotten.
     def note(self, key: str, path: str) -> None:
-        self._batches[key]["in_flight"] = path
+        if key in self._batches:
+            self._batches[key]["in_flight"] = path
 
     def done(self, key: str) -> None:
-        batch = self._batches[key]
-        if batch["crashed"]:  # a later rerun of this batch (its task failed after it) must skip them too
-            batch.update(open=False, in_flight=None)
-        else:
-            del self._batches[key]
+        self._batches.pop(key, None)
 
 
 def start_registry() -> ActorHandle:

@@ -3,7 +3,7 @@
 On when ``MLFLOW_TRACKING_URI`` is set: a run in the experiment ``$MLFLOW_EXPERIMENT_NAME`` (default
 ``distcls``), named after ``--name``, gets the resolved config as params (``public_dict``: no
 secrets by construction), one point per epoch of every number the workers report (train_loss,
-val_loss, val_accuracy, images_per_s, elapsed_s, restores; step = epoch), and the model artifact
+train_images, val_loss, val_accuracy, val_images, images_per_s, elapsed_s, restores; step = epoch), and the model artifact
 (model.json + model.safetensors under ``model/``; an artifact on an object store larger than
 ARTIFACT_COPY_BYTES is only named, by the tag ``distcls.model_uri``, which every run has).
 

@@ -10,6 +10,7 @@ workers from the latest one, and rerunning the same command on the same output r
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -51,7 +52,8 @@ STATE_FILE = "state.pt"
 ROWS_PER_BLOCK = 256  # one decode call; small blocks reshuffle well and keep a block's pixels small
 READ_THREADS = 8  # files a decode call reads at once, overlapping object-store latency
 MIN_SHARE = 0.25  # of a CPU, per decode actor when decoding shares the workers' cores (decode_pool)
-CHECK_IMAGES = 16  # images of each split the driver decodes at a time before the run (_check_split)
+HELD_OUT_AHEAD = 2  # held-out batches decoded ahead of the driver's --tta evaluation (_held_out_batches)
+CHECK_IMAGES = 16  # images of each split decoded at a time before the run (_check_decodable)
 # A batch of held-out images: at most 1,000, and at most 4M pixels (256 at 128 px, 4 at 1024 px).
 # Its activations set a worker's peak memory: 1,000 photos at 128 px took resnet18's workers from
 # ~1.7 GiB while training to 3.7 GiB while evaluating.
@@ -88,7 +90,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # anything is written, not a worker failure that Ray Train retries --max-failures times.
         load_state_dict(storage.Store(config.init_weights, config.storage()))
     train_rows, val_rows, classes, human_labels = _split(config)
-    _check_split(config, train_rows, val_rows)
+    _check_split(config, train_rows.num_rows, val_rows.num_rows)
     if config.init_weights:
         _check_init_weights(config, len(classes))
     tracker = tracking.tracker(config)  # UsageError before Ray starts when MLflow is asked for but missing
@@ -100,6 +102,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # On a GPU node, before the workers: their NCCL setup would fail first, naming no node.
         require_cuda_on_a_gpu_node("a training worker")
     worker_cpus, decode_cpus = plan_cpus(config, cluster_cpus(), can_grow=autoscaling())
+    # A file that kills its decoder is skipped like an unreadable one; without the registry Ray Data
+    # retried its block for ever, and the run hung.
+    registry = crashes.start_registry()
+    _check_decodable(config, train_rows, val_rows, registry)
     cache = choose_cache(config, train_rows.num_rows + val_rows.num_rows, _smallest_node_memory())
     config = fit_batch(config, train_rows.num_rows)  # a warning, so after every check that can refuse the run
     if not config.val_input:  # written only once the run is known to start: no output from a usage error
@@ -111,9 +117,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # prefixed per process. No CPU: on a full cluster a default actor (1 CPU to be placed) would
     # wait for the workers.
     progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": beside_driver()})
-    # A file that kills its decoder is skipped like an unreadable one; without the registry Ray Data
-    # retried its block for ever, and the run hung.
-    registry = crashes.start_registry()
     with tracking.run(tracker, config) as epochs:
         trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress, registry)
         result = _fit(trainer, progress, config, epochs)
@@ -123,7 +126,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # predicts (--tta). Ray lists tied checkpoints oldest first, so max() took the oldest.
         best_checkpoint, best_metrics = max(result.best_checkpoints,
                                             key=lambda pair: (pair[1]["val_accuracy"], pair[1]["epoch"]))
-        # After _check_split, only files that broke during the run (or fewer decoded images than a
+        # After _check_decodable, only files that broke during the run (or fewer decoded images than a
         # batch per worker) leave a split empty. .get: the rows an older distcls checkpointed have no counts.
         for key, what in (("train_images", "trained on"), ("val_images", "evaluated")):
             if best_metrics.get(key) == 0:
@@ -131,17 +134,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                f"name them with --verbose); no artifact was saved, and a rerun into --output "
                                f"{config.output} resumes this run: give another --output or --name")
         _refuse_divergence(best_metrics, best_checkpoint)
-        info = _save_artifact(config, classes, best_checkpoint, best_metrics, val_rows, human_labels)
+        info = _save_artifact(config, classes, best_checkpoint, best_metrics, val_rows, registry, human_labels)
         _write_curves(config)
         epochs.log_artifact(_output(config).child("model"))
     return {"model": _output(config).uri_of("model"), "model_id": info.model_id, **info.metrics}
 
 
-def _check_split(config: TrainConfig, train_rows: pa.Table, val_rows: pa.Table) -> None:
-    """UsageError when a split has fewer images, or fewer that decode, than workers: Ray Data splits
-    the decoded images equally, dropping the remainder, so every worker would train on, or evaluate,
-    none. The run found that out only after its last epoch, and a rerun resumed into it again."""
-    train_images, val_images = train_rows.num_rows, val_rows.num_rows
+def _check_split(config: TrainConfig, train_images: int, val_images: int) -> None:
+    """UsageError when a split has fewer images than workers: Ray Data splits the decoded images
+    equally, dropping the remainder, so every worker would train on, or evaluate, none."""
     held = f"--val-input {config.val_input} has" if config.val_input else f"--val-fraction {config.val_fraction} holds out"
     if val_images < config.workers:
         raise UsageError(f"{held} {val_images} images, fewer than --workers {config.workers}: the held-out "
@@ -149,27 +150,44 @@ def _check_split(config: TrainConfig, train_rows: pa.Table, val_rows: pa.Table) 
     if train_images < config.workers:
         raise UsageError(f"{config.input} has {train_images} images to train on ({held} {val_images}), fewer than "
                          f"--workers {config.workers}: they are split equally, so no worker would train on any")
+
+
+def _check_decodable(config: TrainConfig, train_rows: pa.Table, val_rows: pa.Table, crash_registry: ActorHandle) -> None:
+    """_check_split for the images that decode, before anything is written: the run found out after
+    its last epoch, and a rerun resumed into the same end. JobError when the store cannot be read.
+    Decoded in a Ray task, through ``crash_registry``: a file that kills its decoder would kill the
+    driver."""
     splits = ((val_rows, f"--val-input {config.val_input}" if config.val_input else f"--input {config.input}", "held-out"),
               (train_rows, f"--input {config.input}", "training"))
-    for rows, source, kind in splits:
-        decoded, failure = _decodable(rows, config)
+    decodable = ray.remote(num_cpus=0, max_retries=-1)(_decodable)
+    counts = ray.get([decodable.remote(rows["path"].to_pylist(), config, crash_registry) for rows, _, _ in splits])
+    for (rows, source, kind), (decoded, failure, unreadable) in zip(splits, counts):
+        if unreadable:
+            raise JobError(f"{source}: the store could not be read ({failure})")
         if decoded < config.workers:
             raise UsageError(f"{source}: {decoded} of its {rows.num_rows} {kind} images decode, fewer than "
                              f"--workers {config.workers} (first failure: {failure})")
 
 
-def _decodable(rows: pa.Table, config: TrainConfig) -> tuple[int, str | None]:
-    """(images of ``rows`` that decode, up to --workers of them; the first failure) read on the
-    driver a block at a time: one block when the lake is sound."""
+def _decodable(paths: list[str], config: TrainConfig, crash_registry: ActorHandle) -> tuple[int, str | None, bool]:
+    """(how many of ``paths`` decode, up to --workers of them; the first failure; whether a block
+    failed to be read, passing faults only) read CHECK_IMAGES at a time: one block when the lake
+    is sound, and no further than a block that names a store problem."""
     decoded, failure = 0, None
-    for start in range(0, rows.num_rows, CHECK_IMAGES):
-        paths = rows["path"].slice(start, CHECK_IMAGES).to_pylist()
-        errors = read_batch(paths, config.storage(), config.image_size, threads=READ_THREADS)["error"]
-        decoded += sum(error is None for error in errors)
-        failure = failure or next((f"{path}: {error}" for path, error in zip(paths, errors) if error), None)
+    for start in range(0, len(paths), CHECK_IMAGES):
+        chunk = paths[start:start + CHECK_IMAGES]
+        got = crashes.read_batch(crash_registry, chunk, [None] * len(chunk), threads=READ_THREADS, scope="check",
+                                 storage_config=config.storage(), size=config.image_size)
+        decoded += sum(error is None for error in got["error"])
+        failed = [(path, error) for path, error in zip(chunk, got["error"]) if error is not None]
+        if failure is None and failed:
+            path, error = failed[0]
+            failure = error if error.startswith(path) else f"{path}: {error}"
         if decoded >= config.workers:
             break
-    return decoded, failure
+        if failed and len(failed) == len(chunk) and set(got["error_kind"]) <= {"transient"}:
+            return decoded, failure, True
+    return decoded, failure, False
 
 
 def _check_image_size(config: TrainConfig) -> None:
@@ -317,7 +335,7 @@ def decode_pool(config: TrainConfig, decode_cpus: float, blocks: int) -> tuple[f
     to Ray's 1/10,000 of a CPU, so that the actors fit in ``decode_cpus`` after Ray rounds them."""
     share = 1.0 if decode_cpus >= 1 else MIN_SHARE
     actors = max(1, min(blocks, int(decode_cpus / share + 1e-9)))
-    return (1.0 if decode_cpus >= 1 else math.floor(decode_cpus / actors * 1e4) / 1e4), actors
+    return (1.0 if decode_cpus >= 1 else max(1e-4, math.floor(decode_cpus / actors * 1e4) / 1e4)), actors
 
 
 def stream_window(config: TrainConfig) -> int:
@@ -896,8 +914,8 @@ def _sum_across_workers(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.train.Checkpoint,
-                   metrics: dict[str, Any], val_rows: pa.Table, human_labels: dict[str, Any] | None = None) -> ModelInfo:
+def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.train.Checkpoint, metrics: dict[str, Any],
+                   val_rows: pa.Table, crash_registry: ActorHandle, human_labels: dict[str, Any] | None = None) -> ModelInfo:
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         weights = safetensors.torch.load_file(str(Path(folder) / "model.safetensors"))
@@ -912,11 +930,12 @@ def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.trai
         # The best epoch was evaluated plainly (or a rerun changed --tta): model.json's accuracy and
         # validation distribution (label's drift reference) must be those of the artifact as it
         # predicts, which evaluate and label reproduce, not of other forward passes.
-        evaluation = eval_epoch(model, _held_out_batches(val_rows, config), state, torch.device("cpu"),
+        evaluation = eval_epoch(model, _held_out_batches(val_rows, config, crash_registry), state, torch.device("cpu"),
                                 len(classes), config.tta)
         if not evaluation.images:
-            raise JobError(f"the driver decoded none of the held-out images to evaluate epoch {final['epoch']}'s "
-                           f"checkpoint with --tta {config.tta}; no artifact was saved")
+            raise JobError(f"none of the held-out images decoded to evaluate epoch {final['epoch']}'s checkpoint with "
+                           f"--tta {config.tta}; no artifact was saved, and a rerun into --output {config.output} "
+                           "resumes this run: give another --output or --name")
         log.info(f"epoch {final['epoch']}'s checkpoint (val_acc {final['val_accuracy']:.4f} with tta "
                  f"{final['val_tta']}) evaluated with --tta {config.tta}: val_acc {evaluation.accuracy:.4f}")
         final |= {"val_loss": evaluation.loss, "val_accuracy": evaluation.accuracy, "val_tta": config.tta}
@@ -931,15 +950,26 @@ def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.trai
     return info
 
 
-def _held_out_batches(val_rows: pa.Table, config: TrainConfig) -> Batches:
-    """The held-out images decoded on this process, unreadable ones skipped as training's decode
-    tasks skip them, in eval_batch_size batches."""
+def _held_out_batches(val_rows: pa.Table, config: TrainConfig, crash_registry: ActorHandle) -> Batches:
+    """The held-out images, unreadable ones skipped as training skips them, in eval_batch_size
+    batches, decoded by Ray tasks through ``crash_registry`` (a file that kills its decoder would
+    kill the driver), a few batches ahead."""
+    decode = ray.remote(num_cpus=0, max_retries=-1)(_decode_rows)
     size = eval_batch_size(config.image_size)
+    pending: collections.deque = collections.deque()
     for start in range(0, val_rows.num_rows, size):
         block = val_rows.slice(start, size)
-        decoded = _decode_rows({"path": block["path"].to_numpy(zero_copy_only=False), "label": block["label"].to_numpy()},
-                               config.storage(), config.image_size, scope="val")
-        yield torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
+        pending.append(decode.remote({"path": block["path"].to_numpy(zero_copy_only=False),
+                                      "label": block["label"].to_numpy()},
+                                     config.storage(), config.image_size, crash_registry, "val"))
+        if len(pending) > HELD_OUT_AHEAD:
+            yield _tensors(ray.get(pending.popleft()))
+    while pending:
+        yield _tensors(ray.get(pending.popleft()))
+
+
+def _tensors(decoded: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
 
 
 def eval_batch_size(image_size: int) -> int:

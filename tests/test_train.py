@@ -489,7 +489,7 @@ def test_held_out_images_none_of_which_decode_fail_the_run_and_save_no_model(ray
         f"(first failure: {held}/circle/0.jpg: not an image (unrecognised format))")
     assert not output.exists()
 
-    monkeypatch.setattr(train_module, "_decodable", lambda rows, config: (config.workers, None))
+    monkeypatch.setattr(train_module, "_decodable", lambda paths, config, registry: (config.workers, None, False))
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].endswith(f"no image was evaluated: the run's decode tasks could read too few of them "
@@ -498,7 +498,7 @@ def test_held_out_images_none_of_which_decode_fail_the_run_and_save_no_model(ray
     assert not (output / "model").exists()
 
 
-def test_training_images_none_of_which_decode_are_a_usage_error(synthetic_lake, tmp_path, capsys) -> None:
+def test_training_images_none_of_which_decode_are_a_usage_error(ray_local, synthetic_lake, tmp_path, capsys) -> None:
     """They trained nothing and saved a model of its initial weights, with exit 0."""
     lake = tmp_path / "lake"
     shutil.copytree(synthetic_lake(1), lake)
@@ -510,6 +510,27 @@ def test_training_images_none_of_which_decode_are_a_usage_error(synthetic_lake, 
     assert err.startswith(f"distcls train: error: --input {lake}: 0 of its {len(list(lake.rglob('*.jpg')))} training "
                           f"images decode, fewer than --workers 1 (first failure: {lake}/"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_check_before_the_run_stops_at_a_block_the_store_refuses(ray_local, synthetic_lake, monkeypatch) -> None:
+    """Every read fails for a passing reason (a 403, a throttled store): the check read the whole split,
+    each file 3 times with backoffs (hours on a large lake), then called the files undecodable. It
+    stops after one block and says the store could not be read (a JobError in train)."""
+    from distcls import crashes, images
+
+    reads: list[str] = []
+
+    def refused(uri, fs, path, limit):
+        reads.append(uri)
+        raise images.ImageError(f"{uri}: permission denied", "transient")
+
+    monkeypatch.setattr(images, "_read_local", refused)
+    monkeypatch.setattr(images, "_READ_BACKOFF_S", 0.0)
+    paths = sorted(str(p) for p in synthetic_lake(4).rglob("*.jpg"))
+    config = TrainConfig(input="lake", output="out", workers=1)
+    decoded, failure, unreadable = train_module._decodable(paths, config, crashes.start_registry())
+    assert (decoded, unreadable) == (0, True) and failure == f"{paths[0]}: permission denied"
+    assert len(reads) == 3 * train_module.CHECK_IMAGES < 3 * len(paths)
 
 
 def test_missing_data_is_a_clear_usage_error(tmp_path, capsys) -> None:

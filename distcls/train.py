@@ -53,7 +53,7 @@ ROWS_PER_BLOCK = 256  # one decode call; small blocks reshuffle well and keep a 
 READ_THREADS = 8  # files a decode call reads at once, overlapping object-store latency
 MIN_SHARE = 0.25  # of a CPU, per decode actor when decoding shares the workers' cores (decode_pool)
 HELD_OUT_AHEAD = 2  # held-out batches decoded ahead of the driver's --tta evaluation (_held_out_batches)
-CHECK_IMAGES = 16  # images of each split decoded at a time before the run (_check_decodable)
+CHECK_IMAGES = 16  # images of a split decoded at a time, at least, before the run (_check_decodable)
 # A batch of held-out images: at most 1,000, and at most 4M pixels (256 at 128 px, 4 at 1024 px).
 # Its activations set a worker's peak memory: 1,000 photos at 128 px took resnet18's workers from
 # ~1.7 GiB while training to 3.7 GiB while evaluating.
@@ -153,41 +153,58 @@ def _check_split(config: TrainConfig, train_images: int, val_images: int) -> Non
 
 
 def _check_decodable(config: TrainConfig, train_rows: pa.Table, val_rows: pa.Table, crash_registry: ActorHandle) -> None:
-    """_check_split for the images that decode, before anything is written: the run found out after
-    its last epoch, and a rerun resumed into the same end. JobError when the store cannot be read.
-    Decoded in a Ray task, through ``crash_registry``: a file that kills its decoder would kill the
-    driver."""
-    splits = ((val_rows, f"--val-input {config.val_input}" if config.val_input else f"--input {config.input}", "held-out"),
-              (train_rows, f"--input {config.input}", "training"))
+    """UsageError when fewer held-out images decode than workers, or fewer training images than a
+    batch per worker (workers train whole batches only), before anything is written: the run found
+    out after its last epoch, and a rerun resumed into the same end. JobError when the store cannot
+    be read. Decoded in Ray tasks, through ``crash_registry``: a file that kills its decoder would
+    kill the driver."""
+    local_batch = max(1, _batch_size(config, train_rows.num_rows) // config.workers)
+    held = f"--val-input {config.val_input}" if config.val_input else f"--input {config.input}"
+    checks = ((val_rows, config.workers, f"{held}: {{}} of its {val_rows.num_rows} held-out images decode, "
+                                         f"fewer than --workers {config.workers}"),
+              (train_rows, config.workers * local_batch,
+               f"--input {config.input}: {{}} of its {train_rows.num_rows} training images decode, fewer than a "
+               f"batch for each worker needs ({config.workers} x {local_batch})"))
     decodable = ray.remote(num_cpus=0, max_retries=-1)(_decodable)
-    counts = ray.get([decodable.remote(rows["path"].to_pylist(), config, crash_registry) for rows, _, _ in splits])
-    for (rows, source, kind), (decoded, failure, unreadable) in zip(splits, counts):
-        if unreadable:
-            raise JobError(f"{source}: the store could not be read ({failure})")
-        if decoded < config.workers:
-            raise UsageError(f"{source}: {decoded} of its {rows.num_rows} {kind} images decode, fewer than "
-                             f"--workers {config.workers} (first failure: {failure})")
+    counts = _task_results([decodable.remote(rows["path"], config, crash_registry, enough) for rows, enough, _ in checks])
+    for (rows, enough, message), (decoded, failure, store_failure) in zip(checks, counts):
+        if store_failure:
+            raise JobError(f"{held if rows is val_rows else f'--input {config.input}'}: the store could not be "
+                           f"read ({store_failure})")
+        if decoded < enough:
+            raise UsageError(f"{message.format(decoded)} (first failure: {failure})")
 
 
-def _decodable(paths: list[str], config: TrainConfig, crash_registry: ActorHandle) -> tuple[int, str | None, bool]:
-    """(how many of ``paths`` decode, up to --workers of them; the first failure; whether a block
-    failed to be read, passing faults only) read CHECK_IMAGES at a time: one block when the lake
-    is sound, and no further than a block that names a store problem."""
+def _decodable(paths: pa.ChunkedArray, config: TrainConfig, crash_registry: ActorHandle,
+               enough: int) -> tuple[int, str | None, str | None]:
+    """(how many of ``paths`` decode, up to ``enough``; the first failure; the first failure of a
+    block that failed for passing reasons only, where the check stops: a store that cannot be read).
+    Read in blocks: one when the lake is sound."""
     decoded, failure = 0, None
-    for start in range(0, len(paths), CHECK_IMAGES):
-        chunk = paths[start:start + CHECK_IMAGES]
+    size = min(ROWS_PER_BLOCK, max(CHECK_IMAGES, enough))
+    for start in range(0, len(paths), size):
+        chunk = paths.slice(start, size).to_pylist()
         got = crashes.read_batch(crash_registry, chunk, [None] * len(chunk), threads=READ_THREADS, scope="check",
                                  storage_config=config.storage(), size=config.image_size)
         decoded += sum(error is None for error in got["error"])
-        failed = [(path, error) for path, error in zip(chunk, got["error"]) if error is not None]
-        if failure is None and failed:
-            path, error = failed[0]
-            failure = error if error.startswith(path) else f"{path}: {error}"
-        if decoded >= config.workers:
+        failed = [error if error.startswith(path) else f"{path}: {error}"
+                  for path, error in zip(chunk, got["error"]) if error is not None]
+        failure = failure or (failed[0] if failed else None)
+        if decoded >= enough:
             break
-        if failed and len(failed) == len(chunk) and set(got["error_kind"]) <= {"transient"}:
-            return decoded, failure, True
-    return decoded, failure, False
+        if len(failed) == len(chunk) and set(got["error_kind"]) == {"transient"}:
+            return decoded, failure, failed[0]
+    return decoded, failure, None
+
+
+def _task_results(refs: list[ray.ObjectRef]) -> list[Any]:
+    """ray.get of tasks, what one raised as one line (Ray's error is the task's whole traceback)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, (UsageError, JobError)):
+            raise exc.cause from None
+        raise JobError(f"a decode task failed: {(str(exc.cause or exc).strip().splitlines() or ['?'])[0][:300]}") from None
 
 
 def _check_image_size(config: TrainConfig) -> None:
@@ -235,13 +252,17 @@ def fit_batch(config: TrainConfig, images: int) -> TrainConfig:
     """``config`` with a batch size that ``images`` training images fill MIN_STEPS times an epoch.
     Workers take whole batches only, so a batch larger than a worker's shard (the default 1024 on a
     lake of a few hundred images) would train on nothing at all."""
-    fits = images // MIN_STEPS // config.workers * config.workers
-    if config.batch_size <= max(fits, config.workers):
+    batch = _batch_size(config, images)
+    if batch == config.batch_size:
         return config
-    batch = max(fits, config.workers)
     log.warning(f"--batch-size {config.batch_size} is more than {images} training images fill {MIN_STEPS} times "
                 f"an epoch: using {batch}")
     return config.model_copy(update={"batch_size": batch})
+
+
+def _batch_size(config: TrainConfig, images: int) -> int:
+    fits = images // MIN_STEPS // config.workers * config.workers
+    return config.batch_size if config.batch_size <= max(fits, config.workers) else max(fits, config.workers)
 
 
 def _write_val_manifest(val_rows: pa.Table, classes: list[str], config: TrainConfig) -> None:
@@ -963,9 +984,9 @@ def _held_out_batches(val_rows: pa.Table, config: TrainConfig, crash_registry: A
                                       "label": block["label"].to_numpy()},
                                      config.storage(), config.image_size, crash_registry, "val"))
         if len(pending) > HELD_OUT_AHEAD:
-            yield _tensors(ray.get(pending.popleft()))
+            yield _tensors(*_task_results([pending.popleft()]))
     while pending:
-        yield _tensors(ray.get(pending.popleft()))
+        yield _tensors(*_task_results([pending.popleft()]))
 
 
 def _tensors(decoded: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -489,7 +490,7 @@ def test_held_out_images_none_of_which_decode_fail_the_run_and_save_no_model(ray
         f"(first failure: {held}/circle/0.jpg: not an image (unrecognised format))")
     assert not output.exists()
 
-    monkeypatch.setattr(train_module, "_decodable", lambda paths, config, registry: (config.workers, None, False))
+    monkeypatch.setattr(train_module, "_decodable", lambda paths, config, registry, enough: (enough, None, None))
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].endswith(f"no image was evaluated: the run's decode tasks could read too few of them "
@@ -508,8 +509,39 @@ def test_training_images_none_of_which_decode_are_a_usage_error(ray_local, synth
                  "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"distcls train: error: --input {lake}: 0 of its {len(list(lake.rglob('*.jpg')))} training "
-                          f"images decode, fewer than --workers 1 (first failure: {lake}/"), err
+                          f"images decode, fewer than a batch for each worker needs (1 x 2) (first failure: {lake}/"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_fewer_decodable_images_than_a_batch_per_worker_is_refused_before_the_run(ray_local, synthetic_lake, tmp_path,
+                                                                                    capsys) -> None:
+    """Workers train whole batches only: two images that decode passed a check for --workers 2, and
+    every epoch then trained none, failing after the last one (and on every rerun)."""
+    lake = tmp_path / "lake"
+    shutil.copytree(synthetic_lake(8), lake)
+    for path in sorted(lake.rglob("*.jpg"))[2:]:
+        path.write_bytes(b"not a jpeg")
+    output = tmp_path / "out"
+    code = main(["train", "--input", str(lake), "--val-input", str(synthetic_lake(2)), "--output", str(output),
+                 "--arch", "simple_cnn", "--epochs", "2", "--workers", "2", "--batch-size", "8"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith(f"distcls train: error: --input {lake}: 2 of its 80 training images decode, "
+                                        "fewer than a batch for each worker needs (2 x 4) (first failure: "), err
+    assert not output.exists()
+
+
+def test_an_error_in_a_check_task_is_one_line(ray_local, synthetic_lake, tmp_path, capsys, monkeypatch) -> None:
+    """Ray's error for a task is its whole traceback."""
+    def gives_up(paths, config, registry, enough):
+        from distcls.errors import JobError
+        raise JobError("a batch of 16 images from x keeps killing its worker")
+
+    monkeypatch.setattr(train_module, "_decodable", gives_up)
+    code = main(["train", "--input", str(synthetic_lake(8)), "--output", str(tmp_path / "out"),
+                 "--arch", "simple_cnn", "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1] == "distcls train: failed: a batch of 16 images from x keeps killing its worker", err
+    assert not any("Traceback" in line or "ray::" in line for line in err)
 
 
 def test_the_check_before_the_run_stops_at_a_block_the_store_refuses(ray_local, synthetic_lake, monkeypatch) -> None:
@@ -528,8 +560,9 @@ def test_the_check_before_the_run_stops_at_a_block_the_store_refuses(ray_local, 
     monkeypatch.setattr(images, "_READ_BACKOFF_S", 0.0)
     paths = sorted(str(p) for p in synthetic_lake(4).rglob("*.jpg"))
     config = TrainConfig(input="lake", output="out", workers=1)
-    decoded, failure, unreadable = train_module._decodable(paths, config, crashes.start_registry())
-    assert (decoded, unreadable) == (0, True) and failure == f"{paths[0]}: permission denied"
+    decoded, failure, store_failure = train_module._decodable(pa.chunked_array([paths]), config,
+                                                              crashes.start_registry(), 1)
+    assert decoded == 0 and failure == store_failure == f"{paths[0]}: permission denied"
     assert len(reads) == 3 * train_module.CHECK_IMAGES < 3 * len(paths)
 
 

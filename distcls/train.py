@@ -40,6 +40,7 @@ from ray.util.queue import Empty, Queue
 from torch import nn
 
 from distcls import console, crashes, lake, review, storage, tracking
+from distcls.dataset import Dataset, Lock
 from distcls.artifact import InitMatch, ModelInfo, load_state_dict, match_state_dict, save_model
 from distcls.config import StorageConfig, TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
@@ -108,8 +109,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
     _check_decodable(config, train_rows, val_rows, registry)
     cache = choose_cache(config, train_rows.num_rows + val_rows.num_rows, _smallest_node_memory())
     config = fit_batch(config, train_rows.num_rows)  # a warning, so after every check that can refuse the run
-    if not config.val_input:  # written only once the run is known to start: no output from a usage error
-        _write_val_manifest(val_rows, classes, config)
+    # One run at a time per --output: two at once would write the same checkpoints, metrics.jsonl and
+    # model/ (labeling's lock, dataset.py). The lock of a killed run is taken over.
+    with Dataset(storage.Store(config.output, config.storage())).lock() as lock:
+        if not config.val_input:  # written only once the run is known to start: no output from a usage error
+            _write_val_manifest(val_rows, classes, config)
+        return _train_and_save(config, classes, train_rows, val_rows, human_labels, cache, worker_cpus, decode_cpus,
+                               registry, tracker, lock)
+
+
+def _train_and_save(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_rows: pa.Table,
+                    human_labels: dict[str, Any], cache: str, worker_cpus: float, decode_cpus: float,
+                    registry: ActorHandle, tracker: Any, lock: Lock) -> dict[str, Any]:
+    """The run itself, its checks passed and ``lock`` held: Ray Train's fit, then the artifact of the best epoch."""
     log.info(f"training {config.arch} on {train_rows.num_rows} images ({val_rows.num_rows} held out), "
              f"{len(classes)} classes, {config.workers} workers x {worker_cpus:g} CPUs, decoding on {decode_cpus:g} CPUs")
     # Rank 0 sends each epoch's metrics here and the driver logs them (and hands them to MLflow): the
@@ -134,6 +146,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                f"name them with --verbose); no artifact was saved, and a rerun into --output "
                                f"{config.output} resumes this run: give another --output or --name")
         _refuse_divergence(best_metrics, best_checkpoint)
+        lock.require_held()  # JobError when another run took --output over (this one's lease ran out)
         info = _save_artifact(config, classes, best_checkpoint, best_metrics, val_rows, registry, human_labels)
         _write_curves(config)
         epochs.log_artifact(_output(config).child("model"))
@@ -579,7 +592,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # same layout in every checkpoint, and SGD skips parameters without gradients while frozen.
     optimizer = torch.optim.SGD(param_groups(plain, config), lr=config.lr, momentum=config.momentum, nesterov=True)
     first_epoch = state["epoch"]
-    model = _prepare(plain, state, frozen=first_epoch < config.freeze_epochs)
+    frozen = _frozen(plain, state, config, first_epoch)
+    model = _prepare(plain, frozen)
     if "optimizer" in state:
         try:
             optimizer.load_state_dict(state["optimizer"])
@@ -592,9 +606,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(config.seed * 1000 + ray.train.get_context().get_world_rank())
     lookahead = Lookahead(plain) if config.lookahead else None
     for epoch in range(first_epoch, config.epochs):
-        if epoch == config.freeze_epochs and epoch > first_epoch:
-            tell({"message": f"epoch {epoch + 1}: unfreezing the pretrained layers"})
-            model = _prepare(plain, state, frozen=False)
+        if _frozen(plain, state, config, epoch) != frozen:
+            if epoch == config.freeze_epochs:
+                tell({"message": f"epoch {epoch + 1}: unfreezing the pretrained layers"})
+            frozen = _frozen(plain, state, config, epoch)
+            model = _prepare(plain, frozen)
         started = time.time()
         train_loss, images = train_epoch(model, optimizer, train_data.batches(local_batch, generator, epoch), state,
                                          config, epoch, steps_per_epoch, generator, device, lookahead)
@@ -717,23 +733,26 @@ def use_bf16(config: TrainConfig, device: torch.device) -> bool:
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     """SGD parameter groups: weight decay on weights only, not on biases and BatchNorm (decaying
-    those only fights the normalisation). A module may ask for a larger learning rate for its
-    bias with a ``bias_lr_scale`` attribute (airbench's BatchNorm shifts learn 64x faster)."""
+    those only fights the normalisation), except in airbench's layers: a module may ask for a larger
+    learning rate for its bias with a ``bias_lr_scale`` attribute (airbench's BatchNorm shifts learn
+    64x faster), and its bias then decays by as much per step as the weights do (airbench's
+    decoupled decay, which takes in every parameter), as does a bias with ``bias_epochs``."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
             scale = getattr(module, "bias_lr_scale", 1.0) if name == "bias" else 1.0
-            decay = config.weight_decay if parameter.ndim > 1 else 0.0
+            airbench = hasattr(module, "bias_lr_scale") or hasattr(module, "bias_epochs")
+            decay = config.weight_decay / scale if parameter.ndim > 1 or airbench else 0.0
             groups.setdefault((scale, decay), []).append(parameter)
     return [{"params": params, "lr_scale": scale, "weight_decay": decay} for (scale, decay), params in groups.items()]
 
 
-def one_cycle(progress: float, warmup: float = 0.2) -> float:
+def one_cycle(progress: float, warmup: float = 0.23, start: float = 0.2, end: float = 0.07) -> float:
     """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` of training, then linear decay
     to 0 (the triangular schedule of Smith's one-cycle policy, as airbench uses)."""
     if progress < warmup:
-        return 0.1 + 0.9 * progress / warmup
-    return max(0.0, (1.0 - progress) / (1.0 - warmup))
+        return start + (1 - start) * progress / warmup
+    return max(0.0, end + (1 - end) * (1.0 - progress) / (1.0 - warmup))
 
 
 def _shard(name: str, cache: str, batch: int) -> CachedShard | StreamedShard:
@@ -801,14 +820,26 @@ def _cache_shard(shard: ray.data.DataIterator) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
-def _prepare(plain: nn.Module, state: dict[str, Any], frozen: bool) -> nn.Module:
-    """The model for this epoch on the device, DDP-wrapped when there are several workers. While
-    ``frozen``, the parameters loaded by --init-weights do not train. DDP only reduces the gradients
-    of parameters that require them when it is built, so unfreezing builds a new wrapper (which
-    replaces the old one's gradient hooks) rather than using find_unused_parameters, whose
-    per-step search of the graph costs every step of the run."""
+def _frozen(plain: nn.Module, state: dict[str, Any], config: TrainConfig, epoch: int) -> set[str]:
+    """The parameters that do not train in ``epoch``: those loaded by --init-weights for the first
+    --freeze-epochs, and a bias whose module trains it only for its first ``bias_epochs``
+    (airbench's whitening bias: 3 epochs, then frozen, which also spares the backward pass the
+    gradient of the whitened images)."""
+    frozen = set(state["pretrained"]) if epoch < config.freeze_epochs else set()
+    for prefix, module in plain.named_modules():
+        if epoch >= getattr(module, "bias_epochs", math.inf):
+            frozen.add(f"{prefix}.bias" if prefix else "bias")
+    return frozen
+
+
+def _prepare(plain: nn.Module, frozen: set[str]) -> nn.Module:
+    """The model for this epoch on the device, DDP-wrapped when there are several workers, its
+    ``frozen`` parameters not training. DDP only reduces the gradients of parameters that require
+    them when it is built, so a change of the frozen set builds a new wrapper (which replaces the
+    old one's gradient hooks) rather than using find_unused_parameters, whose per-step search of
+    the graph costs every step of the run."""
     for name, parameter in plain.named_parameters():
-        parameter.requires_grad_(not (frozen and name in state["pretrained"]))
+        parameter.requires_grad_(name not in frozen)
     # BatchNorm layers stay in train mode while frozen: their running statistics adapt to this
     # lake's images, whose normalisation is not the one the checkpoint was trained with.
     return ray.train.torch.prepare_model(plain)

@@ -48,13 +48,14 @@ def _history(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_one_cycle_warms_up_then_decays_to_zero() -> None:
+def test_one_cycle_warms_up_then_decays() -> None:
+    """airbench's triangle: from 0.2 up to 1 at 23% of the run, then down to 0.07."""
     values = [one_cycle(p / 100) for p in range(101)]
     peak = int(np.argmax(values))
-    assert values[0] < values[peak] == pytest.approx(1.0)
+    assert peak == 23 and values[peak] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(values[:peak], values[1:peak + 1]))
     assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:]))
-    assert values[-1] == 0.0
+    assert values[0] == pytest.approx(0.2) and values[-1] == pytest.approx(0.07)
 
 
 @pytest.mark.slow
@@ -115,7 +116,10 @@ def test_two_workers_and_streaming_reach_the_accuracy_of_one(ray_local, syntheti
     rows Ray Data hands it; when those were the lake's rows in listing order (sorted by class), each
     of 2 workers saw half the classes and the artifact's BatchNorm statistics fitted neither half
     (68% against 100% on the demo lake). Streaming hands them the same shuffled rows, in blocks
-    whose order changes every epoch, through a local shuffle buffer instead of a cached shard."""
+    whose order changes every epoch, through a local shuffle buffer instead of a cached shard. One
+    streamed run with 2 workers against one cached run with 1: a loss from either shows (a third
+    run, 2 workers cached, was a third of the test's 257 s in CI; the rows are shuffled before either
+    path splits them)."""
     from distcls.evaluate import evaluate
     from distcls.config import EvaluateConfig
 
@@ -126,7 +130,7 @@ def test_two_workers_and_streaming_reach_the_accuracy_of_one(ray_local, syntheti
 
     lake = str(synthetic_lake(100))
     accuracy = {}
-    for workers, cache in ((1, "memory"), (2, "memory"), (2, "none")):
+    for workers, cache in ((1, "memory"), (2, "none")):
         output = tmp_path / f"workers{workers}-{cache}"
         before = set(decoders())
         result = train(TrainConfig(input=lake, output=str(output), epochs=8, batch_size=64, lr=0.05, workers=workers,
@@ -140,8 +144,7 @@ def test_two_workers_and_streaming_reach_the_accuracy_of_one(ray_local, syntheti
     assert 1 <= len(streamed) <= 2 * (2 * 8 + 2) and all(a["NumRestarts"] == 0 for a in streamed), streamed
     # Measured at 1e2f00d, before the rows were shuffled: 1.0 with 1 worker, 0.79 with 2.
     assert accuracy[1, "memory"] >= 0.95, accuracy
-    assert accuracy[2, "memory"] >= accuracy[1, "memory"] - 0.05, accuracy
-    assert abs(accuracy[2, "none"] - accuracy[2, "memory"]) <= 0.05, accuracy
+    assert accuracy[2, "none"] >= accuracy[1, "memory"] - 0.05, accuracy
 
 
 def _wait_for_epochs(output: Path, count: int, timeout: float = 600) -> None:
@@ -218,6 +221,7 @@ def test_rerunning_a_stopped_run_resumes(synthetic_lake, tmp_path, capsys) -> No
     out, err = capsys.readouterr()
     assert json.loads(out)["epoch"] >= 1  # stdout: the JSON summary alone
     assert "resuming from checkpoint after epoch" in err  # rank 0's message, through the driver
+    assert f"taking over the lock of {output} from " in err  # the killed run's, its process gone
     history = _history(output)
     assert [row["epoch"] for row in history] == list(range(1, LONGER["epochs"] + 1))
     assert history[0] == first[0]  # the epoch finished before the kill was kept, not redone
@@ -513,6 +517,21 @@ def test_training_images_none_of_which_decode_are_a_usage_error(ray_local, synth
     assert not (tmp_path / "out").exists()
 
 
+def test_a_second_run_into_an_output_in_use_is_a_usage_error_that_writes_nothing(ray_local, synthetic_lake,
+                                                                                 tmp_path, capsys) -> None:
+    """Two runs at once into one --output would write the same checkpoints, metrics.jsonl and model/."""
+    from distcls.dataset import Dataset
+
+    output = tmp_path / "out"
+    with Dataset(Store(str(output))).lock():  # a live run of this process holds it
+        code = main(["train", "--input", str(synthetic_lake(6)), "--output", str(output), "--workers", "1",
+                     "--epochs", "1"])
+        assert sorted(p.name for p in output.iterdir()) == ["_LOCK"]  # no val.parquet, no Ray Train folder
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"distcls train: error: output {output} is in use by ") and f"pid {os.getpid()}" in err, err
+
+
 def test_fewer_decodable_images_than_a_batch_per_worker_is_refused_before_the_run(ray_local, synthetic_lake, tmp_path,
                                                                                     capsys) -> None:
     """Workers train whole batches only: two images that decode passed a check for --workers 2, and
@@ -650,7 +669,7 @@ def test_a_relative_output_gets_every_file_of_the_run(ray_local, synthetic_lake,
     assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
-def test_weights_decay_biases_and_batchnorm_do_not_and_airbench_shifts_learn_faster() -> None:
+def test_weights_decay_biases_and_batchnorm_do_not_except_airbenchs_whose_shifts_learn_faster() -> None:
     config = TrainConfig(input="lake", output="out", weight_decay=0.01)
     model = create_model("airbench", num_classes=10)
     groups = param_groups(model, config)
@@ -658,10 +677,20 @@ def test_weights_decay_biases_and_batchnorm_do_not_and_airbench_shifts_learn_fas
     by_name = {names[id(p)]: (g["weight_decay"], g["lr_scale"]) for g in groups for p in g["params"]}
     assert sorted(by_name) == sorted(names.values())  # every parameter once
     assert by_name["head.weight"] == by_name["body.1.weight"] == (0.01, 1.0)
-    assert by_name["whiten.bias"] == (0.0, 1.0)
-    assert by_name["body.3.bias"] == (0.0, 64.0)  # a _BatchNorm shift
+    # airbench decays every parameter by the same amount per step: lr x decay is the weights'.
+    assert by_name["whiten.bias"] == (0.01, 1.0)
+    assert by_name["body.3.bias"] == (0.01 / 64, 64.0)  # a _BatchNorm shift
     resnet = create_model("resnet_small", num_classes=10)
     assert {(g["weight_decay"], g["lr_scale"]) for g in param_groups(resnet, config)} == {(0.01, 1.0), (0.0, 1.0)}
+
+
+def test_the_whitening_bias_trains_three_epochs_and_pretrained_layers_their_frozen_ones() -> None:
+    model = create_model("airbench", num_classes=10)
+    config = TrainConfig(input="lake", output="out", init_weights="w.safetensors", freeze_epochs=2)
+    state = {"pretrained": ["body.1.weight"]}
+    assert [sorted(train_module._frozen(model, state, config, epoch)) for epoch in range(5)] == [
+        ["body.1.weight"], ["body.1.weight"], [], ["whiten.bias"], ["whiten.bias"]]
+    assert train_module._frozen(create_model("resnet_small", num_classes=10), {"pretrained": []}, config, 9) == set()
 
 
 def test_a_batch_the_lake_cannot_fill_is_made_smaller(caplog) -> None:

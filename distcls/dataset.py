@@ -1,5 +1,6 @@
 """The output dataset of ``distcls label``: one run at a time, a staging area, and a commit protocol
-that checks everything it reads back from the store before acting on it.
+that checks everything it reads back from the store before acting on it. ``distcls train`` takes
+the same lock on its --output.
 
 An output holds, besides the dataset itself, a few names starting with ``_``, which pyarrow, pandas
 and DuckDB dataset readers skip::

@@ -748,11 +748,11 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
 
 
 def one_cycle(progress: float, warmup: float = 0.23, start: float = 0.2, end: float = 0.07) -> float:
-    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` of training, then linear decay
-    to 0 (the triangular schedule of Smith's one-cycle policy, as airbench uses)."""
+    """Learning-rate multiplier: linear warm-up from ``start`` to 1 over ``warmup`` of training, then
+    linear decay to ``end`` (the triangular schedule of Smith's one-cycle policy, at airbench's points)."""
     if progress < warmup:
         return start + (1 - start) * progress / warmup
-    return max(0.0, end + (1 - end) * (1.0 - progress) / (1.0 - warmup))
+    return end + (1 - end) * max(0.0, 1.0 - progress) / (1.0 - warmup)
 
 
 def _shard(name: str, cache: str, batch: int) -> CachedShard | StreamedShard:

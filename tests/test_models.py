@@ -133,13 +133,8 @@ def test_the_sample_a_model_is_fitted_to_is_bounded_by_pixels() -> None:
 
     from distcls.train import FIT_PIXELS, STATS_IMAGES, _fitting_sample
 
-    class Sample:  # what _fitting_sample reads of a Ray DataIterator
-        def __init__(self, images: int, side: int) -> None:
-            self.images, self.side = images, side
-
-        def iter_batches(self, batch_size: int, batch_format: str):
-            for start in range(0, self.images, batch_size):
-                yield {"image": np.zeros((min(batch_size, self.images - start), self.side, self.side, 3), np.uint8)}
+    def Sample(images: int, side: int):  # batches of 64, as the stats sample's pass yields them
+        return (np.zeros((min(64, images - start), side, side, 3), np.uint8) for start in range(0, images, 64))
 
     stats = ((0.5,) * 3, (0.25,) * 3)
     assert _fitting_sample(Sample(STATS_IMAGES, 64), *stats).shape == (STATS_IMAGES, 3, 64, 64)

@@ -169,6 +169,11 @@ class Dataset:
             raise UsageError(f"cannot write {storage.describe_error(self.uri_of(LOCK), exc)}") from None
         return lock
 
+    def lock_holder(self) -> dict[str, Any] | None:
+        """What ``_LOCK`` says now, None when there is none: how a Ray worker of the run holding it
+        (training's rank 0, each epoch) finds out that another run took it over."""
+        return (_LocalLock(self) if not self.store.remote else _ObjectLock(self)).read()
+
     # -- 2. Roll forward --------------------------------------------------------------------------
 
     def roll_forward(self) -> dict[str, Any] | None:
@@ -706,14 +711,15 @@ class Lock:
         self.owner["run_id"] = run_id
         self.require_held()
 
-    def require_held(self) -> None:
-        """Renew now; JobError when another run took the lock over (this one's lease had run out)."""
+    def require_held(self, outcome: str = "nothing was committed") -> None:
+        """Renew now; JobError, saying ``outcome``, when another run took the lock over (this one's
+        lease had run out)."""
         with self._guard:
             if self.lost is None:
                 self._renew()
         if self.lost is not None:
             raise JobError(f"lost the lock of {self.dataset.uri} to {_holder(self.lost)} while running (this "
-                           "run's lease ran out); nothing was committed")
+                           f"run's lease ran out); {outcome}")
 
     def release(self) -> None:
         self._stop.set()
@@ -766,6 +772,14 @@ class _LocalLock:
         temporary = self._temporary(body)
         try:
             os.link(temporary, self.path)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # A filesystem without link(2) (FUSE mounts of buckets, some SMB shares): created
+            # exclusively, then written. A run that reads it empty in between takes it over, and the
+            # read after every write (Lock.take) lets only one of the two go on.
+            with open(self.path, "xb") as file:
+                file.write(_json(body))
         finally:
             os.remove(temporary)
 

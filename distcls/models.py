@@ -26,6 +26,9 @@ class Recipe:
     weight_decay: float = 5e-4
     tta: str = "none"
     lookahead: bool = False
+    # Not a setting: the learning-rate multiplier's (start, peak at this share of the run, end) of
+    # train.one_cycle. airbench ends above zero, where its lookahead averages the last steps.
+    schedule: tuple[float, float, float] = (0.1, 0.2, 0.0)
 
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -44,7 +47,14 @@ def register(fn: Callable[..., nn.Module] | None = None, *, recipe: Recipe = Rec
 
 def recipe(name: str) -> dict[str, Any]:
     """The training defaults of a registered architecture, as settings."""
-    return asdict(_RECIPES[name])
+    settings = asdict(_RECIPES[name])
+    del settings["schedule"]
+    return settings
+
+
+def schedule(name: str) -> tuple[float, float, float]:
+    """The learning-rate schedule of a registered architecture (Recipe.schedule)."""
+    return _RECIPES[name].schedule
 
 
 def list_models() -> list[str]:
@@ -221,7 +231,8 @@ class AirBench(nn.Module):
 # airbench94's hyperparameters, for a loss averaged over the batch: its lr 11.5 per 1024 images of a
 # summed loss is 1.5; its decoupled decay 0.002 per step is 1.3e-3 x lr. 12 epochs of CIFAR-10 fit
 # 15 minutes of two CPU cores (BENCHMARKS.md).
-@register(recipe=Recipe(epochs=12, batch_size=1024, lr=1.5, momentum=0.85, weight_decay=1.3e-3, tta="flip", lookahead=True))
+@register(recipe=Recipe(epochs=12, batch_size=1024, lr=1.5, momentum=0.85, weight_decay=1.3e-3, tta="flip", lookahead=True,
+                        schedule=(0.2, 0.23, 0.07)))
 def airbench(num_classes: int) -> nn.Module:
     """Default for small images (32-64 px): airbench94's layout at widths 64-128-256, ~1.2M parameters."""
     return AirBench(num_classes)

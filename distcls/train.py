@@ -11,6 +11,7 @@ workers from the latest one, and rerunning the same command on the same output r
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import logging
@@ -45,7 +46,7 @@ from distcls.artifact import InitMatch, ModelInfo, load_state_dict, match_state_
 from distcls.config import StorageConfig, TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
 from distcls.images import crop, mirror, normalize, read_batch
-from distcls.models import create_model, tta_logits
+from distcls.models import create_model, schedule, tta_logits
 from distcls.runtime import (autoscaling, beside_driver, can_get, cluster_cpus, cluster_gpus, ensure_ray,
                              native_bf16, require_cuda_on_a_gpu_node)
 
@@ -109,19 +110,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
     _check_decodable(config, train_rows, val_rows, registry)
     cache = choose_cache(config, train_rows.num_rows + val_rows.num_rows, _smallest_node_memory())
     config = fit_batch(config, train_rows.num_rows)  # a warning, so after every check that can refuse the run
-    # One run at a time per --output: two at once would write the same checkpoints, metrics.jsonl and
-    # model/ (labeling's lock, dataset.py). The lock of a killed run is taken over.
-    with Dataset(storage.Store(config.output, config.storage())).lock() as lock:
+    with _output_lock(config) as lock:
         if not config.val_input:  # written only once the run is known to start: no output from a usage error
             _write_val_manifest(val_rows, classes, config)
         return _train_and_save(config, classes, train_rows, val_rows, human_labels, cache, worker_cpus, decode_cpus,
                                registry, tracker, lock)
 
 
+def _output_lock(config: TrainConfig) -> contextlib.AbstractContextManager[Lock | None]:
+    """One run at a time per --output: two at once would write the same checkpoints, metrics.jsonl
+    and model/. Labeling's lock (dataset.py), whose holder is named to a second run (exit 2) and is
+    taken over when its run was killed. None, with a warning, on an object store other than S3:
+    the lock's conditional writes are S3's, and such outputs were written without one before."""
+    if storage.is_remote(config.output) and storage.split_uri(config.output)[0] not in ("s3", "s3a"):
+        log.warning(f"--output {config.output}: no lock against a second run into it (conditional writes are "
+                    "implemented for s3:// only); run one training into it at a time")
+        return contextlib.nullcontext()
+    return Dataset(storage.Store(config.output, config.storage())).lock()
+
+
 def _train_and_save(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_rows: pa.Table,
                     human_labels: dict[str, Any], cache: str, worker_cpus: float, decode_cpus: float,
-                    registry: ActorHandle, tracker: Any, lock: Lock) -> dict[str, Any]:
+                    registry: ActorHandle, tracker: Any, lock: Lock | None) -> dict[str, Any]:
     """The run itself, its checks passed and ``lock`` held: Ray Train's fit, then the artifact of the best epoch."""
+    if lock:
+        lock.name_run(config.name)
     log.info(f"training {config.arch} on {train_rows.num_rows} images ({val_rows.num_rows} held out), "
              f"{len(classes)} classes, {config.workers} workers x {worker_cpus:g} CPUs, decoding on {decode_cpus:g} CPUs")
     # Rank 0 sends each epoch's metrics here and the driver logs them (and hands them to MLflow): the
@@ -130,8 +143,11 @@ def _train_and_save(config: TrainConfig, classes: list[str], train_rows: pa.Tabl
     # wait for the workers.
     progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": beside_driver()})
     with tracking.run(tracker, config) as epochs:
-        trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress, registry)
+        trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress, registry,
+                           lock.owner["token"] if lock else None)
         result = _fit(trainer, progress, config, epochs)
+        if lock:  # rank 0 stops at the epoch after another run took --output over
+            lock.require_held(f"training stopped and saved no artifact; {config.output} is that run's now")
         if result.error is not None:
             raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
         # On a tie the later epoch: trained longer, and the last one was evaluated as the artifact
@@ -146,7 +162,6 @@ def _train_and_save(config: TrainConfig, classes: list[str], train_rows: pa.Tabl
                                f"name them with --verbose); no artifact was saved, and a rerun into --output "
                                f"{config.output} resumes this run: give another --output or --name")
         _refuse_divergence(best_metrics, best_checkpoint)
-        lock.require_held()  # JobError when another run took --output over (this one's lease ran out)
         info = _save_artifact(config, classes, best_checkpoint, best_metrics, val_rows, registry, human_labels)
         _write_curves(config)
         epochs.log_artifact(_output(config).child("model"))
@@ -476,10 +491,10 @@ def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, si
 
 def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_rows: pa.Table, cache: str,
              worker_cpus: float, decode_cpus: float, progress: Queue,
-             crash_registry: ActorHandle) -> ray.train.torch.TorchTrainer:
+             crash_registry: ActorHandle, lock_token: str | None) -> ray.train.torch.TorchTrainer:
     output = _output(config)
     loop_config = {"config": config.model_dump(), "classes": classes, "cache": cache, "train_images": train_rows.num_rows,
-                   "progress": progress, "verbose": console.verbose()}
+                   "progress": progress, "verbose": console.verbose(), "lock_token": lock_token}
     stats_rows = train_rows.slice(0, STATS_IMAGES)  # already in a seeded random order
     datasets = {name: _dataset(rows, config, decode_cpus, name, crash_registry,
                                streamed=cache == "none" and name != "stats")
@@ -579,8 +594,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(config.cpus_per_worker)
     device = ray.train.torch.get_device()
     local_batch = max(1, config.batch_size // config.workers)
-    train_data, val_data = (_shard(name, loop_config["cache"], local_batch) for name in ("train", "val"))
     state = _restore(ray.train.get_checkpoint())
+    if state and state["epoch"] >= config.epochs:
+        # A rerun of a finished run: the driver saves the artifact from the checkpoints. Returning
+        # before the shards are read spares decoding the whole lake for no step.
+        tell({"message": f"nothing to train: the checkpoint is of epoch {state['epoch']}, --epochs is {config.epochs}"})
+        return
+    train_data, val_data = (_shard(name, loop_config["cache"], local_batch) for name in ("train", "val"))
     tell({"message": f"training steps in {'bfloat16 autocast' if use_bf16(config, device) else 'float32'} "
                      f"on {device.type} (--precision {config.precision})"})
     if state:
@@ -597,7 +617,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if "optimizer" in state:
         try:
             optimizer.load_state_dict(state["optimizer"])
-        except ValueError:  # a checkpoint of an older distcls, with one parameter group
+        except ValueError:  # a checkpoint of a distcls whose parameter groups differ (their number or sizes)
             tell({"message": "the checkpoint's optimizer state does not fit this version's parameter groups: "
                              "the momentum starts again from zero"})
     # From the listing, for the schedule; the shards are equal (Ray Train splits with equal=True),
@@ -624,6 +644,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                "val_accuracy": evaluation.accuracy, "val_images": evaluation.images, "val_tta": tta,
                "images_per_s": images / (time.time() - started),
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
+        if _lost_output(config, loop_config["lock_token"]):
+            tell({"message": f"epoch {epoch + 1}: another run holds --output {config.output} now; stopping"})
+            return
         # In the checkpoint's state, not the reported row: the artifact takes it from the best checkpoint.
         state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row],
                      validation=evaluation.distribution(classes))
@@ -643,11 +666,12 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
     model.train()
     bf16 = use_bf16(config, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    points = schedule(config.arch)
     total = torch.zeros(2, device=device)
     for step, (images, labels) in enumerate(batches):
         progress = min(1.0, (epoch * steps + step) / (config.epochs * steps))
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * group["lr_scale"] * one_cycle(progress)
+            group["lr"] = config.lr * group["lr_scale"] * one_cycle(progress, *points)
         if lookahead and step % Lookahead.EVERY == 0 and step:
             lookahead.update(progress)
         x = normalize(crop(images, generator).to(device), state["mean"], state["std"])
@@ -747,12 +771,13 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     return [{"params": params, "lr_scale": scale, "weight_decay": decay} for (scale, decay), params in groups.items()]
 
 
-def one_cycle(progress: float, warmup: float = 0.23, start: float = 0.2, end: float = 0.07) -> float:
-    """Learning-rate multiplier: linear warm-up from ``start`` to 1 over ``warmup`` of training, then
-    linear decay to ``end`` (the triangular schedule of Smith's one-cycle policy, at airbench's points)."""
-    if progress < warmup:
-        return start + (1 - start) * progress / warmup
-    return end + (1 - end) * max(0.0, 1.0 - progress) / (1.0 - warmup)
+def one_cycle(progress: float, start: float = 0.1, peak: float = 0.2, end: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up from ``start`` to 1 at ``peak`` of training, then
+    linear decay to ``end`` (the triangular schedule of Smith's one-cycle policy; each architecture's
+    points are in its Recipe.schedule, airbench's are (0.2, 0.23, 0.07))."""
+    if progress < peak:
+        return start + (1 - start) * progress / peak
+    return end + (1 - end) * max(0.0, 1.0 - progress) / (1.0 - peak)
 
 
 def _shard(name: str, cache: str, batch: int) -> CachedShard | StreamedShard:
@@ -911,6 +936,21 @@ def _fitting_sample(sample: Iterable[np.ndarray], mean: tuple[float, ...],
         if pixels >= FIT_PIXELS:
             break
     return torch.cat(images) if images else None
+
+
+def _lost_output(config: TrainConfig, token: str | None) -> bool:
+    """Whether another run took --output's lock over since this one took it (``token``): rank 0
+    reads ``_LOCK`` before each epoch's checkpoint and metrics are written, and every worker learns
+    its answer. The driver's renewals notice too, but only every minute, and they cannot stop the
+    workers; a read that fails counts as not lost (the next epoch reads again, the driver decides)."""
+    lost = False
+    if token and ray.train.get_context().get_world_rank() == 0:
+        try:
+            held = Dataset(storage.Store(config.output, config.storage())).lock_holder()
+            lost = held is None or held.get("token") != token
+        except Exception as exc:  # any failure: a store hiccup must not fail the run
+            log.warning(f"could not read the lock of --output {config.output}: {exc}")
+    return bool(_from_rank_zero(lost))
 
 
 def _from_rank_zero(value: Any) -> Any:

@@ -395,6 +395,24 @@ def test_a_second_run_on_a_locked_output_exits_2_naming_the_holder(tmp_path: Pat
     assert not (output / LOCK).exists()
 
 
+def test_a_folder_without_hard_links_still_gets_a_lock_that_refuses_a_second_run(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """link(2) fails with EPERM on some mounts (FUSE mounts of buckets, some SMB shares): the lock
+    is then created exclusively and written, and still refuses a second run."""
+    import errno
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(importlib.import_module("distcls.dataset").os, "link", no_links)
+    output = Dataset(Store(str(tmp_path)))
+    with output.lock() as lock:
+        assert output.lock_holder()["token"] == lock.owner["token"]
+        with pytest.raises(UsageError, match="is in use by run"):
+            output.lock()
+    assert not (tmp_path / LOCK).exists() and output.lock_holder() is None
+
+
 def test_a_lock_planted_by_another_host_refuses_until_its_lease_ends(tmp_path: Path) -> None:
     _plant_lock(tmp_path)
     with pytest.raises(UsageError, match=f"in use by run {RUN_A} on host other-host \\(pid 4242\\), "

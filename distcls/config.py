@@ -126,7 +126,7 @@ class TrainConfig(StorageConfig):
     # default arch's recipe (models.Recipe); another --arch
     # brings its own (_arch_recipe). The values are written out, not read from models: importing
     # torch would make every `distcls --help` slow.
-    epochs: int = Field(11, ge=1, description="Passes over the training set; default: the --arch's.")
+    epochs: int = Field(12, ge=1, description="Passes over the training set; default: the --arch's.")
     batch_size: int = Field(1024, ge=1, description="Global batch size, split evenly across workers; default: the --arch's.")
     # allow_inf_nan=False: --lr inf trained a garbage model and exited 0.
     lr: float = Field(1.5, gt=0, allow_inf_nan=False,

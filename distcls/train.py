@@ -145,11 +145,17 @@ def _train_and_save(config: TrainConfig, classes: list[str], train_rows: pa.Tabl
     with tracking.run(tracker, config) as epochs:
         trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress, registry,
                            lock.owner["token"] if lock else None)
-        result = _fit(trainer, progress, config, epochs)
+        stopped = threading.Event()
+        result = _fit(trainer, progress, config, epochs, stopped)
         if lock:  # rank 0 stops at the epoch after another run took --output over
             lock.require_held(f"training stopped and saved no artifact; {config.output} is that run's now")
         if result.error is not None:
             raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
+        if stopped.is_set() or not result.best_checkpoints:
+            # Rank 0 found _LOCK held by another run, or gone, while the driver still read its own:
+            # what it trained stopped early, so no artifact of it.
+            raise JobError(f"training stopped before its last epoch: rank 0 found the lock of --output {config.output} "
+                           "held by another run or removed; no artifact was saved")
         # On a tie the later epoch: trained longer, and the last one was evaluated as the artifact
         # predicts (--tta). Ray lists tied checkpoints oldest first, so max() took the oldest.
         best_checkpoint, best_metrics = max(result.best_checkpoints,
@@ -538,10 +544,11 @@ def _refuse_divergence(metrics: dict[str, Any], checkpoint: ray.train.Checkpoint
 
 
 def _fit(trainer: ray.train.torch.TorchTrainer, progress: Queue, config: TrainConfig,
-         epochs: tracking.Epochs) -> ray.train.Result:
-    """``trainer.fit()``, logging what rank 0 sends on ``progress`` as it comes (from a thread)."""
+         epochs: tracking.Epochs, stopped: threading.Event) -> ray.train.Result:
+    """``trainer.fit()``, logging what rank 0 sends on ``progress`` as it comes (from a thread);
+    ``stopped`` is set when rank 0 says it stopped before the last epoch."""
     done = threading.Event()
-    printer = threading.Thread(target=_log_progress, args=(progress, config, done, epochs), daemon=True,
+    printer = threading.Thread(target=_log_progress, args=(progress, config, done, epochs, stopped), daemon=True,
                                name="distcls-epochs")
     printer.start()
     try:
@@ -552,7 +559,8 @@ def _fit(trainer: ray.train.torch.TorchTrainer, progress: Queue, config: TrainCo
         ray.kill(progress.actor)
 
 
-def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, epochs: tracking.Epochs) -> None:
+def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, epochs: tracking.Epochs,
+                  stopped: threading.Event) -> None:
     """Log each epoch (with its time and the ETA of the rest, from this run's mean epoch time; and
     to MLflow through ``epochs``) and each message from rank 0, until ``done`` is set and nothing is left."""
     epoch_seconds: list[float] = []
@@ -568,6 +576,8 @@ def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, e
             return
         if "message" in item:
             log.info(item["message"])
+            if item.get("stopped"):
+                stopped.set()
             continue
         row = item["row"]
         epoch_seconds.append(item["epoch_s"])
@@ -644,8 +654,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                "val_accuracy": evaluation.accuracy, "val_images": evaluation.images, "val_tta": tta,
                "images_per_s": images / (time.time() - started),
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
-        if _lost_output(config, loop_config["lock_token"]):
-            tell({"message": f"epoch {epoch + 1}: another run holds --output {config.output} now; stopping"})
+        if _lost_output(config, loop_config["lock_token"], tell):
+            tell({"message": f"epoch {epoch + 1}: another run holds --output {config.output} now, or its lock was "
+                             "removed; stopping", "stopped": True})
             return
         # In the checkpoint's state, not the reported row: the artifact takes it from the best checkpoint.
         state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row],
@@ -938,7 +949,7 @@ def _fitting_sample(sample: Iterable[np.ndarray], mean: tuple[float, ...],
     return torch.cat(images) if images else None
 
 
-def _lost_output(config: TrainConfig, token: str | None) -> bool:
+def _lost_output(config: TrainConfig, token: str | None, tell: Callable[[dict[str, Any]], None]) -> bool:
     """Whether another run took --output's lock over since this one took it (``token``): rank 0
     reads ``_LOCK`` before each epoch's checkpoint and metrics are written, and every worker learns
     its answer. The driver's renewals notice too, but only every minute, and they cannot stop the
@@ -949,7 +960,7 @@ def _lost_output(config: TrainConfig, token: str | None) -> bool:
             held = Dataset(storage.Store(config.output, config.storage())).lock_holder()
             lost = held is None or held.get("token") != token
         except Exception as exc:  # any failure: a store hiccup must not fail the run
-            log.warning(f"could not read the lock of --output {config.output}: {exc}")
+            tell({"message": f"could not read the lock of --output {config.output}: {exc}"})
     return bool(_from_rank_zero(lost))
 
 

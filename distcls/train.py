@@ -636,10 +636,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(config.seed * 1000 + ray.train.get_context().get_world_rank())
     lookahead = Lookahead(plain) if config.lookahead else None
     for epoch in range(first_epoch, config.epochs):
-        if _frozen(plain, state, config, epoch) != frozen:
+        now_frozen = _frozen(plain, state, config, epoch)
+        if now_frozen != frozen:
             if epoch == config.freeze_epochs:
                 tell({"message": f"epoch {epoch + 1}: unfreezing the pretrained layers"})
-            frozen = _frozen(plain, state, config, epoch)
+            frozen = now_frozen
             model = _prepare(plain, frozen)
         started = time.time()
         train_loss, images = train_epoch(model, optimizer, train_data.batches(local_batch, generator, epoch), state,
@@ -782,7 +783,7 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     return [{"params": params, "lr_scale": scale, "weight_decay": decay} for (scale, decay), params in groups.items()]
 
 
-def one_cycle(progress: float, start: float = 0.1, peak: float = 0.2, end: float = 0.0) -> float:
+def one_cycle(progress: float, start: float, peak: float, end: float) -> float:
     """Learning-rate multiplier: linear warm-up from ``start`` to 1 at ``peak`` of training, then
     linear decay to ``end`` (the triangular schedule of Smith's one-cycle policy; each architecture's
     points are in its Recipe.schedule, airbench's are (0.2, 0.23, 0.07))."""

@@ -717,6 +717,8 @@ class Lock:
         with self._guard:
             if self.lost is None:
                 self._renew()
+        if self.lost is not None and self.lost.get("removed"):
+            raise JobError(f"the lock of {self.dataset.uri} was removed while this run held it; {outcome}")
         if self.lost is not None:
             raise JobError(f"lost the lock of {self.dataset.uri} to {_holder(self.lost)} while running (this "
                            f"run's lease ran out); {outcome}")
@@ -746,7 +748,7 @@ class Lock:
     def _renew(self) -> None:
         held = self.store.read()
         if held is None or held.get("token") != self.owner["token"]:
-            self.lost = held or {"run_id": None, "host": "?", "pid": "?"}
+            self.lost = held or {"removed": True}
             return
         self.store.replace(self._body())
 

@@ -145,17 +145,12 @@ def _train_and_save(config: TrainConfig, classes: list[str], train_rows: pa.Tabl
     with tracking.run(tracker, config) as epochs:
         trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress, registry,
                            lock.owner["token"] if lock else None)
-        stopped = threading.Event()
-        result = _fit(trainer, progress, config, epochs, stopped)
+        result = _fit(trainer, progress, config, epochs)
         if lock:  # rank 0 stops at the epoch after another run took --output over
-            lock.require_held(f"training stopped and saved no artifact; {config.output} is that run's now")
+            lock.require_held("training stopped and saved no artifact")
         if result.error is not None:
             raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
-        if stopped.is_set() or not result.best_checkpoints:
-            # Rank 0 found _LOCK held by another run, or gone, while the driver still read its own:
-            # what it trained stopped early, so no artifact of it.
-            raise JobError(f"training stopped before its last epoch: rank 0 found the lock of --output {config.output} "
-                           "held by another run or removed; no artifact was saved")
+        _refuse_unfinished(result.metrics, config)
         # On a tie the later epoch: trained longer, and the last one was evaluated as the artifact
         # predicts (--tta). Ray lists tied checkpoints oldest first, so max() took the oldest.
         best_checkpoint, best_metrics = max(result.best_checkpoints,
@@ -543,12 +538,24 @@ def _refuse_divergence(metrics: dict[str, Any], checkpoint: ray.train.Checkpoint
                    f"{metrics.get('epoch')}; no model saved: {hint}")
 
 
+def _refuse_unfinished(metrics: dict[str, Any] | None, config: TrainConfig) -> None:
+    """JobError when the last checkpoint (``metrics``, Ray's Result.metrics, restored on a resumed
+    run) is of an epoch before --epochs: the workers stopped early, which they do only when rank 0
+    finds --output's lock held by another run or removed. Decided from the checkpoints, not from
+    rank 0's message, whose queue may be lost, while the driver's own read of the lock still
+    showed its token (a renewal racing the takeover, a non-atomic rename)."""
+    reached = (metrics or {}).get("epoch", 0)
+    if reached < config.epochs:
+        raise JobError(f"training stopped after epoch {reached} of {config.epochs}: rank 0 found the lock of --output "
+                       f"{config.output} held by another run or removed; no artifact was saved; once that run is "
+                       "done, a rerun into --output resumes this one")
+
+
 def _fit(trainer: ray.train.torch.TorchTrainer, progress: Queue, config: TrainConfig,
-         epochs: tracking.Epochs, stopped: threading.Event) -> ray.train.Result:
-    """``trainer.fit()``, logging what rank 0 sends on ``progress`` as it comes (from a thread);
-    ``stopped`` is set when rank 0 says it stopped before the last epoch."""
+         epochs: tracking.Epochs) -> ray.train.Result:
+    """``trainer.fit()``, logging what rank 0 sends on ``progress`` as it comes (from a thread)."""
     done = threading.Event()
-    printer = threading.Thread(target=_log_progress, args=(progress, config, done, epochs, stopped), daemon=True,
+    printer = threading.Thread(target=_log_progress, args=(progress, config, done, epochs), daemon=True,
                                name="distcls-epochs")
     printer.start()
     try:
@@ -559,8 +566,7 @@ def _fit(trainer: ray.train.torch.TorchTrainer, progress: Queue, config: TrainCo
         ray.kill(progress.actor)
 
 
-def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, epochs: tracking.Epochs,
-                  stopped: threading.Event) -> None:
+def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, epochs: tracking.Epochs) -> None:
     """Log each epoch (with its time and the ETA of the rest, from this run's mean epoch time; and
     to MLflow through ``epochs``) and each message from rank 0, until ``done`` is set and nothing is left."""
     epoch_seconds: list[float] = []
@@ -576,8 +582,6 @@ def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, e
             return
         if "message" in item:
             log.info(item["message"])
-            if item.get("stopped"):
-                stopped.set()
             continue
         row = item["row"]
         epoch_seconds.append(item["epoch_s"])
@@ -657,7 +661,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
         if _lost_output(config, loop_config["lock_token"], tell):
             tell({"message": f"epoch {epoch + 1}: another run holds --output {config.output} now, or its lock was "
-                             "removed; stopping", "stopped": True})
+                             "removed; stopping"})
             return
         # In the checkpoint's state, not the reported row: the artifact takes it from the best checkpoint.
         state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row],

@@ -459,6 +459,16 @@ def test_a_run_whose_lock_was_taken_over_does_not_commit(tmp_path: Path) -> None
     assert not (tmp_path / SUCCESS).exists() and json.loads((tmp_path / LOCK).read_text())["token"] == "planted"
 
 
+def test_a_lock_removed_by_hand_while_held_is_said_to_be_removed(tmp_path: Path) -> None:
+    """Not "lost to run (starting) on host ?": no other run holds it."""
+    output = Dataset(Store(str(tmp_path)))
+    with output.lock() as lock:
+        (tmp_path / LOCK).unlink()
+        with pytest.raises(JobError, match=f"^the lock of {tmp_path} was removed while this run held it; "
+                                           "nothing was committed$"):
+            lock.require_held()
+
+
 # ------------------------------------------------------------------------------------------------
 # --resume and --incremental
 

@@ -32,7 +32,7 @@ from distcls.cli import main
 from distcls.config import TrainConfig
 from distcls.images import decode
 from distcls.lake import labelled_images
-from distcls.errors import UsageError
+from distcls.errors import JobError, UsageError
 from distcls.models import create_model, schedule
 from distcls.train import (Lookahead, PacedScheduling, choose_cache, decode_pool, eval_batch_size, fit_batch, one_cycle,
                            param_groups, plan_cpus, stream_window, train)
@@ -574,9 +574,22 @@ def test_a_run_whose_output_another_run_took_over_stops_at_the_next_epoch(ray_lo
     assert code == 1 and f"another run holds --output {output} now, or its lock was removed; stopping" in err, err
     assert err.strip().splitlines()[-1] == (
         f"distcls train: failed: lost the lock of {output} to run theirs on host elsewhere (pid 1) while running (this "
-        f"run's lease ran out); training stopped and saved no artifact; {output} is that run's now"), err
+        f"run's lease ran out); training stopped and saved no artifact"), err
     assert len(_history(output)) < epochs and not (output / "model").exists()
     assert json.loads((output / "_LOCK").read_text())["token"] == "theirs"
+
+
+def test_a_run_whose_last_checkpoint_is_before_its_last_epoch_saves_no_artifact() -> None:
+    """The workers stop early only for the lock; the driver decides from the checkpoints, since
+    rank 0's message may be lost and the driver's own read of the lock may still show its token."""
+    config = TrainConfig(input="lake", output="/runs/one", epochs=8)
+    for metrics, reached in (({"epoch": 3}, 3), ({}, 0), (None, 0)):
+        with pytest.raises(JobError, match=rf"training stopped after epoch {reached} of 8: "
+                                           "rank 0 found the lock of --output /runs/one held by another run or "
+                                           "removed; no artifact was saved"):
+            train_module._refuse_unfinished(metrics, config)
+    train_module._refuse_unfinished({"epoch": 8}, config)  # finished, or resumed after its last epoch
+    train_module._refuse_unfinished({"epoch": 9}, config)  # a rerun with fewer --epochs
 
 
 def test_an_output_on_a_store_without_conditional_writes_is_trained_into_unlocked(caplog) -> None:

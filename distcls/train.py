@@ -148,8 +148,6 @@ def _train_and_save(config: TrainConfig, classes: list[str], train_rows: pa.Tabl
         result = _fit(trainer, progress, config, epochs)
         if lock:  # rank 0 stops at the epoch after another run took --output over
             lock.require_held("training stopped and saved no artifact")
-        if result.error is not None:
-            raise JobError(f"training failed: {str(result.error).splitlines()[0][:300]}")
         _refuse_unfinished(result.metrics, config)
         # On a tie the later epoch: trained longer, and the last one was evaluated as the artifact
         # predicts (--tta). Ray lists tied checkpoints oldest first, so max() took the oldest.
@@ -177,7 +175,7 @@ def _check_split(config: TrainConfig, train_images: int, val_images: int) -> Non
         raise UsageError(f"{held} {val_images} images, fewer than --workers {config.workers}: the held-out "
                          "images are split equally, so no worker would evaluate any")
     if train_images < config.workers:
-        raise UsageError(f"{config.input} has {train_images} images to train on ({held} {val_images}), fewer than "
+        raise UsageError(f"{_images_of(config)} has {train_images} images to train on ({held} {val_images}), fewer than "
                          f"--workers {config.workers}: they are split equally, so no worker would train on any")
 
 
@@ -192,16 +190,21 @@ def _check_decodable(config: TrainConfig, train_rows: pa.Table, val_rows: pa.Tab
     checks = ((val_rows, config.workers, f"{held}: {{}} of its {val_rows.num_rows} held-out images decode, "
                                          f"fewer than --workers {config.workers}"),
               (train_rows, config.workers * local_batch,
-               f"--input {config.input}: {{}} of its {train_rows.num_rows} training images decode, fewer than a "
+               f"{_images_of(config)}: {{}} of its {train_rows.num_rows} training images decode, fewer than a "
                f"batch for each worker needs ({config.workers} x {local_batch})"))
     decodable = ray.remote(num_cpus=0, max_retries=-1)(_decodable)
     counts = _task_results([decodable.remote(rows["path"], config, crash_registry, enough) for rows, enough, _ in checks])
     for (rows, enough, message), (decoded, failure, store_failure) in zip(checks, counts):
         if store_failure:
-            raise JobError(f"{held if rows is val_rows else f'--input {config.input}'}: the store could not be "
+            raise JobError(f"{held if rows is val_rows else _images_of(config)}: the store could not be "
                            f"read ({store_failure})")
         if decoded < enough:
             raise UsageError(f"{message.format(decoded)} (first failure: {failure})")
+
+
+def _images_of(config: TrainConfig) -> str:
+    """The options the training images come from: --labels adds its images to --input's."""
+    return f"--input {config.input}" + (f" (with --labels {config.labels})" if config.labels else "")
 
 
 def _decodable(paths: pa.ChunkedArray, config: TrainConfig, crash_registry: ActorHandle,
@@ -560,10 +563,27 @@ def _fit(trainer: ray.train.torch.TorchTrainer, progress: Queue, config: TrainCo
     printer.start()
     try:
         return trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        raise _worker_failure(exc, config) from exc
     finally:
         done.set()
         printer.join()
         ray.kill(progress.actor)
+
+
+def _worker_failure(exc: ray.train.WorkerGroupError, config: TrainConfig) -> JobError:
+    """One line for a run whose workers failed (Ray's message holds every worker's traceback): the
+    first failed rank, its exception's type and last line, and what a rerun does."""
+    rerun = f"; a rerun into --output {config.output} resumes from its last checkpoint, if it wrote one"
+    if not exc.worker_failures:
+        return JobError(f"training failed: {_last_line(exc)}{rerun}")
+    rank, error = min(exc.worker_failures.items())
+    return JobError(f"training worker {rank} failed: {type(error).__name__}: {_last_line(error)}{rerun}")
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else "no message")[:300]
 
 
 def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, epochs: tracking.Epochs) -> None:
@@ -581,7 +601,8 @@ def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, e
             log.warning(f"no more epoch lines: {type(exc).__name__}")
             return
         if "message" in item:
-            log.info(item["message"])
+            # Warnings show without --verbose too: the lock and optimizer-state messages change the run.
+            log.log(logging.WARNING if item.get("warning") else logging.INFO, item["message"])
             continue
         row = item["row"]
         epoch_seconds.append(item["epoch_s"])
@@ -633,7 +654,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError:  # a checkpoint of a distcls whose parameter groups differ (their number or sizes)
             tell({"message": "the checkpoint's optimizer state does not fit this version's parameter groups: "
-                             "the momentum starts again from zero"})
+                             "the momentum starts again from zero", "warning": True})
     # From the listing, for the schedule; the shards are equal (Ray Train splits with equal=True),
     # so every worker takes the same number of steps, as DDP needs.
     steps_per_epoch = max(1, loop_config["train_images"] // config.workers // local_batch)
@@ -661,7 +682,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                "elapsed_s": state["elapsed_s"] + time.time() - started, "restores": state["restores"]}
         if _lost_output(config, loop_config["lock_token"], tell):
             tell({"message": f"epoch {epoch + 1}: another run holds --output {config.output} now, or its lock was "
-                             "removed; stopping"})
+                             "removed; stopping", "warning": True})
             return
         # In the checkpoint's state, not the reported row: the artifact takes it from the best checkpoint.
         state.update(epoch=epoch + 1, elapsed_s=row["elapsed_s"], history=state["history"] + [row],
@@ -965,7 +986,7 @@ def _lost_output(config: TrainConfig, token: str | None, tell: Callable[[dict[st
             held = Dataset(storage.Store(config.output, config.storage())).lock_holder()
             lost = held is None or held.get("token") != token
         except Exception as exc:  # any failure: a store hiccup must not fail the run
-            tell({"message": f"could not read the lock of --output {config.output}: {exc}"})
+            tell({"message": f"could not read the lock of --output {config.output}: {exc}", "warning": True})
     return bool(_from_rank_zero(lost))
 
 

@@ -35,7 +35,7 @@ from distcls.lake import labelled_images
 from distcls.errors import JobError, UsageError
 from distcls.models import create_model, schedule
 from distcls.train import (Lookahead, PacedScheduling, choose_cache, decode_pool, eval_batch_size, fit_batch, one_cycle,
-                           param_groups, plan_cpus, stream_window, train)
+                           param_groups, plan_cpus, stream_window, train, _worker_failure)
 from distcls.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -477,7 +477,7 @@ def test_bad_data_is_a_clear_usage_error(tmp_path, capsys, make_lake, message) -
     ("0.3", "--val-fraction 0.3 holds out 2 images, fewer than --workers 3: the held-out images are split "
             "equally, so no worker would evaluate any"),
     # Four held out (round(1.6), round(2.4)): one left to train on.
-    ("0.8", "{root} has 1 images to train on (--val-fraction 0.8 holds out 4), fewer than --workers 3: they are "
+    ("0.8", "--input {root} has 1 images to train on (--val-fraction 0.8 holds out 4), fewer than --workers 3: they are "
             "split equally, so no worker would train on any"),
 ])
 def test_fewer_images_in_a_split_than_workers_is_a_usage_error(tmp_path, capsys, fraction, message) -> None:
@@ -492,6 +492,38 @@ def test_fewer_images_in_a_split_than_workers_is_a_usage_error(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert err.endswith(message.format(root=root)) and len(err.splitlines()) == 1
     assert not output.exists()
+
+
+def test_a_split_too_small_names_the_labels_file_that_adds_images_too(tmp_path, capsys) -> None:
+    """With --labels, the training images are --input's and the manifest's: the error names both."""
+    root = tmp_path / "lake"
+    for name, count in (("cat", 2), ("dog", 3)):
+        (root / name).mkdir(parents=True)
+        _write_jpegs(root / name, count)
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(f"path,label\n{root / 'cat' / '0.jpg'},dog\n")
+    output = tmp_path / "out"
+    code = main(["train", "--input", str(root), "--output", str(output), "--workers", "3", "--val-fraction", "0.8",
+                 "--labels", str(manifest)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the line on what --labels changed
+    assert code == 2 and last.startswith("distcls train: error: ")
+    assert f"--input {root} (with --labels {manifest}) has 1 images to train on" in last
+    assert not output.exists()
+
+
+def test_a_failed_worker_is_named_with_its_error_in_one_line() -> None:
+    """Ray Train's WorkerGroupError carries every worker's traceback in its message: the user gets the
+    first failed rank, its exception and the error's last line, and what a rerun does."""
+    config = TrainConfig(input="/lake", output="/runs/a")
+    failures = {1: RuntimeError("Traceback (most recent call last):\n  File x\nCUDA out of memory\n"),
+                0: OSError("Traceback:\n  ...\n[Errno 28] No space left on device")}
+    message = str(_worker_failure(ray.train.WorkerGroupError("Training failed due to worker errors", failures),
+                                  config))
+    assert message == ("training worker 0 failed: OSError: [Errno 28] No space left on device; a rerun into "
+                       "--output /runs/a resumes from its last checkpoint, if it wrote one")
+    bare = str(_worker_failure(ray.train.WorkerGroupError("worker group failed\n\nstarting workers timed out", {}),
+                               config))
+    assert bare.startswith("training failed: starting workers timed out; a rerun") and "\n" not in bare
 
 
 def test_held_out_images_none_of_which_decode_fail_the_run_and_save_no_model(ray_local, synthetic_lake, tmp_path,

@@ -177,7 +177,8 @@ def accuracy_by_tta(out: Path) -> dict[str, float]:
 
     from distcls.artifact import load_model
     from distcls.config import StorageConfig
-    from distcls.images import normalize, read_batch
+    from distcls.images import read_batch
+    from distcls.transforms import normalize
     from distcls.models import TTAS, WithTTA, tta_logits
 
     model, info = load_model(str(out / "model"))

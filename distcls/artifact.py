@@ -30,7 +30,7 @@ from torch import nn
 from distcls import storage
 from distcls.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from distcls.errors import UsageError
-from distcls.images import normalize
+from distcls.transforms import normalize
 from distcls.models import WithTTA, create_model, list_models
 
 WEIGHTS_FILE = "model.safetensors"

@@ -3,7 +3,8 @@
 ``decode`` turns any bytes into (uint8 HxWx3 array of side ``size``, original width, original height),
 or raises ImageError with a short reason. ``read_batch`` fetches and decodes many files, each read
 bounded in size and classified when it fails (``ERROR_KINDS``). Batches stay uint8 until
-``normalize`` runs on the device, which keeps Ray object-store traffic 4x smaller than float32.
+``transforms.normalize`` runs on the device, which keeps Ray object-store traffic 4x smaller than
+float32. No torch here (see decode_stage.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from distcls import storage
@@ -287,31 +287,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         white.paste(rgba, mask=rgba)
         return white
     return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 NHWC batch -> float32 NCHW (channels-last memory), scaled to [0,1] then standardised."""
-    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
-
-
-def mirror(batch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The uint8 NHWC ``batch`` with the images that the boolean ``mask`` marks flipped left-right."""
-    return torch.where(mask.view(-1, 1, 1, 1), batch.flip(2), batch)
-
-
-def crop(batch: torch.Tensor, generator: torch.Generator, pad: int | None = None) -> torch.Tensor:
-    """Random crop of each image of a uint8 NHWC batch, reflect-padded by ``pad`` (default 1/16 of
-    the side: 2 pixels at 32; airbench found 2 better than the classic 4 for short runs, with less
-    augmentation to undo in a few epochs)."""
-    n, h, w, _ = batch.shape
-    pad = max(1, min(h, w) // 16) if pad is None else pad
-    padded = torch.nn.functional.pad(batch.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, padded.shape[1], h, padded.shape[3])
-    cropped = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, padded.shape[1], h, w)
-    return cropped.gather(3, cols).permute(0, 2, 3, 1).to(torch.uint8)

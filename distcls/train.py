@@ -16,9 +16,7 @@ import functools
 import json
 import logging
 import math
-import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -35,7 +33,6 @@ import ray.train
 import ray.train.torch
 import safetensors.torch
 import torch
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.actor import ActorHandle
 from ray.util.queue import Empty, Queue
 from torch import nn
@@ -43,16 +40,16 @@ from torch import nn
 from distcls import console, crashes, lake, review, storage, tracking
 from distcls.dataset import Dataset, Lock
 from distcls.artifact import InitMatch, ModelInfo, load_state_dict, match_state_dict, save_model
-from distcls.config import StorageConfig, TrainConfig, public_dict
+from distcls.config import TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
-from distcls.images import crop, mirror, normalize, read_batch
+from distcls.decode_stage import READ_THREADS, Decoder, PacedScheduling, decode_rows, decode_yielding
+from distcls.transforms import crop, mirror, normalize
 from distcls.models import create_model, schedule, tta_logits
 from distcls.runtime import (autoscaling, beside_driver, can_get, cluster_cpus, cluster_gpus, ensure_ray,
                              native_bf16, require_cuda_on_a_gpu_node)
 
 STATE_FILE = "state.pt"
 ROWS_PER_BLOCK = 256  # one decode call; small blocks reshuffle well and keep a block's pixels small
-READ_THREADS = 8  # files a decode call reads at once, overlapping object-store latency
 MIN_SHARE = 0.25  # of a CPU, per decode actor when decoding shares the workers' cores (decode_pool)
 HELD_OUT_AHEAD = 2  # held-out batches decoded ahead of the driver's --tta evaluation (_held_out_batches)
 CHECK_IMAGES = 16  # images of a split decoded at a time, at least, before the run (_check_decodable)
@@ -66,7 +63,6 @@ STATS_IMAGES = 2048  # sampled for the normalisation mean/std: image means vary 
 # cores are shared by the OS either way; the reservation only has to let Ray schedule the actors.
 SHARED_DECODE_CPUS = 0.5
 STREAM_WINDOW_BYTES = 256 * 2**20
-STEP_S, IDLE_STEP_S = 0.02, 0.1  # PacedScheduling: the shortest steps of Ray Data's executor loop
 MIN_STEPS = 4  # optimizer steps an epoch, at least (fit_batch)
 # Pixels of the sample a model's layers are fitted to (airbench's whitening: the covariance of 2x2
 # patches, 12 numbers to estimate): all STATS_IMAGES up to 64 px, fewer larger ones. The whole
@@ -371,7 +367,7 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float, name: str,
     settings = {"storage_config": config.storage(), "size": config.image_size, "crash_registry": crash_registry,
                 "scope": name}
     how = ({"fn": Decoder, "fn_constructor_kwargs": settings, "compute": ray.data.ActorPoolStrategy(size=actors)}
-           if streamed else {"fn": _decode_yielding, "fn_kwargs": settings})
+           if streamed else {"fn": decode_yielding, "fn_kwargs": settings})
     dataset = ordered.map_batches(**how, batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=actor_cpus)
     # Added to, not replacing, the callbacks the driver's DataContext gave every new dataset.
     dataset.context.custom_execution_callback_classes = [*dataset.context.custom_execution_callback_classes,
@@ -396,101 +392,6 @@ def stream_window(config: TrainConfig) -> int:
     blocks per worker when those are larger. What a streamed epoch holds whatever the lake's size."""
     block = ROWS_PER_BLOCK * config.image_size ** 2 * 3
     return max(STREAM_WINDOW_BYTES, 2 * config.workers * block)
-
-
-class PacedScheduling(ExecutionCallback):
-    """Lets a step of Ray Data's executor loop start at most every STEP_S, or every IDLE_STEP_S while
-    there is nothing to wait for: no task running, or an operator that may not read its finished
-    tasks' output.
-
-    Ray Data 2.60 spins once the stream window is full: with every block decoded and the budget
-    used, no task runs and the loop has nothing to block on; with a finished decode task whose
-    block the budget does not let it read, ``ray.wait`` returns at once. Step after step until the
-    workers consume: in Ray Train's SplitCoordinator ~half a core taken from two training workers
-    for every streamed epoch (BENCHMARKS.md, "Training on photos"). Turning the budgets off stops
-    the spin but also every bound on decoding ahead (2.1 GB held for a 50,000-photo run). In a full
-    window only the workers taking a block end the wait, and they hold seconds of batches, so
-    noticing it 0.1 s later costs nothing. ``ray.wait`` itself blocks up to 0.1 s for the running
-    tasks, so other steps are seldom slowed: those that find their tasks all finished (20 ms at
-    most), and the idle steps of an execution's start and end (the block order shuffled before any
-    decode task is sent, the last blocks handed out): ~0.2-0.4 s per execution, an epoch's train
-    and val each being one.
-
-    It reads the executor's topology and each operator's output-backpressure flag, which Ray Data
-    sets every step (``process_completed_tasks``): private names, checked by a test against the
-    installed Ray. Without them it paces every step at STEP_S."""
-
-    def __init__(self) -> None:
-        self._last_step = time.perf_counter()
-
-    def on_execution_step(self, executor: Any) -> None:
-        wait = self._last_step + (IDLE_STEP_S if self.idle(executor) else STEP_S) - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        self._last_step = time.perf_counter()
-
-    @staticmethod
-    def idle(executor: Any) -> bool:
-        """Whether the executor has nothing to wait for (see the class)."""
-        operators = list(getattr(executor, "_topology", None) or ())
-        running = [getattr(op, "get_active_tasks", lambda: ["unknown"])() for op in operators]
-        return bool(operators) and (not any(running) or any(
-            getattr(op, "_in_task_output_backpressure", False) for op in operators))
-
-
-class Decoder:
-    """Ray Data's decode stage, run by a fixed pool of actors that live for an execution. Run as
-    tasks, a decode worker idle for a second (whenever the stream window is full) was ended by Ray,
-    which kills idle task workers beyond one per CPU, and the next block started a new one,
-    importing torch again (3.4 CPU-s): 10 worker starts in a 150 s streamed epoch here. A pool that
-    may shrink did the same when Ray Data removed its idle actors (BENCHMARKS.md, "Training on
-    photos")."""
-
-    def __init__(self, **settings: Any) -> None:
-        self.settings = settings
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _decode_yielding(batch, **self.settings)
-
-
-def _decode_yielding(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int,
-                     crash_registry: ActorHandle | None = None, scope: str = "") -> dict[str, np.ndarray]:
-    """_decode_rows in a thread at nice 19, below the nice 15 Ray gives its workers, so that
-    decoding leans on the cores the training workers leave idle (waiting on each other's
-    gradients) rather than on one worker's core: the data-parallel steps run in lock step, so a
-    decode that preempts one worker stalls all of them at the next all-reduce. On a core it
-    shares with a worker it gets ~30% (the kernel's weights for nice 19 and 15) instead of half;
-    against nice-0 work outside Ray, ~1.4% instead of ~3.4%, so a node busy with other programs
-    decodes more slowly. If decoding falls behind, the workers wait for batches and it gets the
-    CPU. The thread (and the read threads it starts) is new for every block: a nice value can be
-    raised but not lowered back. Linux only: elsewhere a thread id is not a ``setpriority``
-    target; there, or where the call is refused, decoding runs at the worker's priority."""
-    if not sys.platform.startswith("linux"):
-        return _decode_rows(batch, storage_config, size, crash_registry, scope)
-    with ThreadPoolExecutor(1, thread_name_prefix="distcls-decode", initializer=_lowest_priority) as thread:
-        return thread.submit(_decode_rows, batch, storage_config, size, crash_registry, scope).result()
-
-
-def _lowest_priority() -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:  # a sandbox that refuses it: decode at the worker's priority
-        pass
-
-
-def _decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, size: int,
-                 crash_registry: ActorHandle | None = None, scope: str = "") -> dict[str, np.ndarray]:
-    """The images that decode, with their labels; the others are logged and dropped. With a
-    ``crash_registry`` (crashes.py), a file that killed an attempt at this batch is dropped unread."""
-    paths = batch["path"].tolist()
-    decoded = (read_batch(paths, storage_config, size, threads=READ_THREADS) if crash_registry is None else
-               crashes.read_batch(crash_registry, paths, [None] * len(paths), threads=READ_THREADS, scope=scope,
-                                  storage_config=storage_config, size=size))
-    ok = np.array([e is None for e in decoded["error"]], dtype=bool)
-    for path, error in zip(batch["path"][~ok], decoded["error"][~ok]):
-        log.warning(f"skipping unreadable {'held-out' if scope == 'val' else 'training'} image {path}: "
-                    f"{error.removeprefix(f'{path}: ')}")
-    return {"image": decoded["image"][ok], "label": batch["label"][ok].astype(np.int64)}
 
 
 def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_rows: pa.Table, cache: str,
@@ -1104,7 +1005,7 @@ def _held_out_batches(val_rows: pa.Table, config: TrainConfig, crash_registry: A
     """The held-out images, unreadable ones skipped as training skips them, in eval_batch_size
     batches, decoded by Ray tasks through ``crash_registry`` (a file that kills its decoder would
     kill the driver), a few batches ahead."""
-    decode = ray.remote(num_cpus=0, max_retries=-1)(_decode_rows)
+    decode = ray.remote(num_cpus=0, max_retries=-1)(decode_rows)
     size = eval_batch_size(config.image_size)
     pending: collections.deque = collections.deque()
     for start in range(0, val_rows.num_rows, size):

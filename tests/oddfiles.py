@@ -94,7 +94,7 @@ def tiny_model(directory: Path) -> str:
 
     from distcls.artifact import ModelInfo, save_model
     from distcls.storage import Store
-    from distcls.images import normalize
+    from distcls.transforms import normalize
     from distcls.models import create_model
 
     if (directory / "model.json").exists():

@@ -13,7 +13,8 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from distcls.config import StorageConfig
-from distcls.images import ImageError, crop, decode, mirror, normalize, read_batch
+from distcls.images import ImageError, decode, read_batch
+from distcls.transforms import crop, mirror, normalize
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

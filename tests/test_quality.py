@@ -112,7 +112,7 @@ def test_eval_epoch_records_the_predicted_distribution_and_mean_top1() -> None:
     evaluation = eval_epoch(model, CachedShard(images, torch.zeros(10, dtype=torch.int64)).batches(4), state,
                             torch.device("cpu"), 3)
 
-    from distcls.images import normalize
+    from distcls.transforms import normalize
     with torch.no_grad():
         probs = torch.softmax(model(normalize(images, state["mean"], state["std"])).float(), dim=1)
     expected = np.bincount(probs.argmax(1).numpy(), minlength=3)

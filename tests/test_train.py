@@ -26,7 +26,7 @@ import torch
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.util.queue import Queue
 
-from distcls import load_model
+from distcls import decode_stage, load_model
 from distcls.artifact import predict_proba
 from distcls.cli import main
 from distcls.config import TrainConfig
@@ -34,7 +34,8 @@ from distcls.images import decode
 from distcls.lake import labelled_images
 from distcls.errors import JobError, UsageError
 from distcls.models import create_model, schedule
-from distcls.train import (Lookahead, PacedScheduling, choose_cache, decode_pool, eval_batch_size, fit_batch, one_cycle,
+from distcls.decode_stage import PacedScheduling
+from distcls.train import (Lookahead, choose_cache, decode_pool, eval_batch_size, fit_batch, one_cycle,
                            param_groups, plan_cpus, stream_window, train, _worker_failure)
 from distcls.storage import Store
 
@@ -306,8 +307,8 @@ def test_the_executor_loop_waits_longest_when_it_has_nothing_to_wait_for(monkeyp
     """Ray Data's loop spins while the stream window is full: no task running, or a finished one
     whose output the budget does not let it read. Steps that blocked on a running task are not slowed."""
     clock, slept = [100.0], []
-    # distcls.train's `time` only: the time module's own functions are every thread's.
-    monkeypatch.setattr(train_module, "time", SimpleNamespace(
+    # decode_stage's `time` only: the time module's own functions are every thread's.
+    monkeypatch.setattr(decode_stage, "time", SimpleNamespace(
         perf_counter=lambda: clock[0], sleep=lambda s: (slept.append(round(s, 6)), clock.__setitem__(0, clock[0] + s))))
     read = SimpleNamespace(_in_task_output_backpressure=False, get_active_tasks=lambda: [])
     decode = SimpleNamespace(_in_task_output_backpressure=False, get_active_tasks=lambda: ["task"])
@@ -323,7 +324,7 @@ def test_the_executor_loop_waits_longest_when_it_has_nothing_to_wait_for(monkeyp
     decode._in_task_output_backpressure, decode.get_active_tasks = False, lambda: []  # nothing running
     clock[0] += 0.001
     pacing.on_execution_step(executor)
-    assert slept == [round(train_module.STEP_S - 0.001, 6)] + 2 * [round(train_module.IDLE_STEP_S - 0.001, 6)]
+    assert slept == [round(decode_stage.STEP_S - 0.001, 6)] + 2 * [round(decode_stage.IDLE_STEP_S - 0.001, 6)]
 
 
 def test_pacing_sees_a_full_stream_window_in_the_installed_ray(ray_local) -> None:
@@ -361,20 +362,20 @@ def test_training_decodes_at_nice_19_and_reports_its_errors(monkeypatch) -> None
             raise OSError("disk gone")
         return {"image": batch["path"], "label": batch["label"]}
 
-    monkeypatch.setattr(train_module, "_decode_rows", decode)
+    monkeypatch.setattr(decode_stage, "decode_rows", decode)
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     batch = {"path": np.array(["a", "b"]), "label": np.array([1, 2])}
-    assert train_module._decode_yielding(batch, None, 16) == {"image": batch["path"], "label": batch["label"]}
+    assert decode_stage.decode_yielding(batch, None, 16) == {"image": batch["path"], "label": batch["label"]}
     assert seen == [19]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # the caller keeps its own
     with pytest.raises(OSError, match="disk gone"):
-        train_module._decode_yielding(batch, None, 13)
+        decode_stage.decode_yielding(batch, None, 13)
 
     def refuse(*args):
         raise PermissionError("setpriority refused")
 
-    monkeypatch.setattr(train_module.os, "setpriority", refuse)  # a sandbox: decoding goes on
-    assert train_module._decode_yielding(batch, None, 16)["label"].tolist() == [1, 2]
+    monkeypatch.setattr(decode_stage.os, "setpriority", refuse)  # a sandbox: decoding goes on
+    assert decode_stage.decode_yielding(batch, None, 16)["label"].tolist() == [1, 2]
 
 
 def test_every_training_dataset_is_paced_where_it_executes_and_keeps_the_drivers_callbacks(
@@ -693,13 +694,12 @@ def test_missing_data_is_a_clear_usage_error(tmp_path, capsys) -> None:
 
 
 def test_unreadable_images_are_skipped_not_fatal(tmp_path) -> None:
-    from distcls.train import _decode_rows
     from distcls.config import StorageConfig
 
     _write_jpegs(tmp_path, 2)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     paths = np.array(sorted(str(p) for p in tmp_path.glob("*.jpg")))
-    batch = _decode_rows({"path": paths, "label": np.array([0, 1, 2])}, StorageConfig(), 16)
+    batch = decode_stage.decode_rows({"path": paths, "label": np.array([0, 1, 2])}, StorageConfig(), 16)
     assert batch["image"].shape == (2, 16, 16, 3)
     assert batch["label"].tolist() == [0, 1]  # "broken.jpg" sorts last and is dropped
 

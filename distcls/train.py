@@ -474,17 +474,27 @@ def _fit(trainer: ray.train.torch.TorchTrainer, progress: Queue, config: TrainCo
 
 def _worker_failure(exc: ray.train.WorkerGroupError, config: TrainConfig) -> JobError:
     """One line for a run whose workers failed (Ray's message holds every worker's traceback): the
-    first failed rank, its exception's type and last line, and what a rerun does."""
+    first failed rank and what it raised (a distcls error as it is, another as its type and first
+    line), and what a rerun does."""
     rerun = f"; a rerun into --output {config.output} resumes from its last checkpoint, if it wrote one"
     if not exc.worker_failures:
-        return JobError(f"training failed: {_last_line(exc)}{rerun}")
+        return JobError(f"training failed: {_line(str(exc), last=True)}{rerun}")
     rank, error = min(exc.worker_failures.items())
-    return JobError(f"training worker {rank} failed: {type(error).__name__}: {_last_line(error)}{rerun}")
+    # Ray Train wraps what the loop raised (its str is then the traceback), and Ray what a task
+    # raised for the loop (the error is its cause): the exception of interest is the one inside.
+    error = getattr(error, "_base_exc", error)
+    error = getattr(error, "cause", None) or error
+    if isinstance(error, (JobError, UsageError)):
+        return JobError(f"training worker {rank}: {_line(str(error))}")
+    # Ray's own errors (a worker's process died) end with the cause, after lines of actor details.
+    reason = _line(str(error), last=type(error).__module__.startswith("ray."))
+    return JobError(f"training worker {rank} failed: {type(error).__name__}: {reason}{rerun}")
 
 
-def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[-1] if lines else "no message")[:300]
+def _line(text: str, last: bool = False) -> str:
+    """The first (or last) line of ``text`` with something on it, at most 300 characters."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1 if last else 0] if lines else "no message")[:300]
 
 
 def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, epochs: tracking.Epochs) -> None:

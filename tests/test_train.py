@@ -513,15 +513,27 @@ def test_a_split_too_small_names_the_labels_file_that_adds_images_too(tmp_path, 
 
 
 def test_a_failed_worker_is_named_with_its_error_in_one_line() -> None:
-    """Ray Train's WorkerGroupError carries every worker's traceback in its message: the user gets the
-    first failed rank, its exception and the error's last line, and what a rerun does."""
+    """Ray Train's WorkerGroupError carries every worker's traceback in its message, and wraps each
+    worker's exception in one whose str is that traceback: the user gets the first failed rank, the
+    exception it raised (a distcls error as it is) and what a rerun does."""
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
+
     config = TrainConfig(input="/lake", output="/runs/a")
-    failures = {1: RuntimeError("Traceback (most recent call last):\n  File x\nCUDA out of memory\n"),
-                0: OSError("Traceback:\n  ...\n[Errno 28] No space left on device")}
-    message = str(_worker_failure(ray.train.WorkerGroupError("Training failed due to worker errors", failures),
-                                  config))
+    traceback = "Traceback (most recent call last):\n  File x\n{}: {}\n"
+    failures = {
+        1: UserExceptionWithTraceback(RuntimeError("CUDA out of memory"), traceback.format("RuntimeError", "CUDA")),
+        0: UserExceptionWithTraceback(OSError(28, "No space left on device"), traceback.format("OSError", "[Errno 28]")),
+    }
+    message = str(_worker_failure(ray.train.WorkerGroupError("Training failed due to worker errors", failures), config))
     assert message == ("training worker 0 failed: OSError: [Errno 28] No space left on device; a rerun into "
                        "--output /runs/a resumes from its last checkpoint, if it wrote one")
+    own = {0: UserExceptionWithTraceback(JobError("s3://lake/x.jpg: the store cannot be reached (after retries)"), "")}
+    assert str(_worker_failure(ray.train.WorkerGroupError("failed", own), config)) == \
+        "training worker 0: s3://lake/x.jpg: the store cannot be reached (after retries)"
+    died = {1: WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(\n  pid=16332,\n)",
+                                            ray.exceptions.ActorDiedError())}
+    assert str(_worker_failure(ray.train.WorkerGroupError("failed", died), config)).startswith(
+        "training worker 1 failed: WorkerHealthCheckFailedError: The actor died unexpectedly before finishing this task.;")
     bare = str(_worker_failure(ray.train.WorkerGroupError("worker group failed\n\nstarting workers timed out", {}),
                                config))
     assert bare.startswith("training failed: starting workers timed out; a rerun") and "\n" not in bare

@@ -38,10 +38,6 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("RAY_ADDRESS", None)
 # Ray's per-task worker processes inherit this: no usage reporting from tests.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-# Ray Train's controller polls its workers every 2 s by default and sees a run start, end or fail
-# only at a poll: up to ~5 s a training run, in a suite of many short ones. A tenth of that costs a
-# few more calls to local workers. Ray Train passes it from the driver to its controller and workers.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Token authentication stays on in tests, as in production, with one token for this test session
 # shared by every Ray it starts (local, multi-node, `ray start --head`). Set before Ray is
 # imported: Ray reads the mode once per process.

@@ -17,14 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from ray.actor import ActorHandle
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from distcls import crashes
-from distcls.config import StorageConfig
+from distcls.config import StorageConfig, TrainConfig
 from distcls.images import read_batch
 
+ROWS_PER_BLOCK = 256  # one decode call; small blocks reshuffle well and keep a block's pixels small
 READ_THREADS = 8  # files a decode call reads at once, overlapping object-store latency
+CHECK_IMAGES = 16  # images of a split decoded at a time, at least, before the run (count_decodable)
 STEP_S, IDLE_STEP_S = 0.02, 0.1  # PacedScheduling: the shortest steps of Ray Data's executor loop
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,8 @@ log = logging.getLogger(__name__)
 class Decoder:
     """Ray Data's decode stage, run by a fixed pool of actors that live for an execution. Run as
     tasks, a decode worker idle for a second (whenever the stream window is full) was ended by Ray,
-    which kills idle task workers beyond one per CPU, and the next block started a new one,
-    importing torch again (3.4 CPU-s): 10 worker starts in a 150 s streamed epoch here. A pool that
+    which kills idle task workers beyond one per CPU, and the next block started a new one (then
+    importing torch with distcls.train, 3.4 CPU-s): 10 worker starts in a 150 s streamed epoch here. A pool that
     may shrink did the same when Ray Data removed its idle actors (BENCHMARKS.md, "Training on
     photos")."""
 
@@ -83,6 +86,28 @@ def decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, siz
         log.warning(f"skipping unreadable {'held-out' if scope == 'val' else 'training'} image {path}: "
                     f"{error.removeprefix(f'{path}: ')}")
     return {"image": decoded["image"][ok], "label": batch["label"][ok].astype(np.int64)}
+
+
+def count_decodable(paths: pa.ChunkedArray, config: TrainConfig, crash_registry: ActorHandle,
+                    enough: int) -> tuple[int, str | None, str | None]:
+    """(how many of ``paths`` decode, up to ``enough``; the first failure; the first failure of a
+    block that failed for passing reasons only, where the check stops: a store that cannot be read).
+    Read in blocks: one when the lake is sound. The check train runs before anything is written."""
+    decoded, failure = 0, None
+    size = min(ROWS_PER_BLOCK, max(CHECK_IMAGES, enough))
+    for start in range(0, len(paths), size):
+        chunk = paths.slice(start, size).to_pylist()
+        got = crashes.read_batch(crash_registry, chunk, [None] * len(chunk), threads=READ_THREADS, scope="check",
+                                 storage_config=config.storage(), size=config.image_size)
+        decoded += sum(error is None for error in got["error"])
+        failed = [error if error.startswith(path) else f"{path}: {error}"
+                  for path, error in zip(chunk, got["error"]) if error is not None]
+        failure = failure or (failed[0] if failed else None)
+        if decoded >= enough:
+            break
+        if len(failed) == len(chunk) and set(got["error_kind"]) == {"transient"}:
+            return decoded, failure, failed[0]
+    return decoded, failure, None
 
 
 class PacedScheduling(ExecutionCallback):

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import math
+import re
 import statistics
 import tempfile
 import threading
@@ -34,6 +35,8 @@ import ray.train.torch
 import safetensors.torch
 import torch
 from ray.actor import ActorHandle
+from ray.train.v2._internal.constants import is_v2_enabled
+from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 from ray.util.queue import Empty, Queue
 from torch import nn
 
@@ -42,17 +45,16 @@ from distcls.dataset import Dataset, Lock
 from distcls.artifact import InitMatch, ModelInfo, load_state_dict, match_state_dict, save_model
 from distcls.config import TrainConfig, public_dict
 from distcls.errors import JobError, UsageError
-from distcls.decode_stage import READ_THREADS, Decoder, PacedScheduling, decode_rows, decode_yielding
+from distcls import decode_stage
+from distcls.decode_stage import ROWS_PER_BLOCK, Decoder, PacedScheduling, decode_rows, decode_yielding
 from distcls.transforms import crop, mirror, normalize
 from distcls.models import create_model, schedule, tta_logits
 from distcls.runtime import (autoscaling, beside_driver, can_get, cluster_cpus, cluster_gpus, ensure_ray,
                              native_bf16, require_cuda_on_a_gpu_node)
 
 STATE_FILE = "state.pt"
-ROWS_PER_BLOCK = 256  # one decode call; small blocks reshuffle well and keep a block's pixels small
 MIN_SHARE = 0.25  # of a CPU, per decode actor when decoding shares the workers' cores (decode_pool)
 HELD_OUT_AHEAD = 2  # held-out batches decoded ahead of the driver's --tta evaluation (_held_out_batches)
-CHECK_IMAGES = 16  # images of a split decoded at a time, at least, before the run (_check_decodable)
 # A batch of held-out images: at most 1,000, and at most 4M pixels (256 at 128 px, 4 at 1024 px).
 # Its activations set a worker's peak memory: 1,000 photos at 128 px took resnet18's workers from
 # ~1.7 GiB while training to 3.7 GiB while evaluating.
@@ -82,6 +84,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                        if getattr(config, name) and not storage.is_remote(getattr(config, name))})
     if config.freeze_epochs and not config.init_weights:
         raise UsageError("--freeze-epochs needs --init-weights: without them no layer is pretrained to freeze")
+    if not is_v2_enabled():  # Ray Train v1 returns failures in the result, and lacks what the workers report through
+        raise UsageError("RAY_TRAIN_V2_ENABLED is 0: distcls trains with Ray Train v2, Ray 2.60's default; unset it")
     _check_image_size(config)
     if config.init_weights:
         # Checked on the driver first: a refused or unreadable file is a usage error before
@@ -182,13 +186,13 @@ def _check_decodable(config: TrainConfig, train_rows: pa.Table, val_rows: pa.Tab
     be read. Decoded in Ray tasks, through ``crash_registry``: a file that kills its decoder would
     kill the driver."""
     local_batch = max(1, _batch_size(config, train_rows.num_rows) // config.workers)
-    held = f"--val-input {config.val_input}" if config.val_input else f"--input {config.input}"
+    held = f"--val-input {config.val_input}" if config.val_input else _images_of(config)
     checks = ((val_rows, config.workers, f"{held}: {{}} of its {val_rows.num_rows} held-out images decode, "
                                          f"fewer than --workers {config.workers}"),
               (train_rows, config.workers * local_batch,
                f"{_images_of(config)}: {{}} of its {train_rows.num_rows} training images decode, fewer than a "
                f"batch for each worker needs ({config.workers} x {local_batch})"))
-    decodable = ray.remote(num_cpus=0, max_retries=-1)(_decodable)
+    decodable = ray.remote(num_cpus=0, max_retries=-1)(decode_stage.count_decodable)
     counts = _task_results([decodable.remote(rows["path"], config, crash_registry, enough) for rows, enough, _ in checks])
     for (rows, enough, message), (decoded, failure, store_failure) in zip(checks, counts):
         if store_failure:
@@ -201,28 +205,6 @@ def _check_decodable(config: TrainConfig, train_rows: pa.Table, val_rows: pa.Tab
 def _images_of(config: TrainConfig) -> str:
     """The options the training images come from: --labels adds its images to --input's."""
     return f"--input {config.input}" + (f" (with --labels {config.labels})" if config.labels else "")
-
-
-def _decodable(paths: pa.ChunkedArray, config: TrainConfig, crash_registry: ActorHandle,
-               enough: int) -> tuple[int, str | None, str | None]:
-    """(how many of ``paths`` decode, up to ``enough``; the first failure; the first failure of a
-    block that failed for passing reasons only, where the check stops: a store that cannot be read).
-    Read in blocks: one when the lake is sound."""
-    decoded, failure = 0, None
-    size = min(ROWS_PER_BLOCK, max(CHECK_IMAGES, enough))
-    for start in range(0, len(paths), size):
-        chunk = paths.slice(start, size).to_pylist()
-        got = crashes.read_batch(crash_registry, chunk, [None] * len(chunk), threads=READ_THREADS, scope="check",
-                                 storage_config=config.storage(), size=config.image_size)
-        decoded += sum(error is None for error in got["error"])
-        failed = [error if error.startswith(path) else f"{path}: {error}"
-                  for path, error in zip(chunk, got["error"]) if error is not None]
-        failure = failure or (failed[0] if failed else None)
-        if decoded >= enough:
-            break
-        if len(failed) == len(chunk) and set(got["error_kind"]) == {"transient"}:
-            return decoded, failure, failed[0]
-    return decoded, failure, None
 
 
 def _task_results(refs: list[ray.ObjectRef]) -> list[Any]:
@@ -266,7 +248,7 @@ def _split(config: TrainConfig) -> tuple[pa.Table, pa.Table, list[str], dict[str
         return rows.take(rng.permutation(rows.num_rows)), val_rows, classes, human_labels
     train_idx, val_idx = lake.stratified_split(rows["label"].to_numpy(), config.val_fraction, config.seed)
     if len(val_idx) == 0:
-        raise UsageError(f"--val-fraction {config.val_fraction} holds out no images of {config.input}; raise it or give --val-input")
+        raise UsageError(f"--val-fraction {config.val_fraction} holds out no images of {_images_of(config)}; raise it or give --val-input")
     val_rows = rows.take(val_idx)
     # Shuffled before Ray Data splits them: each worker gets whole blocks of consecutive rows, and a
     # listing is sorted by class, so with 2 workers each trained on half the classes. Its BatchNorm
@@ -379,8 +361,8 @@ def decode_pool(config: TrainConfig, decode_cpus: float, blocks: int) -> tuple[f
     """(CPUs of each decoder, actors of a streamed pool) for a dataset of ``blocks`` blocks: one per
     decode CPU, or, when decoding shares the workers' cores (less than a CPU of its own), one per
     MIN_SHARE of it: each actor reads with READ_THREADS threads, so a few keep up, and every actor
-    of the pool starts with each execution (train and val, every epoch), importing torch (3.4 CPU-s
-    here), used or not; for the same reason never more actors than blocks. A share is rounded down
+    of the pool starts with each execution (train and val, every epoch), in ~1.5-2 s here (its
+    process, Ray Data, decode_stage), used or not; for the same reason never more actors than blocks. A share is rounded down
     to Ray's 1/10,000 of a CPU, so that the actors fit in ``decode_cpus`` after Ray rounds them."""
     share = 1.0 if decode_cpus >= 1 else MIN_SHARE
     actors = max(1, min(blocks, int(decode_cpus / share + 1e-9)))
@@ -464,37 +446,66 @@ def _fit(trainer: ray.train.torch.TorchTrainer, progress: Queue, config: TrainCo
     printer.start()
     try:
         return trainer.fit()
-    except ray.train.WorkerGroupError as exc:
+    except WorkerGroupError as exc:
         raise _worker_failure(exc, config) from exc
+    except ControllerError as exc:  # e.g. its checkpoint bookkeeping failed to write
+        raise JobError(f"training failed: {_line(str(exc.controller_failure))}{_rerun(config)}") from exc
     finally:
         done.set()
         printer.join()
         ray.kill(progress.actor)
 
 
-def _worker_failure(exc: ray.train.WorkerGroupError, config: TrainConfig) -> JobError:
+def _worker_failure(exc: WorkerGroupError, config: TrainConfig) -> JobError:
     """One line for a run whose workers failed (Ray's message holds every worker's traceback): the
-    first failed rank and what it raised (a distcls error as it is, another as its type and first
-    line), and what a rerun does."""
-    rerun = f"; a rerun into --output {config.output} resumes from its last checkpoint, if it wrote one"
+    rank to blame and what it raised (a distcls error as it is, another as its type and a line),
+    and what a rerun does. A rank that died or raised a distcls error is blamed before one whose
+    collective call failed because the other went away."""
     if not exc.worker_failures:
-        return JobError(f"training failed: {_line(str(exc), last=True)}{rerun}")
-    rank, error = min(exc.worker_failures.items())
-    # Ray Train wraps what the loop raised (its str is then the traceback), and Ray what a task
-    # raised for the loop (the error is its cause): the exception of interest is the one inside.
-    error = getattr(error, "_base_exc", error)
-    error = getattr(error, "cause", None) or error
+        return JobError(f"training failed: {_line(str(exc), last=True)}{_rerun(config)}")
+    causes = {rank: _cause(error) for rank, error in exc.worker_failures.items()}
+    rank, error = min(causes.items(), key=lambda item: (_blame(item[1]), item[0]))
     if isinstance(error, (JobError, UsageError)):
-        return JobError(f"training worker {rank}: {_line(str(error))}")
+        return JobError(f"training worker {rank}: {_line(str(error))}{_rerun(config)}")
     # Ray's own errors (a worker's process died) end with the cause, after lines of actor details.
-    reason = _line(str(error), last=type(error).__module__.startswith("ray."))
-    return JobError(f"training worker {rank} failed: {type(error).__name__}: {reason}{rerun}")
+    reason = _line(str(error), last=_from_ray(error))
+    return JobError(f"training worker {rank} failed: {type(error).__name__}: {reason}{_rerun(config)}")
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The exception of interest inside ``error``: Ray Train wraps what the loop raised (its str is
+    then the loop's traceback); Ray wraps what a task raised for it (its cause), as often as it
+    crossed a process, and Ray Data a decode step's error in a UserCodeException whose cause does
+    not cross one: a distcls error is then found in the traceback's text."""
+    text = str(error)
+    error = getattr(error, "_base_exc", error)
+    while isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None and error.cause is not error:
+        text += "\n" + str(error)
+        error = error.cause
+    if isinstance(error, (JobError, UsageError)):
+        return error
+    own = re.search(r"distcls\.errors\.(JobError|UsageError): (.+)", text + "\n" + str(error))
+    return (JobError if own.group(1) == "JobError" else UsageError)(own.group(2)) if own else error
+
+
+def _blame(error: BaseException) -> int:
+    return 0 if isinstance(error, (JobError, UsageError)) else 1 if _from_ray(error) else 2
+
+
+def _from_ray(error: BaseException) -> bool:
+    return type(error).__module__.startswith("ray.")
+
+
+def _rerun(config: TrainConfig) -> str:
+    return (f"; rerunning it with the same --output ({config.output}) and --name ({config.name}) resumes from its "
+            "last checkpoint, if it wrote one")
 
 
 def _line(text: str, last: bool = False) -> str:
     """The first (or last) line of ``text`` with something on it, at most 300 characters."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines[-1 if last else 0] if lines else "no message")[:300]
+    line = lines[-1 if last else 0] if lines else "no message"
+    return line if len(line) <= 300 else line[:299] + "…"
 
 
 def _log_progress(progress: Queue, config: TrainConfig, done: threading.Event, epochs: tracking.Epochs) -> None:

@@ -514,29 +514,72 @@ def test_a_split_too_small_names_the_labels_file_that_adds_images_too(tmp_path, 
 
 def test_a_failed_worker_is_named_with_its_error_in_one_line() -> None:
     """Ray Train's WorkerGroupError carries every worker's traceback in its message, and wraps each
-    worker's exception in one whose str is that traceback: the user gets the first failed rank, the
+    worker's exception in one whose str is that traceback: the user gets the rank to blame, the
     exception it raised (a distcls error as it is) and what a rerun does."""
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
 
-    config = TrainConfig(input="/lake", output="/runs/a")
+    def failed(failures: dict) -> str:
+        return str(_worker_failure(ray.train.WorkerGroupError("Training failed due to worker errors", failures), config))
+
+    config = TrainConfig(input="/lake", output="/runs/a", name="nightly")
+    rerun = "; rerunning it with the same --output (/runs/a) and --name (nightly) resumes from its last checkpoint, if it wrote one"
     traceback = "Traceback (most recent call last):\n  File x\n{}: {}\n"
-    failures = {
+    assert failed({
         1: UserExceptionWithTraceback(RuntimeError("CUDA out of memory"), traceback.format("RuntimeError", "CUDA")),
         0: UserExceptionWithTraceback(OSError(28, "No space left on device"), traceback.format("OSError", "[Errno 28]")),
-    }
-    message = str(_worker_failure(ray.train.WorkerGroupError("Training failed due to worker errors", failures), config))
-    assert message == ("training worker 0 failed: OSError: [Errno 28] No space left on device; a rerun into "
-                       "--output /runs/a resumes from its last checkpoint, if it wrote one")
+    }) == "training worker 0 failed: OSError: [Errno 28] No space left on device" + rerun
+    # Rank 1's process died; rank 0's all-reduce then failed: rank 1 is blamed, by Ray's last line.
+    assert failed({
+        0: UserExceptionWithTraceback(RuntimeError("[gloo/pair.cc:534] Connection closed by peer"), ""),
+        1: WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(\n  pid=16332,\n)",
+                                        ray.exceptions.ActorDiedError()),
+    }) == "training worker 1 failed: WorkerHealthCheckFailedError: The actor died unexpectedly before finishing this task." + rerun
     own = {0: UserExceptionWithTraceback(JobError("s3://lake/x.jpg: the store cannot be reached (after retries)"), "")}
-    assert str(_worker_failure(ray.train.WorkerGroupError("failed", own), config)) == \
-        "training worker 0: s3://lake/x.jpg: the store cannot be reached (after retries)"
-    died = {1: WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(\n  pid=16332,\n)",
-                                            ray.exceptions.ActorDiedError())}
-    assert str(_worker_failure(ray.train.WorkerGroupError("failed", died), config)).startswith(
-        "training worker 1 failed: WorkerHealthCheckFailedError: The actor died unexpectedly before finishing this task.;")
+    assert failed(own) == "training worker 0: s3://lake/x.jpg: the store cannot be reached (after retries)" + rerun
+    assert failed({1: UserExceptionWithTraceback(RuntimeError("x" * 400), "")}).startswith(
+        f"training worker 1 failed: RuntimeError: {'x' * 299}…;")
     bare = str(_worker_failure(ray.train.WorkerGroupError("worker group failed\n\nstarting workers timed out", {}),
                                config))
-    assert bare.startswith("training failed: starting workers timed out; a rerun") and "\n" not in bare
+    assert bare == "training failed: starting workers timed out" + rerun
+
+
+def test_ray_train_v1_is_refused_before_anything_runs(synthetic_lake, tmp_path, capsys, monkeypatch) -> None:
+    """RAY_TRAIN_V2_ENABLED=0 gives Ray Train v1, which returns failures instead of raising them."""
+    monkeypatch.setattr(train_module, "is_v2_enabled", lambda: False)
+    output = tmp_path / "out"
+    assert main(["train", "--input", str(synthetic_lake(2)), "--output", str(output)]) == 2
+    assert capsys.readouterr().err.strip() == ("distcls train: error: RAY_TRAIN_V2_ENABLED is 0: distcls trains with "
+                                               "Ray Train v2, Ray 2.60's default; unset it")
+    assert not output.exists()
+
+
+def test_a_distcls_error_of_a_decode_step_is_found_inside_rays_wrappers() -> None:
+    """A decode step's JobError (a store down for good) reaches the loop as Ray Data's
+    UserCodeException inside a RayTaskError inside another (the split coordinator's), and the
+    exception chain does not survive pickling: only the traceback text still names the JobError."""
+    import traceback
+
+    from ray import cloudpickle
+    from ray.exceptions import RayTaskError, UserCodeException
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    try:
+        try:
+            raise JobError("s3://lake/x.jpg: the store cannot be reached (after retries)")
+        except JobError as error:
+            raise UserCodeException("UDF failed to process a data block.") from error
+    except UserCodeException as exc:
+        code, text = exc, traceback.format_exc()
+    inner = RayTaskError("ray::MapBatches(decode_yielding)", text, code).as_instanceof_cause()
+    try:
+        raise inner
+    except RayTaskError:
+        text = traceback.format_exc()
+    outer = RayTaskError("SplitCoordinator.get", text, inner).as_instanceof_cause()
+    sent = cloudpickle.loads(cloudpickle.dumps(UserExceptionWithTraceback(outer, "Traceback ...\n" + str(outer))))
+    assert sent._base_exc.cause.cause.__cause__ is None  # the chain is gone, as when Ray sends it
+    message = str(_worker_failure(ray.train.WorkerGroupError("failed", {0: sent}), TrainConfig(input="/l", output="/o")))
+    assert message.startswith("training worker 0: s3://lake/x.jpg: the store cannot be reached (after retries); "), message
 
 
 def test_held_out_images_none_of_which_decode_fail_the_run_and_save_no_model(ray_local, synthetic_lake, tmp_path,
@@ -557,7 +600,7 @@ def test_held_out_images_none_of_which_decode_fail_the_run_and_save_no_model(ray
         f"(first failure: {held}/circle/0.jpg: not an image (unrecognised format))")
     assert not output.exists()
 
-    monkeypatch.setattr(train_module, "_decodable", lambda paths, config, registry, enough: (enough, None, None))
+    monkeypatch.setattr(decode_stage, "count_decodable", lambda paths, config, registry, enough: (enough, None, None))
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].endswith(f"no image was evaluated: the run's decode tasks could read too few of them "
@@ -668,7 +711,7 @@ def test_an_error_in_a_check_task_is_one_line(ray_local, synthetic_lake, tmp_pat
         from distcls.errors import JobError
         raise JobError("a batch of 16 images from x keeps killing its worker")
 
-    monkeypatch.setattr(train_module, "_decodable", gives_up)
+    monkeypatch.setattr(decode_stage, "count_decodable", gives_up)
     code = main(["train", "--input", str(synthetic_lake(8)), "--output", str(tmp_path / "out"),
                  "--arch", "simple_cnn", "--workers", "1"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -692,10 +735,10 @@ def test_the_check_before_the_run_stops_at_a_block_the_store_refuses(ray_local, 
     monkeypatch.setattr(images, "_READ_BACKOFF_S", 0.0)
     paths = sorted(str(p) for p in synthetic_lake(4).rglob("*.jpg"))
     config = TrainConfig(input="lake", output="out", workers=1)
-    decoded, failure, store_failure = train_module._decodable(pa.chunked_array([paths]), config,
-                                                              crashes.start_registry(), 1)
+    decoded, failure, store_failure = decode_stage.count_decodable(pa.chunked_array([paths]), config,
+                                                                   crashes.start_registry(), 1)
     assert decoded == 0 and failure == store_failure == f"{paths[0]}: permission denied"
-    assert len(reads) == 3 * train_module.CHECK_IMAGES < 3 * len(paths)
+    assert len(reads) == 3 * decode_stage.CHECK_IMAGES < 3 * len(paths)
 
 
 def test_missing_data_is_a_clear_usage_error(tmp_path, capsys) -> None:

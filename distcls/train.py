@@ -467,8 +467,9 @@ def _worker_failure(exc: WorkerGroupError, config: TrainConfig) -> JobError:
     rank, error = min(causes.items(), key=lambda item: (_blame(item[1]), item[0]))
     if isinstance(error, (JobError, UsageError)):
         return JobError(f"training worker {rank}: {_line(str(error))}{_rerun(config)}")
-    # Ray's own errors (a worker's process died) end with the cause, after lines of actor details.
-    reason = _line(str(error), last=_from_ray(error))
+    # Ray's own errors (a worker's process died) end with the cause, after lines of actor details,
+    # and then Ray's list of what may cause any death.
+    reason = _line(str(error).split(" Some common causes include")[0], last=_from_ray(error))
     return JobError(f"training worker {rank} failed: {type(error).__name__}: {reason}{_rerun(config)}")
 
 
@@ -497,8 +498,10 @@ def _from_ray(error: BaseException) -> bool:
 
 
 def _rerun(config: TrainConfig) -> str:
-    return (f"; rerunning it with the same --output ({config.output}) and --name ({config.name}) resumes from its "
-            "last checkpoint, if it wrote one")
+    # Not "from its last checkpoint": Ray Train records an epoch's checkpoint only once it has polled
+    # every rank's report, so a worker that died right after an epoch can leave it written, not recorded.
+    return (f"; rerunning it with the same --output ({config.output}) and --name ({config.name}) resumes after the "
+            "last epoch Ray Train recorded (it then says which), or starts over")
 
 
 def _line(text: str, last: bool = False) -> str:

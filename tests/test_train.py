@@ -522,7 +522,8 @@ def test_a_failed_worker_is_named_with_its_error_in_one_line() -> None:
         return str(_worker_failure(ray.train.WorkerGroupError("Training failed due to worker errors", failures), config))
 
     config = TrainConfig(input="/lake", output="/runs/a", name="nightly")
-    rerun = "; rerunning it with the same --output (/runs/a) and --name (nightly) resumes from its last checkpoint, if it wrote one"
+    rerun = ("; rerunning it with the same --output (/runs/a) and --name (nightly) resumes after the last epoch Ray "
+             "Train recorded (it then says which), or starts over")
     traceback = "Traceback (most recent call last):\n  File x\n{}: {}\n"
     assert failed({
         1: UserExceptionWithTraceback(RuntimeError("CUDA out of memory"), traceback.format("RuntimeError", "CUDA")),
@@ -532,8 +533,11 @@ def test_a_failed_worker_is_named_with_its_error_in_one_line() -> None:
     assert failed({
         0: UserExceptionWithTraceback(RuntimeError("[gloo/pair.cc:534] Connection closed by peer"), ""),
         1: WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(\n  pid=16332,\n)",
-                                        ray.exceptions.ActorDiedError()),
-    }) == "training worker 1 failed: WorkerHealthCheckFailedError: The actor died unexpectedly before finishing this task." + rerun
+                                        RuntimeError("The actor is dead because its worker process has died. Worker "
+                                                     "exit type: SYSTEM_ERROR. Some common causes include: (1) the "
+                                                     "process was killed by the OOM killer")),
+    }) == ("training worker 1 failed: WorkerHealthCheckFailedError: The actor is dead because its worker process has "
+           "died. Worker exit type: SYSTEM_ERROR." + rerun)
     own = {0: UserExceptionWithTraceback(JobError("s3://lake/x.jpg: the store cannot be reached (after retries)"), "")}
     assert failed(own) == "training worker 0: s3://lake/x.jpg: the store cannot be reached (after retries)" + rerun
     assert failed({1: UserExceptionWithTraceback(RuntimeError("x" * 400), "")}).startswith(

@@ -133,11 +133,12 @@ def test_two_workers_and_streaming_reach_the_accuracy_of_one(ray_local, syntheti
         return {k: a for k, a in state.actors().items() if a["ActorClassName"] == "MapWorker(MapBatches(Decoder))"}
 
     lake = str(synthetic_lake(100))
-    accuracy = {}
+    # 6 epochs, not 8: both runs scored 0.99 at 6 and at 5 (2026-12-02, a script doing this test's runs).
+    epochs, accuracy = 6, {}
     for workers, cache in ((1, "memory"), (2, "none")):
         output = tmp_path / f"workers{workers}-{cache}"
         before = set(decoders())
-        result = train(TrainConfig(input=lake, output=str(output), epochs=8, batch_size=64, lr=0.05, workers=workers,
+        result = train(TrainConfig(input=lake, output=str(output), epochs=epochs, batch_size=64, lr=0.05, workers=workers,
                                    cache=cache))
         scores = evaluate(EvaluateConfig(input=str(output / "val.parquet"), model=result["model"]))
         accuracy[workers, cache] = scores["accuracy"]
@@ -145,7 +146,7 @@ def test_two_workers_and_streaming_reach_the_accuracy_of_one(ray_local, syntheti
     # epoch (train and val; the stats sample decodes in tasks), none restarted. As tasks, Ray ended their workers whenever
     # they idled a second and started new ones (10 in a 150 s epoch of the photo benchmark).
     streamed = [a for k, a in decoders().items() if k not in before]
-    assert 1 <= len(streamed) <= 2 * (2 * 8 + 2) and all(a["NumRestarts"] == 0 for a in streamed), streamed
+    assert 1 <= len(streamed) <= 2 * (2 * epochs + 2) and all(a["NumRestarts"] == 0 for a in streamed), streamed
     # Measured at 1e2f00d, before the rows were shuffled: 1.0 with 1 worker, 0.79 with 2.
     assert accuracy[1, "memory"] >= 0.95, accuracy
     assert accuracy[2, "none"] >= accuracy[1, "memory"] - 0.05, accuracy

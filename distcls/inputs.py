@@ -26,7 +26,7 @@ from ray.data.block import BlockMetadataWithSchema
 from distcls import dedup, lake, storage
 from distcls.config import LabelConfig
 from distcls.dataset import Dataset, keys
-from distcls.errors import JobError, UsageError
+from distcls.errors import JobError, UsageError, carried
 from distcls.runtime import beside_driver
 from distcls.storage import Store
 
@@ -158,8 +158,8 @@ def _get(ref: ray.ObjectRef) -> Any:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         # Ray wraps what the actor raised, traceback and all: raise the original, one line.
-        if isinstance(exc.cause, (UsageError, JobError)):
-            raise exc.cause from None
+        if (own := carried(exc)) is not None:
+            raise own from None
         raise
     except ray.exceptions.RayActorError as exc:
         raise JobError(f"the process reading the inputs died ({str(exc).strip().splitlines()[0][:200]}); "

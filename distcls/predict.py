@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +39,7 @@ from ray.data.extensions import ArrowTensorArray
 from distcls import crashes, engines, images, runtime
 from distcls.artifact import ModelInfo
 from distcls.config import MAX_FILE_BYTES, InferenceConfig, StorageConfig
-from distcls.errors import JobError, UsageError
+from distcls.errors import JobError, UsageError, carried
 from distcls.inputs import Blocks, slices
 
 log = logging.getLogger(__name__)
@@ -224,10 +223,10 @@ def predict(inputs: pa.Table | Blocks, config: InferenceConfig, info: ModelInfo,
                            "the process that read the inputs, or its node, died") from None
         # A JobError raised in a task or an actor's constructor reaches the driver only as text
         # inside Ray's own exceptions; say it in one line.
-        reason = re.search(r"distcls\.errors\.JobError: (.+)", str(exc))
+        reason = carried(exc)
         if reason is None:
             raise
-        raise JobError(reason.group(1)) from None
+        raise reason from None
     finally:
         ray.kill(registry)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import socket
 import time
 
@@ -14,7 +13,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distcls import console
-from distcls.errors import JobError, UsageError
+from distcls.errors import JobError, UsageError, carried
 
 # How long --gpu waits for an autoscaler to start launching a GPU node before calling it unable to.
 # Ray's autoscaler acts on a request within an update interval (5 s by default).
@@ -158,10 +157,10 @@ def require_cuda_on_a_gpu_node(what: str) -> None:
     try:
         ray.get(probe.remote(what))
     except ray.exceptions.RayTaskError as exc:
-        reason = re.search(r"distcls\.errors\.JobError: (.+)", str(exc))
+        reason = carried(exc)
         if reason is None:
             raise
-        raise JobError(reason.group(1)) from None
+        raise reason from None
 
 
 def _fits_a_node(bundle: dict[str, float]) -> bool:

@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import math
-import re
 import statistics
 import tempfile
 import threading
@@ -44,7 +43,7 @@ from distcls import console, crashes, lake, review, storage, tracking
 from distcls.dataset import Dataset, Lock
 from distcls.artifact import InitMatch, ModelInfo, load_state_dict, match_state_dict, save_model
 from distcls.config import TrainConfig, public_dict
-from distcls.errors import JobError, UsageError
+from distcls.errors import JobError, UsageError, carried
 from distcls import decode_stage
 from distcls.decode_stage import ROWS_PER_BLOCK, Decoder, PacedScheduling, decode_rows, decode_yielding
 from distcls.transforms import crop, mirror, normalize
@@ -212,8 +211,8 @@ def _task_results(refs: list[ray.ObjectRef]) -> list[Any]:
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, (UsageError, JobError)):
-            raise exc.cause from None
+        if (own := carried(exc)) is not None:
+            raise own from None
         raise JobError(f"a decode task failed: {(str(exc.cause or exc).strip().splitlines() or ['?'])[0][:300]}") from None
 
 
@@ -474,19 +473,15 @@ def _worker_failure(exc: WorkerGroupError, config: TrainConfig) -> JobError:
 
 
 def _cause(error: BaseException) -> BaseException:
-    """The exception of interest inside ``error``: Ray Train wraps what the loop raised (its str is
-    then the loop's traceback); Ray wraps what a task raised for it (its cause), as often as it
-    crossed a process, and Ray Data a decode step's error in a UserCodeException whose cause does
-    not cross one: a distcls error is then found in the traceback's text."""
-    text = str(error)
-    error = getattr(error, "_base_exc", error)
-    while isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None and error.cause is not error:
-        text += "\n" + str(error)
-        error = error.cause
-    if isinstance(error, (JobError, UsageError)):
-        return error
-    own = re.search(r"distcls\.errors\.(JobError|UsageError): (.+)", text + "\n" + str(error))
-    return (JobError if own.group(1) == "JobError" else UsageError)(own.group(2)) if own else error
+    """The exception of interest inside ``error``, which Ray Train wraps around what the loop raised:
+    a distcls error it carries (errors.carried), else the innermost of Ray's task errors."""
+    base = getattr(error, "_base_exc", error)
+    own = carried(base) or carried(error)
+    if own is not None:
+        return own
+    while isinstance(base, ray.exceptions.RayTaskError) and base.cause is not None and base.cause is not base:
+        base = base.cause
+    return base
 
 
 def _blame(error: BaseException) -> int:

@@ -49,7 +49,7 @@ from distcls.decode_stage import ROWS_PER_BLOCK, Decoder, PacedScheduling, decod
 from distcls.transforms import crop, mirror, normalize
 from distcls.models import create_model, schedule, tta_logits
 from distcls.runtime import (autoscaling, beside_driver, can_get, cluster_cpus, cluster_gpus, ensure_ray,
-                             native_bf16, require_cuda_on_a_gpu_node)
+                             keep_freed_memory, native_bf16, require_cuda_on_a_gpu_node)
 
 STATE_FILE = "state.pt"
 MIN_SHARE = 0.25  # of a CPU, per decode actor when decoding shares the workers' cores (decode_pool)
@@ -547,6 +547,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = TrainConfig.model_validate(loop_config["config"])
     classes: list[str] = loop_config["classes"]
     torch.set_num_threads(config.cpus_per_worker)
+    keep_freed_memory()
     device = ray.train.torch.get_device()
     local_batch = max(1, config.batch_size // config.workers)
     state = _restore(ray.train.get_checkpoint())

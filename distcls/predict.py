@@ -275,7 +275,6 @@ class Predictor:
                  decode_args: dict[str, Any] | None = None) -> None:
         # One thread per reserved CPU: the other actors or the decode tasks have the other cores.
         torch.set_num_threads(threads)
-        runtime.keep_freed_memory()
         device = runtime.require_cuda("an inference actor") if gpu else "cpu"
         self.engine, self.info = engines.create_engine(**engine, device=device, threads=threads)
         self.to_rows = to_rows

@@ -142,20 +142,25 @@ def native_bf16() -> bool:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def keep_freed_memory(limit: int = 1 << 30) -> None:
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """Make this process's allocator keep freed blocks of up to ``limit`` bytes for reuse instead
-    of handing them back to the OS. A training step allocates and frees activations of tens of MB
-    (64 MB for one airbench layer at 512 images); glibc serves anything over 32 MB with a fresh
-    mmap, whose pages the kernel then faults in one by one, 16,384 of them per 64 MB, every step;
-    inference on a batch of 256 too. Keeping them made two single-thread airbench processes at once
-    ~7% faster a training step and ~25% faster a batch of inference here (BENCHMARKS.md). Peak
-    memory is unchanged: the blocks are reused, not added to. A no-op outside glibc."""
+    of handing them back to the OS; whether glibc took the setting. A training step allocates and
+    frees activations of tens of MB; glibc serves those over its 32 MB threshold with a fresh mmap,
+    whose pages the kernel faults in one by one (10,240 faults per 40 MB) every step. Only partly
+    spared where the step runs in a thread other than the main one, as Ray Train's loop does: a
+    thread's arena grows in heaps of 64 MB at most, so blocks that size and up are still mapped
+    afresh. Measured (BENCHMARKS.md, "The allocator"): a 3-epoch CIFAR-10 run trained ~10% faster;
+    the price is resident memory that stays at the step's high-water mark between steps. Not used
+    for inference: its batches run in a thread too, where it kept 300-650 MB more per actor
+    decoding large photos and sped nothing up. False outside glibc, or where glibc refuses the
+    threshold (older releases cap it at 32 MB): then nothing is changed, since a trim threshold
+    alone turns off glibc's own adaptive threshold and made small allocations slower."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, limit)
-        libc.mallopt(_M_TRIM_THRESHOLD, limit)
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
-        pass
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
 
 
 def require_cuda(what: str) -> str:

@@ -5,6 +5,7 @@ import importlib
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import signal
@@ -418,26 +419,35 @@ def test_the_decode_pool_fits_its_cpus_and_its_blocks(workers, cpus_per_worker, 
     assert (actor_cpus, actors) == expected and actors * round(actor_cpus, 4) <= decode_cpus
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_training_workers_keep_freed_activations_instead_of_faulting_them_in_again() -> None:
-    # What a training step does: allocate and free activations larger than glibc's 32 MB mmap
-    # ceiling. Counted in page faults, not seconds (the ~7% it saves a step here is BENCHMARKS.md's).
+    # What a training step does, in a thread as Ray Train runs the loop: allocate and free
+    # activations of tens of MB (under the 64 MB a thread's arena can keep). Counted in the
+    # thread's page faults, not seconds (what it saves is BENCHMARKS.md's).
     script = """
-import resource, sys, torch
+import resource, threading, torch
 from distcls.runtime import keep_freed_memory
 def faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-default = faults()
-keep_freed_memory()
-faults()  # the first allocation after it is still faulted in once
-print(default, faults())
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for _ in range(5):  # two activations alive at once, as in a step
+        first = torch.empty(40 << 20, dtype=torch.uint8).fill_(1)
+        torch.empty(20 << 20, dtype=torch.uint8).fill_(1)
+        del first
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+def step():
+    default = faults()
+    took = keep_freed_memory()
+    faults()  # the first allocation after it is still faulted in once
+    print(default, int(took), faults())
+thread = threading.Thread(target=step)
+thread.start()
+thread.join()
 """
-    default, kept = map(int, subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                                            text=True, cwd=REPO).stdout.split())
-    assert default >= 5 * (64 << 20) // 4096 * 0.9 and kept < 100
+    default, took, kept = map(int, subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                                                  text=True, cwd=REPO).stdout.split())
+    if default < 5_000:  # 76,800 4-KB pages were allocated; here ~25,600 of them fault
+        pytest.skip(f"this environment's allocator already keeps or huge-pages them ({default} faults before)")
+    assert took == 1 and kept < default / 20
 
 
 def test_the_held_out_batch_is_bounded_by_its_pixels() -> None:

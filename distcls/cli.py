@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import importlib.metadata
 import json
 import logging
@@ -153,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(settings, args.config, overrides)
         log.debug(f"{args.command} settings: {config.model_dump_json()}")
-        # stdout is the command's product alone. Ray prints the errors and warnings its nodes push
-        # to the driver (say "N PYTHON worker processes have been started") on sys.stdout from a
-        # thread of its own, whatever log_to_driver says: while the command runs, that is stderr.
-        with contextlib.redirect_stdout(sys.stderr):
+        with console.stdout_to_stderr():
             result = run(config)
     except UsageError as exc:
         print(f"distcls {args.command}: error: {exc}", file=sys.stderr)
@@ -199,7 +195,7 @@ def run(argv: list[str] | None = None) -> typing.NoReturn:
     without the interpreter's teardown, which with torch and Ray loaded spends ~2 s in native code
     freeing modules after the job is done and its output written."""
     code = main(argv)
-    with contextlib.redirect_stdout(sys.stderr):  # Ray's shutdown, and its error thread, may still print
+    with console.stdout_to_stderr():  # Ray's shutdown, and its error thread, may still print
         atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

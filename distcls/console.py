@@ -7,10 +7,14 @@ place on a terminal, logged every ``PROGRESS_EVERY_S`` otherwise (a CI log, ``ra
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
+import threading
 import time
 import warnings
+from typing import Iterator
 
 LOGGER = "distcls"
 PROGRESS_EVERY_S = 30.0
@@ -86,6 +90,55 @@ def quiet_ray() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":
             handler.setLevel(logging.INFO if _verbose else logging.ERROR)
+
+
+# Ray's warning that a node started four times as many Python workers as it has CPUs: on a 2-CPU
+# machine every training run does (its workers, their data coordinators, the decode tasks of its
+# caches, ...), and it suggests causes ("tasks blocked in ray.get()") the user has nothing to do with.
+_RAY_NOISE = ("PYTHON worker processes have been started on node",)
+
+
+class _Stray(io.TextIOBase):
+    """A command's stdout while it runs: stderr, a line at a time, less _RAY_NOISE without --verbose."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._pending = (self._pending + text).split("\n")
+            for line in lines:
+                if _verbose or not any(noise in line for noise in _RAY_NOISE):
+                    sys.stderr.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        """Write what is left of an unfinished last line."""
+        with self._lock:
+            if self._pending:
+                sys.stderr.write(self._pending)
+            self._pending = ""
+        self.flush()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """stdout is the command's product alone (its JSON summary). Ray prints the errors and warnings
+    its nodes push to the driver (a worker killed for memory, a dead node) on sys.stdout, from a
+    thread of its own, whatever log_to_driver says: while the command runs they go to stderr."""
+    stray = _Stray()
+    try:
+        with contextlib.redirect_stdout(stray):
+            yield
+    finally:
+        stray.finish()
 
 
 def duration(seconds: float) -> str:

@@ -29,6 +29,7 @@ from distcls.runtime import beside_driver
 # Careful attempts that died with no file in flight (between files: not a file's fault) before the
 # batch is given up on, failing the run instead of being retried forever.
 _BLIND_DEATHS = 2
+MAX_NOTED = 100_000  # unreadable files a registry counts per scope (CrashRegistry.left_out): ~20 MB
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -41,6 +42,26 @@ class CrashRegistry:
     def __init__(self) -> None:
         self._batches: dict[str, dict[str, Any]] = {}
         self._crashed: list[str] = []
+        self._unreadable: dict[str, dict[str, str]] = {}  # per scope: path -> its first error
+        self._overflowed: set[str] = set()  # scopes that dropped more than MAX_NOTED files
+
+    def left_out(self, scope: str, failures: list[tuple[str, str]]) -> None:
+        """Note files a decode stage dropped, as (path, error): training skips what does not decode,
+        and only the workers' logs (--verbose) named them; the driver tells the total (``unreadable``).
+        At most MAX_NOTED files a scope: this actor lives beside the driver, often on a small head node."""
+        noted = self._unreadable.setdefault(scope, {})
+        for path, error in failures:
+            if len(noted) < MAX_NOTED or path in noted:
+                noted.setdefault(path, error)
+            else:
+                self._overflowed.add(scope)
+
+    def unreadable(self, scopes: list[str]) -> tuple[int, bool, str | None]:
+        """(distinct files noted under any of ``scopes``, whether more were left unnoted, the first
+        by path with its error): a file counts once however many epochs, batches or scopes dropped it."""
+        noted = {path: error for scope in scopes for path, error in self._unreadable.get(scope, {}).items()}
+        first = min(noted, default=None)
+        return len(noted), bool(self._overflowed & set(scopes)), (None if first is None else f"{first}: {noted[first]}")
 
     def begin(self, key: str) -> dict[str, Any]:
         """Start an attempt: ``careful`` when the last attempt died, ``crashed`` the files not to read."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 from ray.actor import ActorHandle
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
@@ -82,9 +83,11 @@ def decode_rows(batch: dict[str, np.ndarray], storage_config: StorageConfig, siz
                crashes.read_batch(crash_registry, paths, [None] * len(paths), threads=READ_THREADS, scope=scope,
                                   storage_config=storage_config, size=size))
     ok = np.array([e is None for e in decoded["error"]], dtype=bool)
-    for path, error in zip(batch["path"][~ok], decoded["error"][~ok]):
-        log.warning(f"skipping unreadable {'held-out' if scope == 'val' else 'training'} image {path}: "
-                    f"{error.removeprefix(f'{path}: ')}")
+    failures = [(str(path), error.removeprefix(f"{path}: ")) for path, error in zip(batch["path"][~ok], decoded["error"][~ok])]
+    for path, error in failures:
+        log.warning(f"skipping unreadable {'held-out' if scope == 'val' else 'training'} image {path}: {error}")
+    if failures and crash_registry is not None:
+        ray.get(crash_registry.left_out.remote(scope, failures))
     return {"image": decoded["image"][ok], "label": batch["label"][ok].astype(np.int64)}
 
 

@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from distcls import decode_stage
 from distcls.cli import main
 from distcls.config import StorageConfig
 from distcls.images import FINAL_ERROR_KINDS, read_batch
@@ -258,11 +260,13 @@ def test_a_file_that_kills_its_decoder_becomes_an_error_row_not_an_endless_retry
 
 @pytest.mark.slow
 @pytest.mark.timeout(600, method="thread")  # without the registry, Ray Data retries the block forever
-def test_a_file_that_kills_its_decoder_is_skipped_by_training(no_ray, tmp_path: Path, synthetic_lake) -> None:
+def test_a_file_that_kills_its_decoder_is_skipped_by_training(no_ray, tmp_path: Path, synthetic_lake,
+                                                               capsys: pytest.CaptureFixture) -> None:
     """One among the training images, one among the held-out ones. Each is read first by the check
     before the run (a task: there, on the driver, it killed the driver), the stats sample (tasks) or
     the decode actors of the first streamed epoch; wherever that is, it kills two attempts and is
-    never read again: 4 deaths in all, and the run trains and evaluates on every other image."""
+    never read again: 4 deaths in all, and the run trains and evaluates on every other image, and
+    says, without --verbose, that it left each out once (not once per epoch)."""
     import json
 
     import ray
@@ -289,6 +293,41 @@ def test_a_file_that_kills_its_decoder_is_skipped_by_training(no_ray, tmp_path: 
     good_held = len([p for p in held.rglob("*.jpg") if p.name != "poison.jpg"])
     assert [row["val_images"] for row in history] == [good_held, good_held]
     assert len((tmp_path / "deaths").read_text().splitlines()) == 4
+    out, err = capsys.readouterr()
+    # The JSON line, then what ray.shutdown() above printed (outside the command, so on stdout).
+    assert json.loads(out.splitlines()[0])["unreadable_images"] == {"train": 1, "val": 1}
+    for root, what in ((lake, "training"), (held, "held-out")):
+        images = len(list(root.rglob("*.jpg")))
+        poison = next(root.rglob("poison.jpg"))
+        assert (f"distcls: warning: 1 of the {images} {what} images did not decode and were left out "
+                f"(first: {poison}: crashed the decoder; --verbose names each)") in err.splitlines()
+
+
+def test_the_files_training_leaves_out_are_counted_once_each(ray_local, tmp_path: Path) -> None:
+    """A file is noted by every epoch that decodes it (streamed), and by the stats sample too: the
+    run's count is of files. The decode stage notes what it drops, reads that fail and crashes alike."""
+    import ray
+
+    from distcls import crashes
+
+    registry = crashes.start_registry()
+    ray.get(registry.left_out.remote("train", [("s3://lake/b.jpg", "not an image"), ("s3://lake/a.jpg", "truncated")]))
+    ray.get(registry.left_out.remote("train", [("s3://lake/b.jpg", "not an image")]))  # the next epoch
+    ray.get(registry.left_out.remote("stats", [("s3://lake/a.jpg", "truncated")]))
+    assert ray.get(registry.unreadable.remote(["train", "stats"])) == (2, False, "s3://lake/a.jpg: truncated")
+    assert ray.get(registry.unreadable.remote(["val"])) == (0, False, None)
+    (tmp_path / "good.jpg").write_bytes(GOOD)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    paths = np.array([str(tmp_path / "good.jpg"), str(tmp_path / "empty.jpg")])
+    decoded = decode_stage.decode_rows({"path": paths, "label": np.array([0, 1])}, StorageConfig(), 16, registry, "val")
+    assert decoded["label"].tolist() == [0]
+    count, more, first = ray.get(registry.unreadable.remote(["val"]))
+    assert count == 1 and not more and first.startswith(f"{tmp_path / 'empty.jpg'}: ") and not first.endswith(": ")
+    # A lake of mostly broken files: the registry keeps MAX_NOTED of them, and says there were more.
+    ray.get(registry.left_out.remote("val", [(f"s3://lake/{i:07d}.jpg", "empty") for i in range(crashes.MAX_NOTED)]))
+    count, more, _ = ray.get(registry.unreadable.remote(["val"]))
+    assert count == crashes.MAX_NOTED and more
+    assert ray.get(registry.unreadable.remote(["train"]))[:2] == (2, False)
 
 
 def test_a_file_that_killed_one_batch_is_skipped_by_every_batch_after_it(ray_local) -> None:

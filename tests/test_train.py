@@ -688,8 +688,10 @@ def test_held_out_images_none_of_which_decode_fail_the_run_and_save_no_model(ray
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].endswith(f"no image was evaluated: the run's decode tasks could read too few of them "
-                                          f"(the warnings name them with --verbose); no artifact was saved, and a rerun "
+                                          f"(see the warning above); no artifact was saved, and a rerun "
                                           f"into --output {output} resumes this run: give another --output or --name")
+    assert (f"distcls: warning: 2 of the 2 held-out images did not decode and were left out (first: "
+            f"{held}/circle/0.jpg: not an image (unrecognised format); --verbose names each)") in err
     assert not (output / "model").exists()
 
 

@@ -93,8 +93,8 @@ def quiet_ray() -> None:
 
 
 # Ray's warning that a node started four times as many Python workers as it has CPUs: on a 2-CPU
-# machine every training run does (its workers, their data coordinators, the decode tasks of its
-# caches, ...), and it suggests causes ("tasks blocked in ray.get()") the user has nothing to do with.
+# machine training runs do (its workers, their data coordinators, decode tasks and actors, ...),
+# and it suggests causes ("tasks blocked in ray.get()") the user has nothing to do with.
 _RAY_NOISE = ("PYTHON worker processes have been started on node",)
 
 

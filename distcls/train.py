@@ -366,12 +366,6 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float, name: str,
     how = ({"fn": Decoder, "fn_constructor_kwargs": settings, "compute": ray.data.ActorPoolStrategy(size=actors)}
            if streamed else {"fn": decode_yielding, "fn_kwargs": settings})
     dataset = ordered.map_batches(**how, batch_format="numpy", batch_size=ROWS_PER_BLOCK, num_cpus=actor_cpus)
-    if not streamed:
-        # Read once while the workers wait for it, and copied into their caches as it comes, so
-        # nothing is held long enough to need Ray Data's per-operator budgets, which ran one decode
-        # task at a time within the decode CPUs: a CIFAR-10 cache filled in 50 s with them, 24 s
-        # without (BENCHMARKS.md). Its order is kept by ingest_options instead.
-        dataset.context.op_resource_reservation_enabled = False
     # Added to, not replacing, the callbacks the driver's DataContext gave every new dataset.
     dataset.context.custom_execution_callback_classes = [*dataset.context.custom_execution_callback_classes,
                                                           PacedScheduling]
@@ -404,16 +398,19 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
     loop_config = {"config": config.model_dump(), "classes": classes, "cache": cache, "train_images": train_rows.num_rows,
                    "progress": progress, "verbose": console.verbose(), "lock_token": lock_token}
     stats_rows = train_rows.slice(0, STATS_IMAGES)  # already in a seeded random order
-    streamed = {"train": cache == "none", "val": cache == "none", "stats": False}
-    datasets = {name: _dataset(rows, config, decode_cpus, name, crash_registry, streamed=streamed[name])
+    datasets = {name: _dataset(rows, config, decode_cpus, name, crash_registry,
+                               streamed=cache == "none" and name != "stats")
                 for name, rows in (("train", train_rows), ("val", val_rows), ("stats", stats_rows))}
-    options = {name: ingest_options(config, decode_cpus, one_pass=not streamed[name]) for name in datasets}
+    # Ray Data's limit is what keeps decoding off the workers' reserved CPUs: without it, it sizes
+    # itself by the whole cluster, CPUs the workers hold included.
+    limits = ray.data.ExecutionOptions(resource_limits=ray.data.ExecutionResources(
+        cpu=decode_cpus, object_store_memory=stream_window(config)))
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         datasets=datasets,
         # "stats" is not split: rank 0 reads all of it (_fresh_state).
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=options),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=limits),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers, use_gpu=config.gpu, resources_per_worker={"CPU": worker_cpus}),
         run_config=ray.train.RunConfig(
@@ -422,19 +419,6 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max")),
     )
-
-
-def ingest_options(config: TrainConfig, decode_cpus: float, one_pass: bool) -> ray.data.ExecutionOptions:
-    """How Ray Data executes a training dataset. Its CPU limit is what keeps decoding off the
-    workers' reserved CPUs: without it, it sizes itself by the whole cluster, CPUs the workers hold
-    included. A ``one_pass`` dataset (a cache's, the stats sample) comes out in its seeded block
-    order whatever order its decode tasks finish in, now that several run at once (_dataset): Ray
-    Data's splitter then gives each block in turn to the worker with the fewest rows (and ignores
-    locality), so which worker caches which image depends on the seed alone and a rerun trains the
-    same model. A streamed one is left unordered: waiting for a slow block would stall training."""
-    return ray.data.ExecutionOptions(
-        resource_limits=ray.data.ExecutionResources(cpu=decode_cpus, object_store_memory=stream_window(config)),
-        preserve_order=one_pass)
 
 
 def _refuse_divergence(metrics: dict[str, Any], checkpoint: ray.train.Checkpoint) -> None:

@@ -404,53 +404,6 @@ def test_every_training_dataset_is_paced_where_it_executes_and_keeps_the_drivers
     assert driver.custom_execution_callback_classes == [DriversCallback]
 
 
-def test_the_workers_cache_the_same_images_however_the_decode_tasks_finish(ray_local, tmp_path, monkeypatch) -> None:
-    """A cache fills with several decode tasks at once (Ray Data's per-operator budgets are off for
-    a one-pass dataset); which worker caches which image must still depend on the seed alone, or a
-    rerun trains another model. The first block of the seeded order holds large PNGs, slow to
-    decode, the others tiny JPEGs: it finishes last, and the blocks must still come out in order,
-    dealt to the two workers in turn (Ray Data's splitter: the worker with the fewest rows)."""
-    from PIL import Image
-
-    monkeypatch.setattr(train_module, "ROWS_PER_BLOCK", 4)
-    config = TrainConfig(input=str(tmp_path), output="unused", workers=2, image_size=16, seed=1)
-    paths = [str(tmp_path / f"{i:02d}.png") for i in range(32)]
-    rows = pa.table({"path": paths, "label": np.arange(32)})  # each image its own label: rows are traceable
-    blocks = [rows.slice(start, 4) for start in range(0, 32, 4)]
-    order = [int(row["label"]) for row in ray.data.from_arrow(blocks).randomize_block_order(
-        seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True)).iter_rows()]
-    rng = np.random.default_rng(0)
-    for label in range(32):
-        side = 1200 if label in order[:4] else 8
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(paths[label], format="PNG")
-    assert order[:4] != [0, 1, 2, 3]  # the seed moved the blocks
-    # A stream keeps the budgets: they bound what is decoded ahead of training (stream_window).
-    assert train_module._dataset(rows, config, 0.5, "train", None, streamed=True).context.op_resource_reservation_enabled
-
-    def shards() -> list[list[int]]:
-        dataset = train_module._dataset(rows, config, 0.5, "train", None)
-        assert not dataset.context.op_resource_reservation_enabled
-        options = {"train": train_module.ingest_options(config, 0.5, one_pass=True)}
-        splits = ray.train.DataConfig(execution_options=options).configure(
-            {"train": dataset}, world_size=2, worker_handles=None, worker_node_ids=None)
-        got: list[list[int]] = [[], []]
-
-        def read(rank: int) -> None:
-            for batch in splits[rank]["train"].iter_batches(batch_size=None, batch_format="numpy"):
-                got[rank] += batch["label"].tolist()
-
-        readers = [threading.Thread(target=read, args=(rank,)) for rank in (0, 1)]
-        for reader in readers:
-            reader.start()
-        for reader in readers:
-            reader.join()
-        return got
-
-    expected = [[label for block in range(rank, 8, 2) for label in order[4 * block:4 * block + 4]] for rank in (0, 1)]
-    assert shards() == expected
-    assert shards() == expected
-
-
 @pytest.mark.parametrize("workers, cpus_per_worker, decode_cpus, blocks, expected", [
     (2, 1, 0.5, 36, (0.25, 2)),     # this machine: the workers give up 0.5 CPU between them
     (4, 16, 0.5, 36, (0.25, 2)),    # not 64 actors of 1/128 CPU, each importing torch every execution

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import sys
 import threading
 import time
@@ -94,12 +95,18 @@ def quiet_ray() -> None:
 
 # Ray's warning that a node started four times as many Python workers as it has CPUs: on a 2-CPU
 # machine training runs do (its workers, their data coordinators, decode tasks and actors, ...),
-# and it suggests causes ("tasks blocked in ray.get()") the user has nothing to do with.
-_RAY_NOISE = ("PYTHON worker processes have been started on node",)
+# and it suggests causes ("tasks blocked in ray.get()") the user has nothing to do with. Whole
+# lines only, as Ray's printer writes them (colour codes around the prefix): a line that another
+# thread's text got into is kept.
+_RAY_NOISE = re.compile(r"^(\x1b\[[0-9;]*m)?\(raylet\)(\x1b\[[0-9;]*m)? WARNING: \d+ PYTHON worker processes "
+                        r"have been started on node")
+_LONGEST_PENDING = 1 << 16  # characters of an unfinished line held back at most
 
 
 class _Stray(io.TextIOBase):
-    """A command's stdout while it runs: stderr, a line at a time, less _RAY_NOISE without --verbose."""
+    """A command's stdout while it runs: stderr, a line at a time, less _RAY_NOISE without
+    --verbose. Says what stderr says about itself (a terminal? its descriptor, encoding), as Ray
+    Data asks before drawing progress bars."""
 
     def __init__(self) -> None:
         self._pending = ""
@@ -108,24 +115,49 @@ class _Stray(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(sys.stderr, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(sys.stderr, "errors", None)
+
     def write(self, text: str) -> int:
         with self._lock:
             *lines, self._pending = (self._pending + text).split("\n")
             for line in lines:
-                if _verbose or not any(noise in line for noise in _RAY_NOISE):
+                if _verbose or not _RAY_NOISE.match(line):
                     sys.stderr.write(line + "\n")
+            if len(self._pending) > _LONGEST_PENDING:
+                self._write_pending()
         return len(text)
 
     def flush(self) -> None:
+        """Also writes an unfinished line (a progress bar redrawn with \\r), unless it may be
+        the start of Ray's noise."""
+        with self._lock:
+            if not _RAY_NOISE.match(self._pending) and "(raylet)" not in self._pending:
+                self._write_pending()
         sys.stderr.flush()
 
     def finish(self) -> None:
-        """Write what is left of an unfinished last line."""
+        """Write what is left of an unfinished last line, ending it."""
         with self._lock:
             if self._pending:
-                sys.stderr.write(self._pending)
-            self._pending = ""
-        self.flush()
+                self._pending += "\n"
+                self._write_pending()
+        sys.stderr.flush()
+
+    def _write_pending(self) -> None:
+        sys.stderr.write(self._pending)
+        self._pending = ""
 
 
 @contextlib.contextmanager

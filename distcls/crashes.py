@@ -29,7 +29,8 @@ from distcls.runtime import beside_driver
 # Careful attempts that died with no file in flight (between files: not a file's fault) before the
 # batch is given up on, failing the run instead of being retried forever.
 _BLIND_DEATHS = 2
-MAX_NOTED = 100_000  # unreadable files a registry counts per scope (CrashRegistry.left_out): ~20 MB
+# Unreadable files a registry counts per scope (CrashRegistry.left_out): 2-13 MB for paths of 60 B to 1 KiB.
+MAX_NOTED = 10_000
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -44,11 +45,13 @@ class CrashRegistry:
         self._crashed: list[str] = []
         self._unreadable: dict[str, dict[str, str]] = {}  # per scope: path -> its first error
         self._overflowed: set[str] = set()  # scopes that dropped more than MAX_NOTED files
+        self._read: set[str] = set()  # scopes that decoded a batch: their counts are known
 
     def left_out(self, scope: str, failures: list[tuple[str, str]]) -> None:
         """Note files a decode stage dropped, as (path, error): training skips what does not decode,
         and only the workers' logs (--verbose) named them; the driver tells the total (``unreadable``).
-        At most MAX_NOTED files a scope: this actor lives beside the driver, often on a small head node."""
+        At most MAX_NOTED files a scope: this actor lives beside the driver, often on a small head node.
+        A restarted registry has forgotten them (as it has the crashes): its counts are lower bounds."""
         noted = self._unreadable.setdefault(scope, {})
         for path, error in failures:
             if len(noted) < MAX_NOTED or path in noted:
@@ -56,15 +59,18 @@ class CrashRegistry:
             else:
                 self._overflowed.add(scope)
 
-    def unreadable(self, scopes: list[str]) -> tuple[int, bool, str | None]:
-        """(distinct files noted under any of ``scopes``, whether more were left unnoted, the first
-        by path with its error): a file counts once however many epochs, batches or scopes dropped it."""
+    def unreadable(self, scopes: list[str]) -> tuple[int | None, bool, str | None]:
+        """(distinct files noted under any of ``scopes``, None when none of them decoded a batch;
+        whether more were left unnoted; the first by path with its error): a file counts once
+        however many epochs, batches or scopes dropped it."""
         noted = {path: error for scope in scopes for path, error in self._unreadable.get(scope, {}).items()}
         first = min(noted, default=None)
-        return len(noted), bool(self._overflowed & set(scopes)), (None if first is None else f"{first}: {noted[first]}")
+        count = len(noted) if noted or self._read & set(scopes) else None
+        return count, bool(self._overflowed & set(scopes)), (None if first is None else f"{first}: {noted[first]}")
 
-    def begin(self, key: str) -> dict[str, Any]:
+    def begin(self, key: str, scope: str = "") -> dict[str, Any]:
         """Start an attempt: ``careful`` when the last attempt died, ``crashed`` the files not to read."""
+        self._read.add(scope)
         batch = self._batches.setdefault(key, {"open": False, "careful": False, "in_flight": None, "blind": 0})
         died = batch["open"]
         if died and batch["in_flight"] is not None:
@@ -96,7 +102,7 @@ def read_batch(registry: ActorHandle, paths: list[str], sizes: list[int | None],
     at the same paths must not overlap (a second one would take the first for dead): batches that
     two readers may decode at once are told apart by ``scope``."""
     key = hashlib.blake2b("\n".join([scope, *paths]).encode(), digest_size=16).hexdigest()
-    plan = ray.get(registry.begin.remote(key))
+    plan = ray.get(registry.begin.remote(key, scope))
     if plan["give_up"]:
         raise JobError(f"a batch of {len(paths)} images from {paths[0]} keeps killing its worker outside any "
                        "one file's read; nothing was committed")

@@ -145,7 +145,6 @@ def _train_and_save(config: TrainConfig, classes: list[str], train_rows: pa.Tabl
         trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress, registry,
                            lock.owner["token"] if lock else None)
         result = _fit(trainer, progress, config, epochs)
-        unreadable = _tell_unreadable(registry, train_rows.num_rows, val_rows.num_rows)
         if lock:  # rank 0 stops at the epoch after another run took --output over
             lock.require_held("training stopped and saved no artifact")
         _refuse_unfinished(result.metrics, config)
@@ -157,29 +156,38 @@ def _train_and_save(config: TrainConfig, classes: list[str], train_rows: pa.Tabl
         # batch per worker) leave a split empty. .get: the rows an older distcls checkpointed have no counts.
         for key, what in (("train_images", "trained on"), ("val_images", "evaluated")):
             if best_metrics.get(key) == 0:
+                _tell_unreadable(registry, train_rows.num_rows, val_rows.num_rows)
                 raise JobError(f"no image was {what}: the run's decode tasks could read too few of them (see the "
                                f"warning above); no artifact was saved, and a rerun into --output "
                                f"{config.output} resumes this run: give another --output or --name")
         _refuse_divergence(best_metrics, best_checkpoint)
         info = _save_artifact(config, classes, best_checkpoint, best_metrics, val_rows, registry, human_labels)
+        unreadable = _tell_unreadable(registry, train_rows.num_rows, val_rows.num_rows)
         _write_curves(config)
         epochs.log_artifact(_output(config).child("model"))
     return {"model": _output(config).uri_of("model"), "model_id": info.model_id, **info.metrics,
             "unreadable_images": unreadable}
 
 
-def _tell_unreadable(registry: ActorHandle, train_images: int, val_images: int) -> dict[str, int]:
-    """Warn of the images the run left out because they did not decode (the decode stages note
-    them in ``registry``), naming the first; their counts, for the run's summary. Skipping them is
-    what a lake of millions of files needs, but not silently: each is named only with --verbose."""
+def _tell_unreadable(registry: ActorHandle, train_images: int, val_images: int) -> dict[str, int | None]:
+    """Warn of the images this attempt left out of at least one epoch because they did not decode
+    (the decode stages note them in ``registry``), naming the first; their counts, for the run's
+    summary: None for a split it did not decode (a rerun of a finished run). Skipping them is what
+    a lake of millions of files needs, but not silently: the decode workers' logs name each."""
     counts = {}
     for split, scopes, images, what in (("train", ["train", "stats"], train_images, "training"),
                                         ("val", ["val"], val_images, "held-out")):
         counts[split], more, first = ray.get(registry.unreadable.remote(scopes))
         if counts[split]:
-            log.warning(f"{'at least ' if more else ''}{counts[split]} of the {images} {what} images did not decode "
-                        f"and were left out (first: {first}; --verbose names each)")
+            log.warning(f"{'at least ' if more else ''}{counts[split]} of the {images} {what} images failed to "
+                        f"decode at least once and were left out (first: {_printable(first)}; the decode workers' logs name each)")
     return counts
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """``text`` on one line of at most ``limit`` characters: a path may hold a newline."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _check_split(config: TrainConfig, train_images: int, val_images: int) -> None:

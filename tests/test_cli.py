@@ -308,6 +308,9 @@ def test_what_ray_prints_on_stdout_while_a_command_runs_goes_to_stderr(verbose: 
     def noisy(config: object) -> dict:
         for line in (startup, killed):
             print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        print(f"a line whose end another thread's warning took, {node}: ", end="")  # kept whole, not dropped
+        print_to_stdstream({"lines": [startup.replace("8 PYTHON", "16 PYTHON")], "pid": "raylet", "is_err": False},
+                           ignore_prefix=False)
         print("an unfinished", end="")
         return {"done": True}
 
@@ -316,5 +319,6 @@ def test_what_ray_prints_on_stdout_while_a_command_runs_goes_to_stderr(verbose: 
     assert cli.main(["--verbose", "models"] if verbose else ["models"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == {"done": True}  # stdout: the JSON line alone
-    assert killed in err and "an unfinished" in err
+    assert killed in err and f"a line whose end another thread's warning took, {node}: " in err
+    assert err.endswith("an unfinished\n")  # ended, so that what the command prints next starts a line
     assert (startup in err) == verbose

@@ -262,6 +262,9 @@ def test_the_artifact_of_an_epoch_evaluated_without_its_tta_says_what_it_predict
     out, err = capsys.readouterr()
     summary = json.loads(out)
     assert "nothing to train: the checkpoint is of epoch 2, --epochs is 2" in err
+    # No training image decoded in this attempt: their count is unknown, not 0; the held-out ones
+    # were decoded again for the --tta evaluation.
+    assert summary["unreadable_images"] == {"train": None, "val": 0}
     assert [row["val_tta"] for row in _history(output)] == ["none", "none"]
     model, info = load_model(Store(str(output / "model")))
     assert info.tta == "flip" and info.metrics["val_tta"] == "flip" and summary["model_id"] == info.model_id
@@ -643,8 +646,8 @@ def test_held_out_images_none_of_which_decode_fail_the_run_and_save_no_model(ray
     assert code == 1 and err[-1].endswith(f"no image was evaluated: the run's decode tasks could read too few of them "
                                           f"(see the warning above); no artifact was saved, and a rerun "
                                           f"into --output {output} resumes this run: give another --output or --name")
-    assert (f"distcls: warning: 2 of the 2 held-out images did not decode and were left out (first: "
-            f"{held}/circle/0.jpg: not an image (unrecognised format); --verbose names each)") in err
+    assert (f"distcls: warning: 2 of the 2 held-out images failed to decode at least once and were left out (first: "
+            f"{held}/circle/0.jpg: not an image (unrecognised format); the decode workers' logs name each)") in err
     assert not (output / "model").exists()
 
 
@@ -785,6 +788,11 @@ def test_missing_data_is_a_clear_usage_error(tmp_path, capsys) -> None:
     assert main(["train", "--input", str(missing), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert str(missing) in err and "not found" in err
+
+
+def test_the_first_unreadable_image_is_named_on_one_line() -> None:
+    assert train_module._printable("lake/a\nb.jpg: not an image") == "lake/a\\nb.jpg: not an image"
+    assert len(train_module._printable("s3://b/" + "k" * 5000)) == 300
 
 
 def test_unreadable_images_are_skipped_not_fatal(tmp_path) -> None:

@@ -24,7 +24,7 @@ from ray.actor import ActorHandle
 
 from distcls import images
 from distcls.errors import JobError
-from distcls.runtime import beside_driver
+from distcls.runtime import on_this_node
 
 # Careful attempts that died with no file in flight (between files: not a file's fault) before the
 # batch is given up on, failing the run instead of being retried forever.
@@ -91,8 +91,8 @@ class CrashRegistry:
 
 
 def start_registry() -> ActorHandle:
-    """A registry for one run, on the driver's node (``runtime.beside_driver``)."""
-    return CrashRegistry.options(scheduling_strategy=beside_driver()).remote()
+    """A registry for one run, on the driver's node (``runtime.on_this_node``)."""
+    return CrashRegistry.options(scheduling_strategy=on_this_node()).remote()
 
 
 def read_batch(registry: ActorHandle, paths: list[str], sizes: list[int | None], threads: int, scope: str = "",

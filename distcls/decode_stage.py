@@ -1,6 +1,7 @@
 """Ray Data's decode stage of training: rows of (path, label) in, the images that decode out,
 with their labels; a file that does not decode is logged and dropped. A streamed split decodes in
-a pool of Decoder actors, a split read in one pass (the cache's, the stats sample) in tasks.
+a pool of Decoder actors, its stats sample in tasks; a cached split is decode_rows in each training
+worker's own tasks (train._fill_cache).
 
 Nothing here imports torch (nor the training module): a decoder process starts with each
 execution, twice an epoch when streaming, and in distcls.train it imported torch and Ray Train

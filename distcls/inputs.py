@@ -27,7 +27,7 @@ from distcls import dedup, lake, storage
 from distcls.config import LabelConfig
 from distcls.dataset import Dataset, keys
 from distcls.errors import JobError, UsageError, carried
-from distcls.runtime import beside_driver
+from distcls.runtime import on_this_node
 from distcls.storage import Store
 
 # One row per input; ``error`` is preset for inputs never to be read.
@@ -146,7 +146,7 @@ def reading(config: LabelConfig, source: Store) -> Iterator[Reading]:
     actors, and runs beside the driver (the head, on a cluster): its blocks then live in an object
     store the autoscaler never removes."""
     actor = ray.remote(InputReader).options(num_cpus=0, max_restarts=0,
-                                            scheduling_strategy=beside_driver()).remote(config, source)
+                                            scheduling_strategy=on_this_node()).remote(config, source)
     try:
         yield Reading(actor)
     finally:

@@ -57,11 +57,13 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
         raise UsageError(f"Ray not reachable at RAY_ADDRESS={address}: {exc}") from None
 
 
-def beside_driver() -> NodeAffinitySchedulingStrategy:
-    """Placement on this process's node, for the 0-CPU actors a run keeps there: a worker node may
-    go away mid-run (an autoscaler scaling down), taking what they hold with it, while the run cannot
-    outlive the driver's node anyway. Hard: Ray places an actor that asks for no resources on a
-    random node when its affinity is soft (ray-project/ray#25344 fixed only the hard case)."""
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Placement on this process's node. For the 0-CPU actors a run keeps beside its driver: a
+    worker node may go away mid-run (an autoscaler scaling down), taking what they hold with it,
+    while the run cannot outlive the driver's node anyway. For the 0-CPU tasks a training worker
+    fills its cache with: they use the CPU it holds and waits with, not another node's. Hard: Ray
+    places work that asks for no resources on a random node when its affinity is soft
+    (ray-project/ray#25344 fixed only the hard case)."""
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 

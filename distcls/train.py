@@ -20,7 +20,6 @@ import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -48,7 +47,7 @@ from distcls import decode_stage
 from distcls.decode_stage import ROWS_PER_BLOCK, Decoder, PacedScheduling, decode_rows, decode_yielding
 from distcls.transforms import crop, mirror, normalize
 from distcls.models import create_model, schedule, tta_logits
-from distcls.runtime import (autoscaling, beside_driver, can_get, cluster_cpus, cluster_gpus, ensure_ray,
+from distcls.runtime import (autoscaling, on_this_node, can_get, cluster_cpus, cluster_gpus, ensure_ray,
                              keep_freed_memory, native_bf16, require_cuda_on_a_gpu_node)
 
 STATE_FILE = "state.pt"
@@ -135,12 +134,13 @@ def _train_and_save(config: TrainConfig, classes: list[str], train_rows: pa.Tabl
     if lock:
         lock.name_run(config.name)
     log.info(f"training {config.arch} on {train_rows.num_rows} images ({val_rows.num_rows} held out), "
-             f"{len(classes)} classes, {config.workers} workers x {worker_cpus:g} CPUs, decoding on {decode_cpus:g} CPUs")
+             f"{len(classes)} classes, {config.workers} workers x {worker_cpus:g} CPUs, "
+             f"{'each decoding its images once' if cache == 'memory' else f'decoding on {decode_cpus:g} CPUs'}")
     # Rank 0 sends each epoch's metrics here and the driver logs them (and hands them to MLflow): the
     # workers' own output reaches the driver only with --verbose (Ray's log_to_driver), and then
     # prefixed per process. No CPU: on a full cluster a default actor (1 CPU to be placed) would
     # wait for the workers.
-    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": beside_driver()})
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_this_node()})
     with tracking.run(tracker, config) as epochs:
         trainer = _trainer(config, classes, train_rows, val_rows, cache, worker_cpus, decode_cpus, progress, registry,
                            lock.owner["token"] if lock else None)
@@ -361,7 +361,7 @@ def _dataset(rows: pa.Table, config: TrainConfig, decode_cpus: float, name: str,
     Each execution (each epoch, when streaming) visits the blocks in a new seeded order, so the
     blocks a worker gets change from epoch to epoch; the rows within them were shuffled by _split.
     A ``streamed`` one decodes in a pool of actors (see Decoder); one read in a single pass (the
-    cache's, the stats sample) in tasks, whose workers Ray keeps while they are busy and which
+    stats sample) in tasks, whose workers Ray keeps while they are busy and which
     start no pool: a pool per execution made the test suite ~5 minutes slower. ``name`` tells its
     batches apart in ``crash_registry`` from another dataset's over the same files (the stats sample's
     are the first training blocks)."""
@@ -404,11 +404,17 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
              crash_registry: ActorHandle, lock_token: str | None) -> ray.train.torch.TorchTrainer:
     output = _output(config)
     loop_config = {"config": config.model_dump(), "classes": classes, "cache": cache, "train_images": train_rows.num_rows,
-                   "progress": progress, "verbose": console.verbose(), "lock_token": lock_token}
-    stats_rows = train_rows.slice(0, STATS_IMAGES)  # already in a seeded random order
-    datasets = {name: _dataset(rows, config, decode_cpus, name, crash_registry,
-                               streamed=cache == "none" and name != "stats")
-                for name, rows in (("train", train_rows), ("val", val_rows), ("stats", stats_rows))}
+                   "progress": progress, "verbose": console.verbose(), "lock_token": lock_token,
+                   "crash_registry": crash_registry}
+    datasets = {}
+    if cache == "memory":
+        # Each worker decodes its own rows (_fill_cache). In the object store, not in loop_config:
+        # Ray Train pickles that into every worker's call (~65 bytes a row, 130 MB for 2M images).
+        loop_config["rows"] = {"train": ray.put(train_rows), "val": ray.put(val_rows)}
+    else:
+        stats_rows = train_rows.slice(0, STATS_IMAGES)  # already in a seeded random order
+        datasets = {name: _dataset(rows, config, decode_cpus, name, crash_registry, streamed=name != "stats")
+                    for name, rows in (("train", train_rows), ("val", val_rows), ("stats", stats_rows))}
     # Ray Data's limit is what keeps decoding off the workers' reserved CPUs: without it, it sizes
     # itself by the whole cluster, CPUs the workers hold included.
     limits = ray.data.ExecutionOptions(resource_limits=ray.data.ExecutionResources(
@@ -416,7 +422,7 @@ def _trainer(config: TrainConfig, classes: list[str], train_rows: pa.Table, val_
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        datasets=datasets,
+        datasets=datasets or None,
         # "stats" is not split: rank 0 reads all of it (_fresh_state).
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=limits),
         scaling_config=ray.train.ScalingConfig(
@@ -580,7 +586,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # before the shards are read spares decoding the whole lake for no step.
         tell({"message": f"nothing to train: the checkpoint is of epoch {state['epoch']}, --epochs is {config.epochs}"})
         return
-    train_data, val_data = _shards(loop_config["cache"], local_batch)
+    train_data, val_data = _shards(loop_config, config, local_batch, tell)
     tell({"message": f"training steps in {'bfloat16 autocast' if use_bf16(config, device) else 'float32'} "
                      f"on {device.type} (--precision {config.precision})"})
     if state:
@@ -762,16 +768,57 @@ def one_cycle(progress: float, start: float, peak: float, end: float) -> float:
     return end + (1 - end) * max(0.0, 1.0 - progress) / (1.0 - peak)
 
 
-def _shards(cache: str, batch: int) -> tuple[CachedShard, CachedShard] | tuple[StreamedShard, StreamedShard]:
-    """This worker's (train, val) shards. Cached ones fill at once, in two threads: each split's
-    execution spends seconds starting (its coordinator actor, its decode workers) before the
-    first image, and the held-out split waited for all of the training split's."""
-    train, val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    if cache != "memory":
+def _shards(loop_config: dict[str, Any], config: TrainConfig, batch: int, tell: Callable[[dict[str, Any]], None]
+            ) -> tuple[CachedShard, CachedShard] | tuple[StreamedShard, StreamedShard]:
+    """This worker's (train, val) shards: streamed from Ray Data's split, or decoded once into memory."""
+    if loop_config["cache"] != "memory":
+        train, val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
         return StreamedShard(train, shuffle_buffer=4 * batch), StreamedShard(val, shuffle_buffer=4 * batch)
-    with ThreadPoolExecutor(2, thread_name_prefix="distcls-cache") as pool:
-        filled = list(pool.map(_cache_shard, (train, val)))
-    return CachedShard(*filled[0]), CachedShard(*filled[1])
+    started = time.time()
+    context = ray.train.get_context()
+    rank, workers = context.get_world_rank(), context.get_world_size()
+    mine = {name: rows.take(np.arange(rank, rows.num_rows, workers))
+            for name, rows in zip(loop_config["rows"], ray.get(list(loop_config["rows"].values())))}
+    shards = _fill_cache(mine, config, loop_config["crash_registry"])
+    # Equal, as DDP needs: every worker takes as many training steps, and evaluates as many batches
+    # (its first evaluation pass broadcasts the BatchNorm buffers). Files that failed to decode
+    # make the shards differ; the rows were split one by one, so they differ by one image at most
+    # otherwise.
+    least = torch.tensor([len(shards["train"].labels), len(shards["val"].labels)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+    train, val = (CachedShard(shards[name].images[:n], shards[name].labels[:n])
+                  for name, n in zip(("train", "val"), least.tolist()))
+    tell({"message": f"cache filled in {time.time() - started:.1f} s: {len(train.labels)} training and "
+                     f"{len(val.labels)} held-out images a worker"})
+    return train, val
+
+
+def _fill_cache(splits: dict[str, pa.Table], config: TrainConfig, crash_registry: ActorHandle) -> dict[str, CachedShard]:
+    """Each split of this worker's ``splits`` decoded, unreadable images left out, as a CachedShard.
+
+    Decoded by this worker's own Ray tasks on its node, on the CPUs it holds and would only wait
+    with, as many blocks ahead of the one it takes as it holds CPUs (each task reads READ_THREADS
+    files at once; on CIFAR-10 here, 1 ahead filled in 9-10 s, 2 in 11-14 s, 4 in 21 s: more
+    processes starting), and through ``crash_registry`` (a file that kills its decoder would kill
+    the worker). Ray Data's split of a decoded dataset did this before: its budgets ran one
+    0.25-CPU decode task at a time for the whole cluster while the workers waited, 51 s for
+    CIFAR-10 here (BENCHMARKS.md, "The cache fill on CIFAR-10").
+
+    Each block is copied into the shard as it comes, which releases it from the object store: the
+    shard is held once, not also as blocks or while they are joined."""
+    shards, ahead = {}, max(1, math.ceil(config.cpus_per_worker))
+    for name, rows in splits.items():
+        images = np.empty((rows.num_rows, config.image_size, config.image_size, 3), dtype=np.uint8)
+        labels = np.empty(rows.num_rows, dtype=np.int64)
+        filled = 0
+        blocks = ((name, rows.slice(start, ROWS_PER_BLOCK)) for start in range(0, rows.num_rows, ROWS_PER_BLOCK))
+        for decoded in _decoded(blocks, config, crash_registry, ahead, scheduling_strategy=on_this_node()):
+            count = len(decoded["label"])
+            images[filled:filled + count], labels[filled:filled + count] = decoded["image"], decoded["label"]
+            filled += count
+        shards[name] = CachedShard(torch.from_numpy(images[:filled]), torch.from_numpy(labels[:filled]))
+    return shards
 
 
 @dataclass
@@ -821,17 +868,6 @@ class StreamedShard:
             if training:
                 images = mirror(images, torch.rand(len(images), generator=generator) < 0.5)
             yield images, batch["label"]
-
-
-def _cache_shard(shard: ray.data.DataIterator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a shard once and keep it as uint8 NHWC + int64 labels."""
-    images, labels = [], []
-    for batch in shard.iter_batches(batch_size=2048, batch_format="numpy"):
-        images.append(batch["image"])
-        labels.append(batch["label"])
-    if not images:
-        return torch.zeros((0, 1, 1, 3), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
 def _frozen(plain: nn.Module, state: dict[str, Any], config: TrainConfig, epoch: int) -> set[str]:
@@ -1047,24 +1083,28 @@ def _save_artifact(config: TrainConfig, classes: list[str], checkpoint: ray.trai
 
 def _held_out_batches(val_rows: pa.Table, config: TrainConfig, crash_registry: ActorHandle) -> Batches:
     """The held-out images, unreadable ones skipped as training skips them, in eval_batch_size
-    batches, decoded by Ray tasks through ``crash_registry`` (a file that kills its decoder would
-    kill the driver), a few batches ahead."""
-    decode = ray.remote(num_cpus=0, max_retries=-1)(decode_rows)
+    batches, decoded by Ray tasks (_decoded: a file that kills its decoder would kill the driver),
+    a few batches ahead."""
     size = eval_batch_size(config.image_size)
+    blocks = (("val", val_rows.slice(start, size)) for start in range(0, val_rows.num_rows, size))
+    for decoded in _decoded(blocks, config, crash_registry, HELD_OUT_AHEAD):
+        yield torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
+
+
+def _decoded(blocks: Iterable[tuple[str, pa.Table]], config: TrainConfig, crash_registry: ActorHandle, ahead: int,
+             **options: Any) -> Iterator[dict[str, np.ndarray]]:
+    """decode_rows of each (scope, rows) of ``blocks``, in order, each in a 0-CPU Ray task (with
+    ``options``) sent ``ahead`` blocks before it is taken, through ``crash_registry``."""
+    decode = ray.remote(num_cpus=0, max_retries=-1)(decode_rows).options(**options)
     pending: collections.deque = collections.deque()
-    for start in range(0, val_rows.num_rows, size):
-        block = val_rows.slice(start, size)
-        pending.append(decode.remote({"path": block["path"].to_numpy(zero_copy_only=False),
-                                      "label": block["label"].to_numpy()},
-                                     config.storage(), config.image_size, crash_registry, "val"))
-        if len(pending) > HELD_OUT_AHEAD:
-            yield _tensors(*_task_results([pending.popleft()]))
+    for scope, rows in blocks:
+        pending.append(decode.remote({"path": rows["path"].to_numpy(zero_copy_only=False),
+                                      "label": rows["label"].to_numpy()},
+                                     config.storage(), config.image_size, crash_registry, scope))
+        if len(pending) > ahead:
+            yield _task_results([pending.popleft()])[0]
     while pending:
-        yield _tensors(*_task_results([pending.popleft()]))
-
-
-def _tensors(decoded: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
+        yield _task_results([pending.popleft()])[0]
 
 
 def eval_batch_size(image_size: int) -> int:

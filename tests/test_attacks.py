@@ -393,7 +393,7 @@ def test_an_input_reader_the_drivers_node_refuses_is_one_line_and_commits_nothin
 
     from distcls import inputs
 
-    monkeypatch.setattr(inputs, "beside_driver", lambda: NodeAffinitySchedulingStrategy("ab" * 28, soft=False))
+    monkeypatch.setattr(inputs, "on_this_node", lambda: NodeAffinitySchedulingStrategy("ab" * 28, soft=False))
     lake, output = synthetic_lake(1, labelled=False), tmp_path / "out"
     code = main(_label_args(lake, tiny_model, output))
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -260,12 +260,16 @@ def test_a_file_that_kills_its_decoder_becomes_an_error_row_not_an_endless_retry
 
 @pytest.mark.slow
 @pytest.mark.timeout(600, method="thread")  # without the registry, Ray Data retries the block forever
+@pytest.mark.parametrize("cache, workers", [("none", 1), ("memory", 2)])
 def test_a_file_that_kills_its_decoder_is_skipped_by_training(no_ray, tmp_path: Path, synthetic_lake,
-                                                               capsys: pytest.CaptureFixture) -> None:
+                                                               capsys: pytest.CaptureFixture, cache: str,
+                                                               workers: int) -> None:
     """One among the training images, one among the held-out ones. Each is read first by the check
-    before the run (a task: there, on the driver, it killed the driver), the stats sample (tasks) or
-    the decode actors of the first streamed epoch; wherever that is, it kills two attempts and is
-    never read again: 4 deaths in all, and the run trains and evaluates on every other image, and
+    before the run (a task: there, on the driver, it killed the driver), the stats sample (tasks),
+    the decode actors of the first streamed epoch or the cache's decode tasks, which the workers
+    send; wherever that is, it kills two attempts and is never read again: 4 deaths in all, and
+    the run trains and evaluates on every other image (cached, on as many on each worker: the one
+    without the poison leaves one out, else DDP would wait for a step the other never takes), and
     says, without --verbose, that it left each out once (not once per epoch)."""
     import json
 
@@ -284,14 +288,20 @@ def test_a_file_that_kills_its_decoder_is_skipped_by_training(no_ray, tmp_path: 
                  runtime_env={"worker_process_setup_hook": _decoder_that_dies_on_poison,
                               "env_vars": {"DEATHS_FILE": str(tmp_path / "deaths")}})
         code = main(["train", "--input", str(lake), "--val-input", str(held), "--output", str(output),
-                     "--arch", "simple_cnn", "--epochs", "2", "--workers", "1", "--batch-size", "8", "--cache", "none"])
+                     "--arch", "simple_cnn", "--epochs", "2", "--workers", str(workers), "--batch-size", "8",
+                     "--cache", cache])
     finally:
         ray.shutdown()
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert code == 0 and (output / "model" / "model.json").exists()
     history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     good_held = len([p for p in held.rglob("*.jpg") if p.name != "poison.jpg"])
-    assert [row["val_images"] for row in history] == [good_held, good_held]
+    if workers == 1:
+        assert [row["val_images"] for row in history] == [good_held, good_held]
+    else:  # each worker's rows are every other one: the poison's worker decodes one less
+        per_worker = [len(range(rank, good_held + 1, workers)) for rank in range(workers)]
+        assert history[0]["val_images"] in {workers * (n - 1) for n in per_worker}, (history, per_worker)
+        assert history[0]["val_images"] == history[1]["val_images"]
     assert len((tmp_path / "deaths").read_text().splitlines()) == 4
     out, err = capsys.readouterr()
     # The JSON line, then what ray.shutdown() above printed (outside the command, so on stdout).

@@ -143,7 +143,7 @@ class _Stray(io.TextIOBase):
         """Also writes an unfinished line (a progress bar redrawn with \\r), unless it may be
         the start of Ray's noise."""
         with self._lock:
-            if not _RAY_NOISE.match(self._pending) and "(raylet)" not in self._pending:
+            if "(raylet)" not in self._pending:
                 self._write_pending()
         sys.stderr.flush()
 

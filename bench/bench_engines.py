@@ -2,7 +2,7 @@
 
     python bench/bench_engines.py                         # resnet_small, 32x32, batch 256
     python bench/bench_engines.py --arch simple_cnn --rounds 10
-    python bench/bench_engines.py --arch airbench --tta flip   # the default recipe's model
+    python bench/bench_engines.py --arch airbench94 --tta flip   # the default recipe's model
     python bench/bench_engines.py --photos 2000        # + decoding the photo lake, as a labeling actor does
 
 One thread each, as in a labeling actor: ``engines.TorchEngine`` (PyTorch eager, channels-last)

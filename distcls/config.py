@@ -114,7 +114,7 @@ class TrainConfig(StorageConfig):
     output: str = Field(..., description="Output URI: checkpoints, metrics.jsonl, curves.png and the model/ artifact.")
     val_input: str | None = Field(None, description="Separate validation lake or manifest; default: hold out --val-fraction.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Stratified, seeded hold-out fraction when no --val-input.")
-    arch: str = Field("airbench", description="Architecture name from the model registry (list them, with their training defaults: distcls models).")
+    arch: str = Field("airbench94", description="Architecture name from the model registry (list them, with their training defaults: distcls models).")
     init_weights: str | None = Field(None, description="URI of a state dict (safetensors or torch weights) to start from.")
     init_weights_partial: bool = Field(
         False, description="Load the --init-weights tensors that fit and re-initialise the rest (e.g. a head for "
@@ -126,7 +126,7 @@ class TrainConfig(StorageConfig):
     # default arch's recipe (models.Recipe); another --arch
     # brings its own (_arch_recipe). The values are written out, not read from models: importing
     # torch would make every `distcls --help` slow.
-    epochs: int = Field(12, ge=1, description="Passes over the training set; default: the --arch's.")
+    epochs: int = Field(20, ge=1, description="Passes over the training set; default: the --arch's.")
     batch_size: int = Field(1024, ge=1, description="Global batch size, split evenly across workers; default: the --arch's.")
     # allow_inf_nan=False: --lr inf trained a garbage model and exited 0.
     lr: float = Field(1.5, gt=0, allow_inf_nan=False,

@@ -847,11 +847,11 @@ def test_a_lake_of_one_colour_fails_saying_so_not_lower_lr(ray_local, tmp_path: 
 
 
 def test_an_image_size_too_small_for_the_arch_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """airbench (the default) at --image-size 8, which config allows: its last pooling leaves 0x0
+    """airbench94 (the default) at --image-size 8, which config allows: its last pooling leaves 0x0
     pixels, and every worker failed at its first step, restart after restart."""
     code = main(["train", "--input", str(tmp_path / "lake"), "--output", str(tmp_path / "run"), "--image-size", "8"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("distcls train: error: --image-size 8 is too small for --arch airbench (")
+    assert code == 2 and err.startswith("distcls train: error: --image-size 8 is too small for --arch airbench94 (")
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
 
 

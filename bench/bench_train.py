@@ -80,7 +80,7 @@ def plain_epoch_rate(lake: Path, epochs: int, batch: int) -> float:
     from distcls.storage import Store
     from distcls.images import read_batch
     from distcls.models import create_model
-    from distcls.train import CachedShard, Lookahead, eval_batch_size, eval_epoch, param_groups, train_epoch
+    from distcls.train import CachedShard, Lookahead, eval_batch_size, eval_epoch, param_groups, train_epoch, use_bf16
 
     torch.set_num_threads(2)
     config = TrainConfig(input=str(lake), output="unused", epochs=epochs, batch_size=batch, workers=1)
@@ -102,9 +102,11 @@ def plain_epoch_rate(lake: Path, epochs: int, batch: int) -> float:
         started = time.time()
         train_epoch(model, optimizer, train_data.batches(batch, generator, epoch), state, config, epoch, steps,
                     generator, device, lookahead)
-        # As train_loop_per_worker: plain forward passes, --tta after the last epoch only.
+        # As train_loop_per_worker: plain forward passes in the steps' precision, --tta in float32
+        # after the last epoch only.
+        last = epoch == epochs - 1
         eval_epoch(model, val_data.batches(eval_batch_size(config.image_size)), state, device, len(classes),
-                   config.tta if epoch == epochs - 1 else "none")
+                   config.tta if last else "none", bf16=not last and use_bf16(config, device))
         rates.append(steps * batch / (time.time() - started))
     return float(np.mean(rates[1:]))
 

@@ -152,16 +152,18 @@ class TrainConfig(StorageConfig):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Arithmetic of the training steps: bf16 autocasts convolutions and matrix products to "
                             "bfloat16 (weights, BatchNorm and the optimizer stay float32); auto: bf16 on GPUs and "
-                            "on CPUs that compute it natively (AVX512-BF16, AMX), else fp32. Evaluation and "
-                            "inference always use float32 on CPUs.")
+                            "on CPUs that compute it natively (AVX512-BF16, AMX), else fp32. Inference, and "
+                            "training's evaluation of its last epoch, use float32 on CPUs; epochs before the "
+                            "last evaluate in the steps' precision.")
     cache: Literal["memory", "none", "auto"] = Field(
-        "auto", description="memory: each worker decodes its shard once and keeps it in RAM; none: every epoch "
+        "auto", description="memory: each worker decodes its shard once, on its own CPUs, and keeps it in RAM; none: every epoch "
                             "streams the lake through Ray Data, decoded images held nowhere; auto: memory when the "
                             "decoded lake (images x size^2 x 3 bytes) fits in a quarter of the smallest CPU node's "
                             "Ray memory, else none.")
     decode_cpus: float | None = Field(
-        None, gt=0, description="CPUs Ray Data may use to decode while training runs; default: the CPUs the "
-                                "training workers leave free, or 0.5 shared with them when they leave less than one.")
+        None, gt=0, description="CPUs Ray Data may use to decode a streamed lake (--cache none) while training "
+                                "runs; default: the CPUs the training workers leave free, or 0.5 shared with them "
+                                "when they leave less than one. A cached lake is decoded by each worker on its own CPUs.")
     seed: int = Field(0, description="Seed for the split, initialisation and augmentation order.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts allowed before the run fails (-1: unlimited).")
     name: str = Field("distcls-train", description="Run name; rerunning with the same name and output resumes.")

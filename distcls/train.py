@@ -1,10 +1,10 @@
 """``distcls train``: data-parallel training with Ray Train, ending in a model artifact.
 
-The driver lists and splits the lake and hands a TorchTrainer lazy Ray Datasets of (path, label)
-rows that Ray Data fetches and decodes (``images.read_batch``, the same function labeling uses) on
-the CPUs set aside for decoding, streaming into the workers. With ``--cache memory`` each worker
-keeps its decoded uint8 shard after the first pass, so an epoch costs only the model's compute;
-with ``--cache none`` every epoch streams the lake again and nothing holds it decoded. Workers
+The driver lists and splits the lake into (path, label) rows, decoded by ``images.read_batch``, the
+same function labeling uses. With ``--cache memory`` each worker decodes its own rows once, in Ray
+tasks on its node, and keeps them as uint8, so an epoch costs only the model's compute; with
+``--cache none`` the TorchTrainer gets lazy Ray Datasets that Ray Data decodes on the CPUs set aside
+for decoding, streaming into the workers every epoch, and nothing holds the lake decoded. Workers
 augment per batch either way. Every epoch is reported with a checkpoint; Ray Train restarts failed
 workers from the latest one, and rerunning the same command on the same output resumes.
 """
@@ -93,6 +93,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     _check_split(config, train_rows.num_rows, val_rows.num_rows)
     if config.init_weights:
         _check_init_weights(config, len(classes))
+    _check_resumable(config, len(classes))
     tracker = tracking.tracker(config)  # UsageError before Ray starts when MLflow is asked for but missing
     ensure_ray()
     # GPUs on demand: an autoscaler that launches a GPU node for us will add the rest as the workers wait.
@@ -191,8 +192,8 @@ def _printable(text: str, limit: int = 300) -> str:
 
 
 def _check_split(config: TrainConfig, train_images: int, val_images: int) -> None:
-    """UsageError when a split has fewer images than workers: Ray Data splits the decoded images
-    equally, dropping the remainder, so every worker would train on, or evaluate, none."""
+    """UsageError when a split has fewer images than workers: some worker would get none of its
+    rows (cached) or Ray Data's equal split none of the images (streamed)."""
     held = f"--val-input {config.val_input} has" if config.val_input else f"--val-fraction {config.val_fraction} holds out"
     if val_images < config.workers:
         raise UsageError(f"{held} {val_images} images, fewer than --workers {config.workers}: the held-out "
@@ -223,6 +224,31 @@ def _check_decodable(config: TrainConfig, train_rows: pa.Table, val_rows: pa.Tab
                            f"read ({store_failure})")
         if decoded < enough:
             raise UsageError(f"{message.format(decoded)} (first failure: {failure})")
+
+
+def _check_resumable(config: TrainConfig, num_classes: int) -> None:
+    """UsageError when --output holds checkpoints of this run (--name) whose weights do not fit
+    --arch: Ray Train resumes from the latest, and every worker failed to load it, restart after
+    restart, for a run started with another --arch (an older default's, say) or class count."""
+    store = _output(config).child(config.name)
+    checkpoints = [entry.base_name for entry in store.entries() if entry.base_name.startswith("checkpoint_")]
+    if not checkpoints:
+        return
+    try:  # the safetensors header alone: 8 bytes of length, then JSON of each tensor's shape
+        with store.open_input(checkpoints[-1], "model.safetensors") as file:
+            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+    except (OSError, ValueError, UsageError):
+        return  # not a checkpoint of ours to judge: Ray Train's restore says what it finds
+    with torch.device("meta"):
+        expected = {key: list(value.shape) for key, value in create_model(config.arch, num_classes).state_dict().items()}
+    found = {key: value.get("shape") for key, value in header.items() if key != "__metadata__"}
+    differs = [key for key in sorted(found.keys() | expected.keys()) if found.get(key) != expected.get(key)]
+    if differs:
+        raise UsageError(f"--output {config.output} holds checkpoints of run {config.name!r} that do not fit --arch "
+                         f"{config.arch} with {num_classes} classes ({differs[0]}: {found.get(differs[0])} in "
+                         f"{checkpoints[-1]}, {expected.get(differs[0])} for --arch {config.arch}); rerunning resumes "
+                         "from them: pass the --arch (and settings) that run was started with, or give another "
+                         "--output or --name")
 
 
 def _images_of(config: TrainConfig) -> str:
@@ -336,8 +362,8 @@ def plan_cpus(config: TrainConfig, total_cpus: float, can_grow: bool = False) ->
 def choose_cache(config: TrainConfig, images: int, node_memory: float) -> str:
     """``memory`` or ``none``. auto keeps images in memory when the decoded lake (train + held out,
     uint8) takes at most a quarter of the smallest CPU node's Ray memory: all workers may share that
-    node, a shard is briefly held twice while its batches are concatenated, and the rest is for the
-    model, activations and Ray Data's blocks in flight."""
+    node, each worker also holds the lake's path table, and the rest is for the model, activations
+    and decoded blocks in flight."""
     if config.cache != "auto":
         return config.cache
     decoded = images * config.image_size ** 2 * 3
@@ -606,9 +632,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         except ValueError:  # a checkpoint of a distcls whose parameter groups differ (their number or sizes)
             tell({"message": "the checkpoint's optimizer state does not fit this version's parameter groups: "
                              "the momentum starts again from zero", "warning": True})
-    # From the listing, for the schedule; the shards are equal (Ray Train splits with equal=True),
-    # so every worker takes the same number of steps, as DDP needs.
-    steps_per_epoch = max(1, loop_config["train_images"] // config.workers // local_batch)
+    # For the schedule: a cached shard's (_shards), else from the listing; streamed shards are equal
+    # (Ray Train splits them with equal=True), so every worker takes the same number of steps.
+    steps_per_epoch = getattr(train_data, "steps", None) or max(1, loop_config["train_images"] // config.workers // local_batch)
     generator = torch.Generator().manual_seed(config.seed * 1000 + ray.train.get_context().get_world_rank())
     lookahead = Lookahead(plain) if config.lookahead else None
     for epoch in range(first_epoch, config.epochs):
@@ -629,7 +655,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # earlier one is evaluated again as inference predicts (_save_artifact).
         last = epoch == config.epochs - 1
         tta, precision = (config.tta, "fp32") if last else ("none", "bf16" if use_bf16(config, device) else "fp32")
-        evaluation = eval_epoch(model, val_data.batches(eval_batch_size(config.image_size)), state, device,
+        # On the module DDP wraps, rank 0's BatchNorm statistics sent to every worker first: DDP's
+        # forward would broadcast them, a collective per batch, and cached held-out shards may differ
+        # in size (files that failed to decode); eval_epoch sums the workers' totals once.
+        _from_rank_zero_buffers(plain)
+        evaluation = eval_epoch(plain, val_data.batches(eval_batch_size(config.image_size)), state, device,
                                 len(classes), tta, bf16=precision == "bf16")
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_images": images, "val_loss": evaluation.loss,
                "val_accuracy": evaluation.accuracy, "val_images": evaluation.images, "val_tta": tta,
@@ -786,18 +816,23 @@ def _shards(loop_config: dict[str, Any], config: TrainConfig, batch: int, tell: 
     rank, workers = context.get_world_rank(), context.get_world_size()
     mine = {name: rows.take(np.arange(rank, rows.num_rows, workers))
             for name, rows in zip(loop_config["rows"], ray.get(list(loop_config["rows"].values())))}
-    shards = _fill_cache(mine, config, loop_config["crash_registry"])
-    # Equal, as DDP needs: every worker takes as many training steps, and evaluates as many batches
-    # (its first evaluation pass broadcasts the BatchNorm buffers). Files that failed to decode
-    # make the shards differ; the rows were split one by one, so they differ by one image at most
-    # otherwise.
-    least = torch.tensor([len(shards["train"].labels), len(shards["val"].labels)])
+    train, val = (_fill_cache(mine, config, loop_config["crash_registry"])[name] for name in ("train", "val"))
+    # DDP steps in lock step: every worker takes as many batches an epoch, the whole batches of the
+    # smallest shard (files that failed to decode make the shards differ), each from a new random
+    # order of all its images. Evaluation needs no such cut (train_loop_per_worker).
+    decoded = torch.zeros(workers, dtype=torch.int64)
+    decoded[rank] = len(train.labels)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
-    train, val = (CachedShard(shards[name].images[:n], shards[name].labels[:n])
-                  for name, n in zip(("train", "val"), least.tolist()))
-    tell({"message": f"cache filled in {time.time() - started:.1f} s: {len(train.labels)} training and "
-                     f"{len(val.labels)} held-out images a worker"})
+        torch.distributed.all_reduce(decoded)
+    train.steps = int(decoded.min()) // batch
+    if not train.steps:
+        short = int(decoded.argmin())
+        raise JobError(f"training worker {short} decoded {int(decoded[short])} of its "
+                       f"{len(range(short, loop_config['train_images'], workers))} training images, fewer than a "
+                       f"batch ({batch}); every worker takes as many steps, so none would train (images decoded "
+                       f"by each worker: {decoded.tolist()})")
+    tell({"message": f"cache filled in {time.time() - started:.1f} s: training images by worker {decoded.tolist()}, "
+                     f"{train.steps} steps of {batch} an epoch; {len(val.labels)} held-out images on rank 0"})
     return train, val
 
 
@@ -835,6 +870,7 @@ class CachedShard:
     images: torch.Tensor
     labels: torch.Tensor
     mirrored: torch.Tensor | None = None  # per image: mirrored in even epochs (drawn at the first)
+    steps: int | None = None  # training batches an epoch, at most (every worker takes as many)
 
     def batches(self, size: int, generator: torch.Generator | None = None, epoch: int = 0) -> Batches:
         """Training (with ``generator``): whole batches in a new random order, each image mirrored
@@ -848,7 +884,7 @@ class CachedShard:
         if self.mirrored is None:
             self.mirrored = torch.rand(len(self.labels), generator=generator) < 0.5
         order = torch.randperm(len(self.labels), generator=generator)
-        for start in range(0, len(order) - size + 1, size):
+        for start in range(0, min(len(order) - size + 1, size * (self.steps or len(order))), size):
             idx = order[start:start + size]
             yield mirror(self.images[idx], self.mirrored[idx] ^ bool(epoch % 2)), self.labels[idx]
 
@@ -985,6 +1021,13 @@ def _lost_output(config: TrainConfig, token: str | None, tell: Callable[[dict[st
     return bool(_from_rank_zero(lost))
 
 
+def _from_rank_zero_buffers(model: nn.Module) -> None:
+    """``model``'s buffers (BatchNorm statistics) set to rank 0's on every worker."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def _from_rank_zero(value: Any) -> Any:
     """Rank 0's ``value``, on every worker."""
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
@@ -1098,7 +1141,7 @@ def _held_out_batches(val_rows: pa.Table, config: TrainConfig, crash_registry: A
     size = eval_batch_size(config.image_size)
     blocks = (("val", val_rows.slice(start, size)) for start in range(0, val_rows.num_rows, size))
     for decoded in _decoded(blocks, config, crash_registry, HELD_OUT_AHEAD):
-        yield torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
+        yield torch.from_numpy(decoded["image"].copy()), torch.from_numpy(decoded["label"].copy())  # writable
 
 
 def _decoded(blocks: Iterable[tuple[str, pa.Table]], config: TrainConfig, crash_registry: ActorHandle, ahead: int,

@@ -268,8 +268,8 @@ def test_a_file_that_kills_its_decoder_is_skipped_by_training(no_ray, tmp_path: 
     before the run (a task: there, on the driver, it killed the driver), the stats sample (tasks),
     the decode actors of the first streamed epoch or the cache's decode tasks, which the workers
     send; wherever that is, it kills two attempts and is never read again: 4 deaths in all, and
-    the run trains and evaluates on every other image (cached, on as many on each worker: the one
-    without the poison leaves one out, else DDP would wait for a step the other never takes), and
+    the run trains and evaluates on every other image (cached, the workers' shards then differ by
+    an image: each still takes as many steps, else DDP would wait for one the other never takes), and
     says, without --verbose, that it left each out once (not once per epoch)."""
     import json
 
@@ -296,12 +296,8 @@ def test_a_file_that_kills_its_decoder_is_skipped_by_training(no_ray, tmp_path: 
     assert code == 0 and (output / "model" / "model.json").exists()
     history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     good_held = len([p for p in held.rglob("*.jpg") if p.name != "poison.jpg"])
-    if workers == 1:
-        assert [row["val_images"] for row in history] == [good_held, good_held]
-    else:  # each worker's rows are every other one: the poison's worker decodes one less
-        per_worker = [len(range(rank, good_held + 1, workers)) for rank in range(workers)]
-        assert history[0]["val_images"] in {workers * (n - 1) for n in per_worker}, (history, per_worker)
-        assert history[0]["val_images"] == history[1]["val_images"]
+    # Every held-out image that decodes is evaluated, however the workers' shards differ.
+    assert [row["val_images"] for row in history] == [good_held, good_held]
     assert len((tmp_path / "deaths").read_text().splitlines()) == 4
     out, err = capsys.readouterr()
     # The JSON line, then what ray.shutdown() above printed (outside the command, so on stdout).

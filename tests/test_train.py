@@ -281,6 +281,83 @@ def test_the_artifact_of_an_epoch_evaluated_without_its_tta_says_what_it_predict
     assert info.validation.mean_top1 == pytest.approx(probs.max(1).values.mean().item(), abs=1e-4)
 
 
+def test_resuming_a_run_of_another_arch_is_a_usage_error_naming_it(synthetic_lake, tmp_path, capsys) -> None:
+    """A run started with the default --arch of an older distcls (airbench), rerun after the default
+    changed: every worker failed to load its checkpoint, restart after restart, and the error said
+    that rerunning resumes."""
+    import safetensors.torch
+
+    lake = synthetic_lake(12)
+    classes = sorted(p.name for p in lake.iterdir() if p.is_dir())
+    checkpoint = tmp_path / "run" / "distcls-train" / "checkpoint_2026-12-02_10-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    safetensors.torch.save_file(create_model("airbench", len(classes)).state_dict(), str(checkpoint / "model.safetensors"))
+    argv = ["train", "--input", str(lake), "--output", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"distcls train: error: --output {tmp_path / 'run'} holds checkpoints of run 'distcls-train' "
+                          f"that do not fit --arch airbench94 with {len(classes)} classes (") and len(err.splitlines()) == 1
+    assert "pass the --arch (and settings) that run was started with" in err
+    assert not (tmp_path / "run" / "val.parquet").exists()
+
+
+@pytest.mark.parametrize("broken", [0.5, 1.0])
+def test_unreadable_images_on_one_worker_cost_the_others_no_image(ray_local, synthetic_lake, tmp_path, capsys,
+                                                                    broken) -> None:
+    """Cached, each worker decodes its own rows (rows[rank::workers]); the broken files may all be
+    one worker's. DDP needs as many steps from each, not as many images: the others keep every image
+    they decoded, every held-out image that decodes is evaluated, and a worker left without a whole
+    batch fails the run at once, naming it, not after its epochs with 'no image was trained on'."""
+    lake = tmp_path / "lake"
+    shutil.copytree(synthetic_lake(12), lake)
+    argv = ["train", "--input", str(lake), "--output", str(tmp_path / "run"), "--arch", "simple_cnn", "--epochs", "2",
+            "--batch-size", "16", "--workers", "2", "--cache", "memory", "--max-failures", "0"]
+    train_rows, val_rows, _, _ = train_module._split(TrainConfig(input=str(lake), output="unused", workers=2))
+    second = train_rows["path"].to_pylist()[1::2]
+    for path in second[:int(len(second) * broken)]:
+        Path(path).write_bytes(b"not an image")
+    first = len(train_rows["path"].to_pylist()[0::2])
+    code = main(argv)
+    err = capsys.readouterr().err
+    if broken == 1.0:  # the check before the run passes: half the training images decode
+        assert code == 1 and f"training worker 1 decoded 0 of its {len(second)} training images, fewer than a batch (8)" in err
+        assert "epoch   1/2" not in err
+        return
+    assert code == 0, err
+    steps = (len(second) - int(len(second) * broken)) // 8
+    assert f"training images by worker [{first}, {len(second) - int(len(second) * broken)}], {steps} steps of 8" in err
+    assert [row["train_images"] for row in _history(tmp_path / "run")] == [2 * steps * 8] * 2
+    assert [row["val_images"] for row in _history(tmp_path / "run")] == [val_rows.num_rows] * 2
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_best_epoch_evaluated_in_bfloat16_is_evaluated_again_as_inference_predicts(ray_local, synthetic_lake,
+                                                                                      tmp_path, precision) -> None:
+    """Epochs before the last evaluate in the training steps' bfloat16; the artifact's metrics must
+    be float32's, as evaluate and label predict: a best checkpoint evaluated in bfloat16 (its row
+    says so) is evaluated again, one evaluated in float32 with the artifact's tta is kept as it is."""
+    from distcls import crashes, lake
+
+    config = TrainConfig(input=str(synthetic_lake(3)), output=str(tmp_path / "run"), arch="simple_cnn", tta="none")
+    rows, classes = lake.labelled_images(Store(config.input))
+    model = create_model(config.arch, num_classes=len(classes))
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    import safetensors.torch
+
+    safetensors.torch.save_file(model.state_dict(), str(folder / "model.safetensors"))
+    torch.save({"mean": (0.5,) * 3, "std": (0.25,) * 3}, folder / train_module.STATE_FILE)
+    metrics = {"epoch": 3, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.123456, "elapsed_s": 1.0,
+               "val_tta": "none", "val_precision": precision}
+    info = train_module._save_artifact(config, classes, ray.train.Checkpoint.from_directory(str(folder)), metrics,
+                                       rows, crashes.start_registry())
+    images = np.stack([decode(Path(path).read_bytes(), config.image_size)[0] for path in rows["path"].to_pylist()])
+    predicted = predict_proba(model.eval(), info, images).argmax(1).numpy()
+    accuracy = float(np.mean(predicted == rows["label"].to_numpy()))
+    assert info.metrics["val_accuracy"] == (pytest.approx(accuracy, abs=1e-6) if precision == "bf16" else 0.123456)
+    assert accuracy != 0.123456
+
+
 def test_decode_cpus_leave_the_workers_some(tmp_path) -> None:
     def plan(total: float, **settings) -> tuple[float, float]:
         return plan_cpus(TrainConfig(input="lake", output="out", workers=2, **settings), total)

@@ -816,7 +816,8 @@ def _shards(loop_config: dict[str, Any], config: TrainConfig, batch: int, tell: 
     rank, workers = context.get_world_rank(), context.get_world_size()
     mine = {name: rows.take(np.arange(rank, rows.num_rows, workers))
             for name, rows in zip(loop_config["rows"], ray.get(list(loop_config["rows"].values())))}
-    train, val = (_fill_cache(mine, config, loop_config["crash_registry"])[name] for name in ("train", "val"))
+    shards = _fill_cache(mine, config, loop_config["crash_registry"])
+    train, val = shards["train"], shards["val"]
     # DDP steps in lock step: every worker takes as many batches an epoch, the whole batches of the
     # smallest shard (files that failed to decode make the shards differ), each from a new random
     # order of all its images. Evaluation needs no such cut (train_loop_per_worker).
